@@ -1,0 +1,270 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// kvmexit's in-kernel half: count VM exits per thread and exit reason.
+//
+// Loaded by kvmexit.py through bcc, which compiles it with these macros:
+//   PROBE_TRACEPOINT | PROBE_RAW_OLD | PROBE_RAW_NEW   which probe to use
+//   TP_HAS_VCPU_ID      the tracepoint has a vcpu_id field (Linux 5.7+)
+//   SVM_VCPU_OFF, SVM_VMCB_OFF, VMCB_EXIT_CODE_OFF      raw path on new
+//   VMX_VCPU_OFF, VMX_EXIT_REASON_OFF                   kernels (from BTF)
+//   KVM_VCPU_ID_OFF     offset of vcpu_id in struct kvm_vcpu (raw paths)
+//   FILTER_OUT(tgid, tid)   true for threads the user did not ask for
+//   MAX_THREADS, MAX_RARE   capacity of the two hash tables
+//   LATENCY             also time each exit until the vCPU re-enters
+//
+// Layout: a vCPU thread tends to exit again on the CPU it last exited on,
+// so each CPU keeps the counters of the thread that exited there last in a
+// PERCPU_ARRAY slot (pcpu_cache) and bumps them without a hash lookup.  On a
+// miss the evicted thread's counters go back to the percpu hash
+// (pcpu_kvm_stat) and the new thread's are loaded from it.  The report reads
+// both: on each CPU the cache slot is newer than the hash entry of the same
+// thread.
+
+#define ISA_VMX 1
+#define ISA_SVM 2
+
+// Exit codes 0..DIRECT_SLOTS-1 (all of VMX, and SVM up to its 0xa*
+// intercepts) count in the slot of the same number; SVM's 0x400..0x40f
+// (NPF, AVIC, VMGEXIT) in the slots after them.  Anything else (a VMX
+// failed-entry flag, SVM_EXIT_ERR, a code from a future CPU) is rare and
+// counted exactly in pcpu_rare_stat instead of being dropped.
+#define DIRECT_SLOTS 176
+#define HIGH_BASE 0x400
+#define NR_SLOTS (DIRECT_SLOTS + 16)
+
+// Why an exit could not be counted; the report prints any non-zero one.
+#define LOST_THREAD_TABLE_FULL 0
+#define LOST_RARE_TABLE_FULL 1
+#define LOST_REASON_UNREADABLE 2
+#define NR_LOST 3
+
+#define VCPU_ID_UNKNOWN 0xffffffff
+
+struct thread_counts {
+    u32 vcpu_id;
+    u32 isa;                    // 0 until this CPU saw the thread exit
+    u64 slot[NR_SLOTS];
+};
+
+struct cache_slot {
+    u64 pid_tgid;               // 0: empty
+    struct thread_counts counts;
+};
+
+struct rare_key {
+    u64 pid_tgid;
+    u32 isa;
+    u32 code;
+};
+
+struct exit_event {
+    u32 code;
+    u32 isa;
+    u32 vcpu_id;                // tracepoint only; raw paths read it lazily
+    void *vcpu;                 // struct kvm_vcpu *, raw paths only
+};
+
+BPF_PERCPU_ARRAY(pcpu_cache, struct cache_slot, 1);
+// No preallocation: kernel memory follows the threads actually seen.
+BPF_F_TABLE("percpu_hash", u64, struct thread_counts, pcpu_kvm_stat,
+            MAX_THREADS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("percpu_hash", struct rare_key, u64, pcpu_rare_stat,
+            MAX_RARE, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
+// All zeroes, never written: the counters a new thread starts from (too big
+// for the BPF stack, and too big for an inlined memset).
+BPF_ARRAY(blank_counts, struct thread_counts, 1);
+
+// NR_SLOTS for a rare code.
+static __always_inline u32 slot_of(u32 code)
+{
+    if (code < DIRECT_SLOTS)
+        return code;
+    if (code - HIGH_BASE < NR_SLOTS - DIRECT_SLOTS)
+        return code - HIGH_BASE + DIRECT_SLOTS;
+    return NR_SLOTS;
+}
+
+static __always_inline void count_lost(int why)
+{
+    u64 *lost = pcpu_lost.lookup(&why);
+
+    if (lost)
+        (*lost)++;
+}
+
+// Read only when a thread enters a CPU's cache slot, to keep the hit path
+// free of helper calls.
+static __always_inline u32 vcpu_id_of(struct exit_event *ev)
+{
+#if defined(KVM_VCPU_ID_OFF) && !defined(PROBE_TRACEPOINT)
+    int id;
+
+    if (bpf_probe_read_kernel(&id, sizeof(id), ev->vcpu + KVM_VCPU_ID_OFF))
+        return VCPU_ID_UNKNOWN;
+    return id;
+#else
+    return ev->vcpu_id;
+#endif
+}
+
+// Make this CPU's cache slot hold the current thread; NULL if the thread
+// table is full (the exit is then counted as lost).
+static __always_inline struct thread_counts *
+switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
+{
+    struct thread_counts *saved;
+    int zero = 0;
+    bool fresh;
+
+    // The evicted thread was inserted when it was cached, so this update
+    // overwrites its entry in place and cannot fail for lack of room.
+    if (cache->pid_tgid)
+        pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts);
+    cache->pid_tgid = 0;
+
+    saved = pcpu_kvm_stat.lookup(&pid_tgid);
+    fresh = !saved;
+    if (fresh)
+        saved = blank_counts.lookup(&zero);
+    if (!saved)
+        return NULL;
+    bpf_probe_read_kernel(&cache->counts, sizeof(cache->counts), saved);
+    // A thread is in the table from its first exit on, so that the update
+    // that evicts it from a cache slot always finds its entry.
+    if (fresh && pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
+        count_lost(LOST_THREAD_TABLE_FULL);
+        return NULL;
+    }
+    // Kept on every CPU's copy, so the report finds them on any of them.
+    cache->counts.isa = ev->isa;
+    cache->counts.vcpu_id = vcpu_id_of(ev);
+    cache->pid_tgid = pid_tgid;
+    return &cache->counts;
+}
+
+static __always_inline void count_rare(u64 pid_tgid, struct exit_event *ev)
+{
+    struct rare_key key = {.pid_tgid = pid_tgid, .isa = ev->isa,
+                           .code = ev->code};
+    u64 zero = 0, *count;
+
+    count = pcpu_rare_stat.lookup_or_try_init(&key, &zero);
+    if (count)
+        (*count)++;
+    else
+        count_lost(LOST_RARE_TABLE_FULL);
+}
+
+static __always_inline bool filtered_out(u64 pid_tgid)
+{
+    u32 tgid = pid_tgid >> 32, tid = pid_tgid;
+
+    return FILTER_OUT(tgid, tid);
+}
+
+static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+{
+    struct thread_counts *counts;
+    struct cache_slot *cache;
+    u32 slot = slot_of(ev->code);
+    int zero = 0;
+
+    if (slot >= NR_SLOTS) {
+        count_rare(pid_tgid, ev);
+        return 0;
+    }
+
+    cache = pcpu_cache.lookup(&zero);
+    if (!cache)
+        return 0;
+    if (cache->pid_tgid == pid_tgid)
+        counts = &cache->counts;
+    else
+        counts = switch_cache(cache, pid_tgid, ev);
+    // Bound the index again where it is used: clang may otherwise test a
+    // copy of it, and the verifier would not see the bound.
+    asm volatile("" : "+r"(slot));
+    if (counts && slot < NR_SLOTS)
+        counts->slot[slot]++;
+    return 0;
+}
+
+#if defined(PROBE_TRACEPOINT)
+
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.code = args->exit_reason, .isa = args->isa,
+                            .vcpu_id = VCPU_ID_UNKNOWN};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+#ifdef TP_HAS_VCPU_ID
+    ev.vcpu_id = args->vcpu_id;
+#endif
+    return count_exit(pid_tgid, &ev);
+}
+
+#elif defined(PROBE_RAW_OLD)
+
+// Before Linux 5.7: TP_PROTO(unsigned int exit_reason, struct kvm_vcpu *,
+// u32 isa).
+int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.code = ctx->args[0], .isa = ctx->args[2],
+                            .vcpu_id = VCPU_ID_UNKNOWN,
+                            .vcpu = (void *)ctx->args[1]};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+    return count_exit(pid_tgid, &ev);
+}
+
+#elif defined(PROBE_RAW_NEW)
+
+// Since Linux 5.7: TP_PROTO(struct kvm_vcpu *, u32 isa).  The exit reason
+// is where the vendor module keeps it; kvmexit.py found the offsets in the
+// module's BTF.  The vcpu is embedded in struct vcpu_svm / vcpu_vmx.
+static __always_inline int read_exit_code(struct exit_event *ev)
+{
+#ifdef SVM_VMCB_OFF
+    if (ev->isa == ISA_SVM) {
+        void *vmcb;
+        u64 code;
+
+        if (bpf_probe_read_kernel(&vmcb, sizeof(vmcb),
+                                  ev->vcpu - SVM_VCPU_OFF + SVM_VMCB_OFF) ||
+            bpf_probe_read_kernel(&code, sizeof(code),
+                                  vmcb + VMCB_EXIT_CODE_OFF))
+            return -1;
+        ev->code = code;        // truncated to u32 as the tracepoint does
+        return 0;
+    }
+#endif
+#ifdef VMX_EXIT_REASON_OFF
+    if (ev->isa == ISA_VMX)
+        return bpf_probe_read_kernel(&ev->code, sizeof(ev->code),
+                                     ev->vcpu - VMX_VCPU_OFF +
+                                     VMX_EXIT_REASON_OFF);
+#endif
+    return -1;
+}
+
+int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.isa = ctx->args[1], .vcpu_id = VCPU_ID_UNKNOWN,
+                            .vcpu = (void *)ctx->args[0]};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+    if (read_exit_code(&ev)) {
+        count_lost(LOST_REASON_UNREADABLE);
+        return 0;
+    }
+    return count_exit(pid_tgid, &ev);
+}
+
+#endif

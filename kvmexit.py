@@ -1,0 +1,955 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0
+#
+# kvmexit  Count KVM VM exits per exit reason, per vCPU thread.
+#          For Linux, uses BCC, eBPF.
+#
+# USAGE: kvmexit [-h] [-p PID [-v VCPU | -a]] [-t TID | -T 'TID1,TID2']
+#                [duration]
+#
+# Attaches to the kvm:kvm_exit tracepoint (raw where it yields the exit
+# reason, regular otherwise), counts exits in the kernel per thread and exit
+# reason, and prints the counts after `duration` seconds or on Ctrl-C.
+# The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
+
+import argparse
+import ctypes
+import errno
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+
+TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BTF_DIR = "/sys/kernel/btf"
+POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
+
+ISA_VMX, ISA_SVM = 1, 2
+
+# Exit reason names, from the kernel's uapi asm/vmx.h (EXIT_REASON_*) and
+# asm/svm.h (SVM_EXIT_*) without their prefixes.  Codes the running kernel
+# knows beyond these are added from the tracepoint's format at run time.
+VMX_REASONS = {
+    0: "EXCEPTION_NMI", 1: "EXTERNAL_INTERRUPT", 2: "TRIPLE_FAULT",
+    3: "INIT_SIGNAL", 4: "SIPI_SIGNAL", 7: "INTERRUPT_WINDOW",
+    8: "NMI_WINDOW", 9: "TASK_SWITCH", 10: "CPUID", 12: "HLT", 13: "INVD",
+    14: "INVLPG", 15: "RDPMC", 16: "RDTSC", 18: "VMCALL", 19: "VMCLEAR",
+    20: "VMLAUNCH", 21: "VMPTRLD", 22: "VMPTRST", 23: "VMREAD",
+    24: "VMRESUME", 25: "VMWRITE", 26: "VMOFF", 27: "VMON",
+    28: "CR_ACCESS", 29: "DR_ACCESS", 30: "IO_INSTRUCTION", 31: "MSR_READ",
+    32: "MSR_WRITE", 33: "INVALID_STATE", 34: "MSR_LOAD_FAIL",
+    36: "MWAIT_INSTRUCTION", 37: "MONITOR_TRAP_FLAG",
+    39: "MONITOR_INSTRUCTION", 40: "PAUSE_INSTRUCTION",
+    41: "MCE_DURING_VMENTRY", 43: "TPR_BELOW_THRESHOLD", 44: "APIC_ACCESS",
+    45: "EOI_INDUCED", 46: "GDTR_IDTR", 47: "LDTR_TR", 48: "EPT_VIOLATION",
+    49: "EPT_MISCONFIG", 50: "INVEPT", 51: "RDTSCP", 52: "PREEMPTION_TIMER",
+    53: "INVVPID", 54: "WBINVD", 55: "XSETBV", 56: "APIC_WRITE",
+    57: "RDRAND", 58: "INVPCID", 59: "VMFUNC", 60: "ENCLS", 61: "RDSEED",
+    62: "PML_FULL", 63: "XSAVES", 64: "XRSTORS", 67: "UMWAIT", 68: "TPAUSE",
+    74: "BUS_LOCK", 75: "NOTIFY",
+}
+VMX_FAILED_VMENTRY = 0x80000000
+
+SVM_EXCEPTIONS = {
+    0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD", 7: "NM",
+    8: "DF", 9: "OLD_MF", 10: "TS", 11: "NP", 12: "SS", 13: "GP", 14: "PF",
+    16: "MF", 17: "AC", 18: "MC", 19: "XM", 20: "VE", 21: "CP", 28: "HV",
+    29: "VC", 30: "SX",
+}
+SVM_REASONS = {
+    **{cr: "READ_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
+    **{0x10 + cr: "WRITE_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
+    **{0x20 + dr: "READ_DR%d" % dr for dr in range(8)},
+    **{0x30 + dr: "WRITE_DR%d" % dr for dr in range(8)},
+    **{0x40 + v: "EXCP_" + name for v, name in SVM_EXCEPTIONS.items()},
+    0x60: "INTR", 0x61: "NMI", 0x62: "SMI", 0x63: "INIT", 0x64: "VINTR",
+    0x65: "CR0_SEL_WRITE", 0x66: "IDTR_READ", 0x67: "GDTR_READ",
+    0x68: "LDTR_READ", 0x69: "TR_READ", 0x6a: "IDTR_WRITE",
+    0x6b: "GDTR_WRITE", 0x6c: "LDTR_WRITE", 0x6d: "TR_WRITE",
+    0x6e: "RDTSC", 0x6f: "RDPMC", 0x70: "PUSHF", 0x71: "POPF",
+    0x72: "CPUID", 0x73: "RSM", 0x74: "IRET", 0x75: "SWINT", 0x76: "INVD",
+    0x77: "PAUSE", 0x78: "HLT", 0x79: "INVLPG", 0x7a: "INVLPGA",
+    0x7b: "IOIO", 0x7c: "MSR", 0x7d: "TASK_SWITCH", 0x7e: "FERR_FREEZE",
+    0x7f: "SHUTDOWN", 0x80: "VMRUN", 0x81: "VMMCALL", 0x82: "VMLOAD",
+    0x83: "VMSAVE", 0x84: "STGI", 0x85: "CLGI", 0x86: "SKINIT",
+    0x87: "RDTSCP", 0x88: "ICEBP", 0x89: "WBINVD", 0x8a: "MONITOR",
+    0x8b: "MWAIT", 0x8c: "MWAIT_COND", 0x8d: "XSETBV", 0x8e: "RDPRU",
+    0x8f: "EFER_WRITE_TRAP",
+    **{0x90 + cr: "CR%d_WRITE_TRAP" % cr for cr in range(16)},
+    0xa2: "INVPCID", 0x400: "NPF", 0x401: "AVIC_INCOMPLETE_IPI",
+    0x402: "AVIC_UNACCELERATED_ACCESS", 0x403: "VMGEXIT",
+    0xffffffff: "ERR",
+}
+
+# Must match bpf/kvmexit.bpf.c.
+DIRECT_SLOTS, HIGH_BASE, NR_SLOTS = 176, 0x400, 192
+COUNTS_WORDS = 1 + NR_SLOTS           # u32 vcpu_id, u32 isa, u64 slot[]
+LOST_REASONS = (
+    "the thread table was full (raise --max-threads)",
+    "the table of rare exit codes was full",
+    "their exit reason could not be read",
+)
+VCPU_ID_UNKNOWN = 0xffffffff
+MAX_RARE = 1024
+MIN_MAX_THREADS = 4096
+
+# QEMU names its vCPU threads "CPU <index>/KVM".
+QEMU_VCPU_COMM = re.compile(r"CPU (\d+)/KVM")
+KVM_VCPU_FD = re.compile(r"anon_inode:kvm-vcpu:(\d+)")
+
+
+class Error(Exception):
+    """A problem to report as one 'kvmexit: ...' line, without traceback."""
+
+
+def slot_to_code(slot):
+    if slot < DIRECT_SLOTS:
+        return slot
+    return HIGH_BASE + slot - DIRECT_SLOTS
+
+
+#
+# Arguments
+#
+examples = """examples:
+    ./kvmexit                     # all threads, until Ctrl-C
+    ./kvmexit 6                   # all threads, for 6 seconds
+    ./kvmexit -p 1273795 5        # PID 1273795, its threads collapsed
+    ./kvmexit -p 1273795 5 -a     # PID 1273795, per thread
+    ./kvmexit -p 1273795 -v 0     # PID 1273795, vCPU 0 only
+    ./kvmexit -p 1273795 -v 0 4   # PID 1273795, vCPU 0, for 4 seconds
+    ./kvmexit -t 1273819 10       # TID 1273819 only, for 10 seconds
+    ./kvmexit -T '1273820,1273819'  # these two threads, until Ctrl-C
+"""
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer: %r"
+                                         % text)
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            "must be a non-negative integer: %r" % text)
+    return value
+
+
+def tid_list(text):
+    items = text.split(",")
+    for item in items:
+        if not item.strip().isdigit() or int(item) <= 0:
+            raise argparse.ArgumentTypeError(
+                "must be comma-separated positive integers: %r" % text)
+    return [int(item) for item in items]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="kvmexit",
+        description="Display kvm exit reasons and their counts per thread",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples)
+    parser.add_argument("duration", nargs="?", type=positive_int,
+                        help="trace for this many seconds (default: until "
+                             "Ctrl-C)")
+    parser.add_argument("-p", "--pid", type=positive_int,
+                        help="trace this PID only, its threads collapsed")
+    pid_view = parser.add_mutually_exclusive_group()
+    pid_view.add_argument("-v", "--vcpu", type=non_negative_int,
+                          help="with -p: trace this vCPU only")
+    pid_view.add_argument("-a", "--alltids", action="store_true",
+                          help="with -p: show each thread of the PID")
+    threads = parser.add_mutually_exclusive_group()
+    threads.add_argument("-t", "--tid", type=positive_int,
+                         help="trace this TID only")
+    threads.add_argument("-T", "--tids", type=tid_list,
+                         help="trace these comma-separated TIDs")
+    parser.add_argument("--probe", choices=("auto", "raw", "tracepoint"),
+                        default="auto",
+                        help="which kvm_exit probe to use (default: auto)")
+    parser.add_argument("--max-threads", type=positive_int,
+                        help="room for this many threads in the kernel "
+                             "(default: 4 x the vCPUs present, at least %d)"
+                             % MIN_MAX_THREADS)
+    parser.add_argument("-d", "--debug", action="store_true",
+                        help="say which probe was chosen and why, and show "
+                             "the compiler's messages")
+    args = parser.parse_args(argv)
+    if (args.vcpu is not None or args.alltids) and args.pid is None:
+        parser.error("-v and -a need -p PID")
+    return args
+
+
+#
+# Which threads to trace: validated against /proc before anything loads.
+#
+class Selection:
+    """The threads asked for, how the first line names them, the view."""
+
+    def __init__(self, context, view, tgid=None, tids=None, vcpu=None):
+        self.context = context
+        self.view = view          # all, pid, alltids, vcpu, tid, tids
+        self.tgid = tgid
+        self.tids = tids
+        self.vcpu = vcpu
+
+    def filter_out(self):
+        """The C expression FILTER_OUT(tgid, tid), from integers only."""
+        if self.tids is not None:
+            return " && ".join("(tid) != %d" % int(t) for t in self.tids)
+        if self.tgid is not None:
+            return "(tgid) != %d" % int(self.tgid)
+        return "0"
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def tgid_of(tid, proc="/proc"):
+    """The process a thread belongs to, or None if there is no such one."""
+    try:
+        status = read_text("%s/%d/status" % (proc, tid))
+    except OSError:
+        return None
+    match = re.search(r"^Tgid:\s*(\d+)", status, re.M)
+    return int(match.group(1)) if match else None
+
+
+def thread_names(pid, proc="/proc"):
+    """{tid: comm} for the threads of a process."""
+    names = {}
+    task = "%s/%d/task" % (proc, pid)
+    for entry in os.listdir(task):
+        try:
+            names[int(entry)] = read_text("%s/%s/comm" % (task, entry))
+        except (OSError, ValueError):
+            continue            # the thread exited meanwhile
+    return names
+
+
+def vcpu_thread(pid, vcpu, proc="/proc"):
+    """The TID of QEMU's thread 'CPU <vcpu>/KVM' in a process, or None.
+
+    The whole name must match: 'CPU 1' is not 'CPU 10/KVM'."""
+    for tid, comm in sorted(thread_names(pid, proc).items()):
+        match = QEMU_VCPU_COMM.fullmatch(comm.rstrip("\n"))
+        if match and int(match.group(1)) == vcpu:
+            return tid
+    return None
+
+
+def vcpu_fds(pid, proc="/proc"):
+    """The vCPU ids a process holds KVM file descriptors for, any VMM."""
+    ids = set()
+    fd_dir = "%s/%d/fd" % (proc, pid)
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            match = KVM_VCPU_FD.fullmatch(os.readlink("%s/%s" % (fd_dir, fd)))
+        except OSError:
+            continue
+        if match:
+            ids.add(int(match.group(1)))
+    return ids
+
+
+def select_threads(args, proc="/proc"):
+    if args.pid is not None and tgid_of(args.pid, proc) != args.pid:
+        raise Error("no such process: PID %d" % args.pid)
+    if args.pid is not None and (args.tid or args.tids):
+        if args.vcpu is not None or args.alltids:
+            raise Error("-v and -a cannot be combined with -t or -T")
+    for tid in ([args.tid] if args.tid else args.tids or []):
+        tgid = tgid_of(tid, proc)
+        if tgid is None:
+            raise Error("no such thread: TID %d" % tid)
+        if args.pid is not None and tgid != args.pid:
+            raise Error("TID %d is not a thread of PID %d" % (tid, args.pid))
+
+    if args.tid is not None:
+        return Selection("TID %d" % args.tid, "tid", tids=[args.tid])
+    if args.tids is not None:
+        return Selection("TIDS %s" % [str(t) for t in args.tids], "tids",
+                         tids=args.tids)
+    if args.pid is None:
+        return Selection("all threads", "all")
+    if args.vcpu is not None:
+        context = "PID %d VCPU %d" % (args.pid, args.vcpu)
+        tid = vcpu_thread(args.pid, args.vcpu, proc)
+        if tid is not None:
+            return Selection(context, "vcpu", tids=[tid], vcpu=args.vcpu)
+        if args.vcpu in vcpu_fds(args.pid, proc):
+            # Not QEMU: pick the vCPU by the id the kernel reports.
+            return Selection(context, "vcpu", tgid=args.pid, vcpu=args.vcpu)
+        raise Error("PID %d has no vCPU %d" % (args.pid, args.vcpu))
+    if args.alltids:
+        return Selection("PID %d and its all threads" % args.pid, "alltids",
+                         tgid=args.pid)
+    return Selection("PID %d" % args.pid, "pid", tgid=args.pid)
+
+
+def count_vcpus(proc="/proc"):
+    """How many vCPUs all processes hold open now."""
+    total = 0
+    for entry in os.listdir(proc):
+        if entry.isdigit():
+            total += len(vcpu_fds(int(entry), proc))
+    return total
+
+
+#
+# What the running kernel offers
+#
+def parse_cpu_list(text):
+    """'0-3,8-11' (the kernel's CPU list format) -> [0, 1, 2, 3, 8, ...]."""
+    cpus = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def possible_cpus():
+    """Per-CPU map values come for every possible CPU, online or not."""
+    return len(parse_cpu_list(read_text(POSSIBLE_CPUS)))
+
+
+def tracepoint_dir():
+    for tracefs in TRACEFS_DIRS:
+        path = tracefs + "/events/kvm/kvm_exit"
+        if os.path.exists(path + "/format"):
+            return path
+    return None
+
+
+def parse_format_names(fmt):
+    """Exit reason names the kernel's kvm_exit print fmt knows.
+
+    Returns ({code: name} for VMX, {code: name} for SVM); the fmt lists
+    the VMX names first, then the SVM ones."""
+    tables = ({}, {})
+    symbolic = fmt.split("__print_symbolic(")[1:3]
+    for table, text in zip(tables, symbolic):
+        for code, plus, name in re.findall(
+                r'\{\s*(-?(?:0x)?[0-9a-fA-F]+)(?:\s*\+\s*(\d+))?\s*,'
+                r'\s*"([^"]*)"\s*\}', text):
+            value = (int(code, 0) + int(plus or 0)) & 0xffffffff
+            table[value] = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
+    return tables
+
+
+class ReasonNames:
+    def __init__(self, vmx_extra=None, svm_extra=None):
+        # The kernel's own names only fill gaps, so that output stays the
+        # same across kernels for the codes both know.
+        self.vmx = {**(vmx_extra or {}), **VMX_REASONS}
+        self.svm = {**(svm_extra or {}), **SVM_REASONS}
+
+    def name(self, isa, code):
+        if isa == ISA_VMX:
+            name = self.vmx.get(code & 0xffff, str(code & 0xffff))
+            if code & VMX_FAILED_VMENTRY:
+                name += "|FAILED_VMENTRY"
+            return name
+        if isa == ISA_SVM:
+            return self.svm.get(code, "0x%x" % code)
+        return str(code)
+
+
+def kernel_reason_names(tp_dir):
+    try:
+        fmt = read_text(tp_dir + "/format")
+    except (OSError, TypeError):
+        return ReasonNames()
+    return ReasonNames(*parse_format_names(fmt))
+
+
+def ensure_kernel_headers(release=None, note=print):
+    """bcc compiles against kernel headers.  Without the running kernel's
+    own, link the distro's generic ones where bcc looks, and say so."""
+    release = release or os.uname().release
+    moddir = "/lib/modules/%s" % release
+    if os.path.exists(moddir + "/build") or \
+            os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return
+    candidates = sorted(d for d in os.listdir("/usr/src")
+                        if re.fullmatch(r"linux-headers-[\d.]+-\d+-amd64", d))
+    for build in reversed(candidates):
+        source = build[:-len("amd64")] + "common"
+        if os.path.isdir("/usr/src/" + source):
+            os.makedirs(moddir, exist_ok=True)
+            os.symlink("/usr/src/" + build, moddir + "/build")
+            if not os.path.exists(moddir + "/source"):
+                os.symlink("/usr/src/" + source, moddir + "/source")
+            note("kvmexit: note: no kernel headers for %s; using /usr/src/%s"
+                 " (linked as %s/build)" % (release, build, moddir))
+            return
+    raise Error("no kernel headers for %s: install linux-headers-%s "
+                "(or your distribution's generic headers package)"
+                % (release, release))
+
+
+#
+# BTF: where the raw tracepoint finds the exit reason
+#
+BTF_KIND_INT, BTF_KIND_PTR, BTF_KIND_ARRAY, BTF_KIND_STRUCT = 1, 2, 3, 4
+BTF_KIND_UNION, BTF_KIND_ENUM, BTF_KIND_FWD, BTF_KIND_TYPEDEF = 5, 6, 7, 8
+BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 9, 10, 11
+BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 12, 13, 14
+BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG = 15, 16, 17
+BTF_KIND_TYPE_TAG, BTF_KIND_ENUM64 = 18, 19
+# Bytes that follow a type's 12-byte header: fixed, or per vlen item.
+BTF_EXTRA = {BTF_KIND_INT: (4, 0), BTF_KIND_ARRAY: (12, 0),
+             BTF_KIND_STRUCT: (0, 12), BTF_KIND_UNION: (0, 12),
+             BTF_KIND_ENUM: (0, 8), BTF_KIND_FUNC_PROTO: (0, 8),
+             BTF_KIND_VAR: (4, 0), BTF_KIND_DATASEC: (0, 12),
+             BTF_KIND_DECL_TAG: (4, 0), BTF_KIND_ENUM64: (0, 12)}
+BTF_MODIFIERS = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
+                 BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG)
+
+
+class Btf:
+    """Just enough of a BTF reader to find struct member offsets.
+
+    A module's BTF is split: its type ids and string offsets continue
+    those of vmlinux, its base."""
+
+    def __init__(self, data, base=None):
+        import struct
+        magic, _, _, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data)
+        if magic != 0xeb9f:
+            raise ValueError("not little-endian BTF")
+        self.types = list(base.types) if base else [None]
+        self.strings = base.strings if base else b""
+        strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+        self.strings += strings
+        self.by_name = dict(base.by_name) if base else {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data,
+                                                              pos)
+            kind, vlen = (info >> 24) & 0x1f, info & 0xffff
+            fixed, per_item = BTF_EXTRA.get(kind, (0, 0))
+            body = pos + 12
+            members = []
+            if kind in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+                kflag = info >> 31
+                for i in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from(
+                        "<III", data, body + 12 * i)
+                    bitfield = kflag and (m_off >> 24)
+                    bits = m_off & 0xffffff if kflag else m_off
+                    members.append((self.string(m_name), m_type, bits,
+                                    bitfield))
+            elif kind == BTF_KIND_FUNC_PROTO:
+                members = [struct.unpack_from("<II", data, body + 8 * i)[1]
+                           for i in range(vlen)]
+            name = self.string(name_off)
+            self.types.append((kind, name, size_or_type, members))
+            if name and kind in (BTF_KIND_STRUCT, BTF_KIND_TYPEDEF):
+                self.by_name.setdefault((kind, name), len(self.types) - 1)
+            pos = body + fixed + per_item * vlen
+
+    def string(self, offset):
+        end = self.strings.index(b"\0", offset)
+        return self.strings[offset:end].decode()
+
+    def resolve(self, type_id):
+        """Skip typedefs and qualifiers."""
+        while self.types[type_id][0] in BTF_MODIFIERS:
+            type_id = self.types[type_id][2]
+        return type_id
+
+    def member(self, type_id, name):
+        """(byte offset, type id) of a member, looking into anonymous
+        structs and unions; None if absent or a bit-field."""
+        kind, _, _, members = self.types[self.resolve(type_id)]
+        if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+            return None
+        for m_name, m_type, bits, bitfield in members:
+            if m_name == name:
+                if bitfield or bits % 8:
+                    return None
+                return bits // 8, m_type
+            if not m_name:
+                found = self.member(m_type, name)
+                if found:
+                    return bits // 8 + found[0], found[1]
+        return None
+
+    def offset(self, struct_name, path):
+        """Byte offset of a member path like 'control.exit_code'."""
+        type_id = self.by_name.get((BTF_KIND_STRUCT, struct_name))
+        if type_id is None:
+            return None
+        total = 0
+        for name in path.split("."):
+            found = self.member(type_id, name)
+            if found is None:
+                return None
+            total, type_id = total + found[0], found[1]
+        return total
+
+    def pointee(self, struct_name, member):
+        """The struct a pointer member points to, as (name)."""
+        type_id = self.by_name.get((BTF_KIND_STRUCT, struct_name))
+        found = type_id and self.member(type_id, member)
+        if not found:
+            return None
+        ptr = self.types[self.resolve(found[1])]
+        if ptr[0] != BTF_KIND_PTR:
+            return None
+        return self.types[self.resolve(ptr[2])][1]
+
+    def tracepoint_params(self, name):
+        """Parameter count of a tracepoint's btf_trace_<name> prototype,
+        without the leading void *ctx."""
+        type_id = self.by_name.get((BTF_KIND_TYPEDEF, "btf_trace_" + name))
+        if type_id is None:
+            return None
+        ptr = self.types[self.resolve(type_id)]
+        proto = self.types[self.resolve(ptr[2])]
+        if proto[0] != BTF_KIND_FUNC_PROTO:
+            return None
+        return len(proto[3]) - 1
+
+
+def load_btf(name, base=None, btf_dir=BTF_DIR):
+    try:
+        with open("%s/%s" % (btf_dir, name), "rb") as f:
+            return Btf(f.read(), base)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#
+# Which probe: raw tracepoint where it yields the exit reason
+#
+class Probe:
+    def __init__(self, kind, why, cflags=()):
+        self.kind = kind          # tracepoint, raw-old or raw-new
+        self.why = why
+        self.cflags = list(cflags)
+
+    def macros(self):
+        return ["-DPROBE_" + self.kind.replace("-", "_").upper()] + \
+            self.cflags
+
+
+def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR):
+    """cflags telling the raw program where the vendor module keeps the
+    exit reason, or (None, why not)."""
+    kvm = load_btf("kvm", vmlinux, btf_dir) or vmlinux
+    vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
+    common = [] if vcpu_id is None else ["-DKVM_VCPU_ID_OFF=%d" % vcpu_id]
+    svm = load_btf("kvm_amd", vmlinux, btf_dir)
+    if svm is not None:
+        offsets = (svm.offset("vcpu_svm", "vcpu"),
+                   svm.offset("vcpu_svm", "vmcb"),
+                   svm.offset("vmcb", "control.exit_code"))
+        if None in offsets or svm.pointee("vcpu_svm", "vmcb") != "vmcb":
+            return None, "kvm_amd's BTF lacks vcpu_svm.vmcb->control.exit_code"
+        return ["-DSVM_VCPU_OFF=%d" % offsets[0],
+                "-DSVM_VMCB_OFF=%d" % offsets[1],
+                "-DVMCB_EXIT_CODE_OFF=%d" % offsets[2]] + common, \
+            "kvm_amd's BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at " \
+            "%d" % offsets[1:]
+    vmx = load_btf("kvm_intel", vmlinux, btf_dir)
+    if vmx is not None:
+        offsets = (vmx.offset("vcpu_vmx", "vcpu"),
+                   vmx.offset("vcpu_vmx", "exit_reason"))
+        if None in offsets:
+            return None, "kvm_intel's BTF lacks vcpu_vmx.exit_reason"
+        return ["-DVMX_VCPU_OFF=%d" % offsets[0],
+                "-DVMX_EXIT_REASON_OFF=%d" % offsets[1]] + common, \
+            "kvm_intel's BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
+    return None, "no BTF for kvm_amd or kvm_intel in %s" % btf_dir
+
+
+def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
+    """Raw tracepoint where the kernel's BTF shows how to get the exit
+    reason from it, the regular tracepoint otherwise."""
+    tracepoint = ["-DTP_HAS_VCPU_ID"] if "vcpu_id;" in read_text(
+        tp_dir + "/format") else []
+    if requested == "tracepoint":
+        return Probe("tracepoint", "asked for with --probe tracepoint",
+                     tracepoint)
+    vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
+    params = None
+    if vmlinux is not None:
+        kvm = load_btf("kvm", vmlinux, btf_dir)
+        params = vmlinux.tracepoint_params("kvm_exit")
+        if params is None and kvm is not None:
+            params = kvm.tracepoint_params("kvm_exit")
+    if params == 3:
+        return Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, vcpu, "
+                     "isa) passes the exit reason")
+    why = "kernel BTF has no kvm_exit prototype"
+    if params == 2:
+        cflags, why = raw_reason_offsets(vmlinux, btf_dir)
+        why = "kvm_exit(vcpu, isa): " + why
+        # Raw is the default only where real exits proved it (AMD, in the
+        # lab); Intel's offsets are checked, but only on request.
+        if cflags and (requested == "raw" or "-DSVM_VMCB_OFF" in
+                       " ".join(cflags)):
+            return Probe("raw-new", why, cflags)
+    if requested == "raw":
+        raise Error("--probe raw: cannot get the exit reason from the raw "
+                    "tracepoint here (%s)" % why)
+    return Probe("tracepoint", "fallback, " + why, tracepoint)
+
+
+#
+# BPF program: compile, load, attach
+#
+def bpf_source():
+    """bpf/kvmexit.bpf.c beside the real script (also when run through a
+    symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
+                 os.path.join(sys.prefix, "share", "kvmexit", "kvmexit.bpf.c"),
+                 "/usr/local/share/kvmexit/kvmexit.bpf.c",
+                 "/usr/share/kvmexit/kvmexit.bpf.c"):
+        if os.path.exists(path):
+            return path
+    raise Error("cannot find kvmexit.bpf.c beside %s or in share/kvmexit"
+                % here)
+
+
+def import_bcc():
+    try:
+        import bcc
+        import numpy
+    except ImportError as e:
+        raise Error("%s cannot import %s (Python %s): install python3-bpfcc "
+                    "and python3-numpy, or run kvmexit with the python3 "
+                    "that has them (e.g. /usr/bin/python3)"
+                    % (sys.executable, e.name,
+                       ".".join(map(str, sys.version_info[:3]))))
+    return bcc
+
+
+class CapturedStderr:
+    """Holds what libbcc and clang write to fd 2 (they bypass sys.stderr),
+    so that a failure can be told in one line."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read()
+        self.file.close()
+
+    def first_error(self):
+        for line in self.text.splitlines():
+            if re.search(r"error:|unbounded|invalid|denied", line):
+                return line.strip()
+        lines = [l for l in self.text.splitlines() if l.strip()]
+        return lines[0].strip() if lines else ""
+
+
+def load_program(bcc, probe, selection, max_threads, debug=False):
+    """Compile and load; with a raw probe, attach too.  Tracepoint probes
+    are attached by bcc as it loads them."""
+    cflags = probe.macros() + [
+        "-DFILTER_OUT(tgid,tid)=(%s)" % selection.filter_out(),
+        "-DMAX_THREADS=%d" % max_threads,
+        "-DMAX_RARE=%d" % MAX_RARE,
+    ]
+    if debug:
+        print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
+    err = CapturedStderr()
+    try:
+        with err:
+            b = bcc.BPF(src_file=bpf_source().encode(), cflags=cflags)
+    except Exception as e:
+        if debug:
+            sys.stderr.write(err.text)
+        stage = "compile" if "compile" in str(e) else "load"
+        raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
+    if debug:
+        sys.stderr.write(err.text)
+    return b
+
+
+def attach_raw(b):
+    with CapturedStderr():
+        b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"raw_kvm_exit")
+
+
+def start_tracing(bcc, probe, selection, max_threads, tp_dir, debug=False):
+    """Load and attach; a raw probe the kernel refuses falls back to the
+    regular tracepoint."""
+    b = load_program(bcc, probe, selection, max_threads, debug)
+    if probe.kind != "tracepoint":
+        try:
+            attach_raw(b)
+        except Exception as e:
+            b.cleanup()
+            if probe.why.startswith("asked"):
+                raise Error("cannot attach the raw tracepoint: %s" % e)
+            probe = choose_probe("tracepoint", tp_dir)
+            probe.why = "fallback, the raw tracepoint did not attach (%s)" % e
+            b = load_program(bcc, probe, selection, max_threads, debug)
+    return b, probe
+
+
+#
+# Reading the maps
+#
+def map_keys(fd, key_size):
+    from bcc.libbcc import lib
+    keys, key, next_key = [], None, ctypes.create_string_buffer(key_size)
+    while lib.bpf_get_next_key(fd, key, next_key) == 0:
+        keys.append(next_key.raw)
+        key = ctypes.create_string_buffer(next_key.raw, key_size)
+    return keys
+
+
+def read_percpu(table, key_size, words, ncpus, keys=None):
+    """(keys, uint64 array [key][cpu][word]) of a per-CPU map: one lookup
+    per key, straight into one buffer."""
+    import numpy as np
+    from bcc.libbcc import lib
+    fd = table.map_fd
+    if keys is None:
+        keys = map_keys(fd, key_size)
+    values = np.zeros((len(keys), ncpus, words), dtype=np.uint64)
+    for i, key in enumerate(keys):
+        # A key can vanish only if someone else deletes it; keep zeroes.
+        lib.bpf_lookup_elem(fd, ctypes.c_char_p(key),
+                            ctypes.c_void_p(values[i].ctypes.data))
+    return keys, values
+
+
+def merge_thread_counts(keys, values, cache_keys, cache_values):
+    """Sum each thread's counters over CPUs.
+
+    keys: pid_tgid per row of values [thread][cpu][header + slots];
+    cache_keys/cache_values [cpu][...]: each CPU's cache slot.  Counters
+    only grow, and a thread's cache slot and hash entry on one CPU are two
+    copies of the same counters taken at different times, so the larger
+    of the two is the current one, whatever order they were read in.
+    Returns (pid_tgid list, uint64 [thread][slot], header [thread])."""
+    import numpy as np
+    keys = list(keys)
+    index = {k: i for i, k in enumerate(keys)}
+    extra = [k for k in cache_keys if k and k not in index]
+    if extra:
+        for k in dict.fromkeys(extra):
+            index[k] = len(keys)
+            keys.append(k)
+        pad = np.zeros((len(keys) - len(values),) + values.shape[1:],
+                       dtype=np.uint64)
+        values = np.concatenate([values, pad])
+    for cpu, k in enumerate(cache_keys):
+        if k:
+            row = values[index[k], cpu]
+            np.maximum(row, cache_values[cpu], out=row)
+    sums = values[:, :, 1:].sum(axis=1, dtype=np.uint64)
+    headers = values[:, :, 0]
+    # The header (isa, vcpu_id) is set on every CPU the thread exited on.
+    seen = (headers >> np.uint64(32)) != 0
+    header = headers[np.arange(len(keys)), seen.argmax(axis=1)] \
+        if len(keys) else headers[:, 0]
+    return keys, sums, header
+
+
+class Snapshot:
+    """Counts since tracing began: {(tgid, tid, isa, code): count}, each
+    thread's vCPU id, and the exits that could not be counted."""
+
+    def __init__(self, counts, vcpu_ids, lost):
+        self.counts = counts
+        self.vcpu_ids = vcpu_ids
+        self.lost = lost
+
+    def minus(self, earlier):
+        """The counts of the interval since an earlier snapshot."""
+        counts = {k: v - earlier.counts.get(k, 0)
+                  for k, v in self.counts.items()}
+        lost = [a - b for a, b in zip(self.lost, earlier.lost)]
+        return Snapshot({k: v for k, v in counts.items() if v},
+                        self.vcpu_ids, lost)
+
+
+def snapshot(b, ncpus):
+    import numpy as np
+    # The cache first: see merge_thread_counts().
+    zero = (0).to_bytes(4, "little")
+    _, cache = read_percpu(b["pcpu_cache"], 4, 1 + COUNTS_WORDS, ncpus,
+                           keys=[zero])
+    cache = cache[0]
+    raw_keys, values = read_percpu(b["pcpu_kvm_stat"], 8, COUNTS_WORDS,
+                                   ncpus)
+    keys, sums, header = merge_thread_counts(
+        [int.from_bytes(k, "little") for k in raw_keys], values,
+        [int(k) for k in cache[:, 0]], cache[:, 1:])
+
+    counts, vcpu_ids = {}, {}
+    for row, slot in zip(*np.nonzero(sums)):
+        pid_tgid = keys[row]
+        isa = int(header[row]) >> 32
+        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa,
+                slot_to_code(int(slot)))] = int(sums[row, slot])
+    for row, pid_tgid in enumerate(keys):
+        vcpu_ids[(pid_tgid >> 32, pid_tgid & 0xffffffff)] = \
+            int(header[row]) & 0xffffffff
+
+    rare_keys, rare = read_percpu(b["pcpu_rare_stat"], 16, 1, ncpus)
+    for key, per_cpu in zip(rare_keys, rare):
+        pid_tgid = int.from_bytes(key[:8], "little")
+        isa, code = int.from_bytes(key[8:12], "little"), \
+            int.from_bytes(key[12:], "little")
+        k = (pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code)
+        counts[k] = counts.get(k, 0) + int(per_cpu.sum())
+
+    lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
+    _, lost = read_percpu(b["pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
+    return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))])
+
+
+#
+# Report
+#
+def report_rows(selection, snap):
+    """[(thread or None, isa, code, count)] in the view's order: threads
+    ascending, and each one's reasons by count, largest first."""
+    counts = snap.counts
+    if selection.view == "vcpu" and selection.tids is None:
+        counts = {k: v for k, v in counts.items()
+                  if snap.vcpu_ids.get(k[:2]) == selection.vcpu}
+    if selection.view in ("pid", "vcpu", "tid"):
+        collapsed = {}
+        for (_, _, isa, code), count in counts.items():
+            collapsed[(isa, code)] = collapsed.get((isa, code), 0) + count
+        return sorted(((None, isa, code, n)
+                       for (isa, code), n in collapsed.items()),
+                      key=lambda r: (-r[3], r[1], r[2]))
+    if selection.view == "all":
+        group = lambda tgid, tid: (tgid, tid)
+    else:
+        group = lambda tgid, tid: (tid,)
+    return sorted(((group(tgid, tid), isa, code, n)
+                   for (tgid, tid, isa, code), n in counts.items()),
+                  key=lambda r: (r[0], -r[3], r[1], r[2]))
+
+
+HEADER_PREFIX = {"all": "PID      TID      ", "alltids": "TID      ",
+                 "tids": "TIDS     "}
+
+
+def print_report(selection, snap, names, out=sys.stdout):
+    print("%s%-35s %s" % (HEADER_PREFIX.get(selection.view, ""),
+                          "KVM_EXIT_REASON", "COUNT"), file=out)
+    for thread, isa, code, count in report_rows(selection, snap):
+        prefix = "".join("%-8u " % n for n in thread or ())
+        print("%s%-35s %-8u" % (prefix, names.name(isa, code), count),
+              file=out)
+    out.flush()
+
+
+def warn_lost(snap):
+    for count, why in zip(snap.lost, LOST_REASONS):
+        if count:
+            print("kvmexit: warning: %d exits were not counted: %s"
+                  % (count, why), file=sys.stderr)
+
+
+#
+# Main
+#
+def wait(duration):
+    """Sleep for the duration, or until Ctrl-C or SIGTERM."""
+    if duration:
+        time.sleep(duration)
+    else:
+        while True:
+            signal.pause()
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        raise Error("must be run as root (it loads a BPF program)")
+    bcc = import_bcc()
+    tp_dir = tracepoint_dir()
+    if tp_dir is None:
+        if not os.path.exists("/dev/kvm"):
+            raise Error("KVM is not loaded: no /dev/kvm and no kvm:kvm_exit "
+                        "tracepoint (modprobe kvm_intel or kvm_amd)")
+        raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
+                    "mounted?)" % " or ".join(TRACEFS_DIRS))
+    selection = select_threads(args)
+    max_threads = args.max_threads or max(MIN_MAX_THREADS, 4 * count_vcpus())
+    ensure_kernel_headers(note=lambda s: print(s, file=sys.stderr))
+    probe = choose_probe(args.probe, tp_dir)
+    names = kernel_reason_names(tp_dir)
+    ncpus = possible_cpus()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    b, probe = start_tracing(bcc, probe, selection, max_threads, tp_dir,
+                             args.debug)
+    if args.debug:
+        print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
+              file=sys.stderr)
+
+    print("Display kvm exit reasons and statistics for %s" % selection.context,
+          end="")
+    if args.duration:
+        print(" after sleeping %d secs." % args.duration, flush=True)
+    else:
+        print("... Hit Ctrl-C to end.", flush=True)
+    try:
+        wait(args.duration)
+    except KeyboardInterrupt:
+        print()
+    # Ctrl-C from here on must not cut the report short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    snap = snapshot(b, ncpus)
+    print_report(selection, snap, names)
+    warn_lost(snap)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Error as e:
+        print("kvmexit: %s" % e, file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

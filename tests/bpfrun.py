@@ -1,0 +1,105 @@
+"""Run a loaded raw tracepoint program in the kernel with chosen arguments.
+
+BPF_PROG_TEST_RUN runs the program once on the calling CPU, with the
+calling thread as `current`, so a thread pinned to a CPU makes the program
+see exactly that (tid, CPU) -- a stand-in for kvm_exit firing in a vCPU
+thread.  Regular tracepoint programs cannot be test-run.
+"""
+
+import ctypes
+import os
+import struct
+import threading
+
+SYS_BPF = 321                   # x86_64
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = _libc.syscall(SYS_BPF, cmd, buf, len(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return buf.raw
+
+
+def test_run(prog_fd, args):
+    """Run the program once with ctx->args = args (u64 each)."""
+    ctx = struct.pack("<%dQ" % len(args), *args)
+    ctx_buf = ctypes.create_string_buffer(ctx, len(ctx))
+    attr = struct.pack("<IIIIQQIIIIQQIII4x", prog_fd, 0, 0, 0, 0, 0, 0, 0,
+                       len(ctx), 0, ctypes.addressof(ctx_buf), 0, 0, 0, 0)
+    out = _bpf(BPF_PROG_TEST_RUN, attr)
+    return struct.unpack_from("<I", out, 4)[0]       # retval
+
+
+def run_stats(prog_fd):
+    """(run_time_ns, run_cnt) with kernel.bpf_stats_enabled=1."""
+    info = ctypes.create_string_buffer(256)
+    attr = struct.pack("<IIQ", prog_fd, len(info), ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return struct.unpack_from("<QQ", info.raw, 192)
+
+
+def in_thread(cpu, fn, *args):
+    """Call fn(tid, *args) in a new thread pinned to `cpu`; return its
+    result."""
+    result = {}
+
+    def body():
+        os.sched_setaffinity(0, {cpu})
+        result["value"] = fn(threading.get_native_id(), *args)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    return result["value"]
+
+
+class PinnedThread:
+    """A thread that stays alive, pinned to a CPU it may move between, and
+    fires exits on request: several of them interleave on one CPU."""
+
+    def __init__(self):
+        self._jobs, self._done = [], threading.Semaphore(0)
+        self._wake = threading.Semaphore(0)
+        self.tid = None
+        ready = threading.Event()
+
+        def body():
+            self.tid = threading.get_native_id()
+            ready.set()
+            while True:
+                self._wake.acquire()
+                job = self._jobs.pop(0)
+                if job is None:
+                    return
+                job()
+                self._done.release()
+
+        self._thread = threading.Thread(target=body, daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def call(self, fn):
+        self._jobs.append(fn)
+        self._wake.release()
+        self._done.acquire()
+
+    def exits(self, prog_fd, cpu, code, isa, times=1, vcpu=0):
+        """`times` raw-old kvm_exit events (exit_reason, vcpu, isa) on
+        `cpu`, from this thread."""
+        def job():
+            os.sched_setaffinity(0, {cpu})
+            for _ in range(times):
+                test_run(prog_fd, [code, vcpu, isa])
+        self.call(job)
+
+    def stop(self):
+        self._jobs.append(None)
+        self._wake.release()
+        self._thread.join()
