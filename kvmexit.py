@@ -83,9 +83,40 @@ SVM_REASONS = {
     0xffffffff: "ERR",
 }
 
-# Must match bpf/kvmexit.bpf.c.
-DIRECT_SLOTS, HIGH_BASE, NR_SLOTS = 176, 0x400, 192
-COUNTS_WORDS = 1 + NR_SLOTS           # u32 vcpu_id, u32 isa, u64 slot[]
+
+
+class SlotLayout:
+    """How exit codes map to counter slots (see slot_of() in the BPF C).
+
+    Sized for the vendor module in use; codes beyond the layout are still
+    counted exactly, in the table of rare codes."""
+    HIGH_BASE = 0x400
+
+    def __init__(self, direct, high):
+        self.direct, self.high = direct, high
+        self.slots = direct + high
+        self.words = 1 + self.slots       # u32 vcpu_id, u32 isa, u64 slot[]
+
+    def code(self, slot):
+        if slot < self.direct:
+            return slot
+        return self.HIGH_BASE + slot - self.direct
+
+    def macros(self):
+        return ["-DDIRECT_SLOTS=%d" % self.direct,
+                "-DHIGH_SLOTS=%d" % self.high]
+
+
+VMX_LAYOUT = SlotLayout(96, 0)          # VMX exit reasons 0..95
+SVM_LAYOUT = SlotLayout(176, 16)        # SVM 0x000..0x0af, 0x400..0x40f
+
+
+def slot_layout(sys_module="/sys/module"):
+    if os.path.exists(sys_module + "/kvm_intel") and \
+            not os.path.exists(sys_module + "/kvm_amd"):
+        return VMX_LAYOUT
+    return SVM_LAYOUT
+
 LOST_REASONS = (
     "the thread table was full (raise --max-threads)",
     "the table of rare exit codes was full",
@@ -102,12 +133,6 @@ KVM_VCPU_FD = re.compile(r"anon_inode:kvm-vcpu:(\d+)")
 
 class Error(Exception):
     """A problem to report as one 'kvmexit: ...' line, without traceback."""
-
-
-def slot_to_code(slot):
-    if slot < DIRECT_SLOTS:
-        return slot
-    return HIGH_BASE + slot - DIRECT_SLOTS
 
 
 #
@@ -159,6 +184,8 @@ def tid_list(text):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="kvmexit",
+        usage="%(prog)s [-h] [-p PID [-v VCPU | -a]] [-t TID | -T "
+              "'TID1,TID2'] [options] [duration]",
         description="Display kvm exit reasons and their counts per thread",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=examples)
@@ -676,10 +703,11 @@ class CapturedStderr:
         return lines[0].strip() if lines else ""
 
 
-def load_program(bcc, probe, selection, max_threads, debug=False):
+def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
+                 debug=False):
     """Compile and load; with a raw probe, attach too.  Tracepoint probes
     are attached by bcc as it loads them."""
-    cflags = probe.macros() + [
+    cflags = probe.macros() + layout.macros() + [
         "-DFILTER_OUT(tgid,tid)=(%s)" % selection.filter_out(),
         "-DMAX_THREADS=%d" % max_threads,
         "-DMAX_RARE=%d" % MAX_RARE,
@@ -705,10 +733,11 @@ def attach_raw(b):
         b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"raw_kvm_exit")
 
 
-def start_tracing(bcc, probe, selection, max_threads, tp_dir, debug=False):
+def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
+                  debug=False):
     """Load and attach; a raw probe the kernel refuses falls back to the
     regular tracepoint."""
-    b = load_program(bcc, probe, selection, max_threads, debug)
+    b = load_program(bcc, probe, selection, max_threads, layout, debug)
     if probe.kind != "tracepoint":
         try:
             attach_raw(b)
@@ -718,7 +747,8 @@ def start_tracing(bcc, probe, selection, max_threads, tp_dir, debug=False):
                 raise Error("cannot attach the raw tracepoint: %s" % e)
             probe = choose_probe("tracepoint", tp_dir)
             probe.why = "fallback, the raw tracepoint did not attach (%s)" % e
-            b = load_program(bcc, probe, selection, max_threads, debug)
+            b = load_program(bcc, probe, selection, max_threads, layout,
+                             debug)
     return b, probe
 
 
@@ -801,14 +831,14 @@ class Snapshot:
                         self.vcpu_ids, lost)
 
 
-def snapshot(b, ncpus):
+def snapshot(b, layout, ncpus):
     import numpy as np
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
-    _, cache = read_percpu(b["pcpu_cache"], 4, 1 + COUNTS_WORDS, ncpus,
+    _, cache = read_percpu(b["pcpu_cache"], 4, 1 + layout.words, ncpus,
                            keys=[zero])
     cache = cache[0]
-    raw_keys, values = read_percpu(b["pcpu_kvm_stat"], 8, COUNTS_WORDS,
+    raw_keys, values = read_percpu(b["pcpu_kvm_stat"], 8, layout.words,
                                    ncpus)
     keys, sums, header = merge_thread_counts(
         [int.from_bytes(k, "little") for k in raw_keys], values,
@@ -819,7 +849,7 @@ def snapshot(b, ncpus):
         pid_tgid = keys[row]
         isa = int(header[row]) >> 32
         counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa,
-                slot_to_code(int(slot)))] = int(sums[row, slot])
+                layout.code(int(slot)))] = int(sums[row, slot])
     for row, pid_tgid in enumerate(keys):
         vcpu_ids[(pid_tgid >> 32, pid_tgid & 0xffffffff)] = \
             int(header[row]) & 0xffffffff
@@ -920,8 +950,9 @@ def main(argv=None):
     ncpus = possible_cpus()
 
     signal.signal(signal.SIGTERM, interrupt)
-    b, probe = start_tracing(bcc, probe, selection, max_threads, tp_dir,
-                             args.debug)
+    layout = slot_layout()
+    b, probe = start_tracing(bcc, probe, selection, max_threads, layout,
+                             tp_dir, args.debug)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
@@ -939,7 +970,7 @@ def main(argv=None):
     # Ctrl-C from here on must not cut the report short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    snap = snapshot(b, ncpus)
+    snap = snapshot(b, layout, ncpus)
     print_report(selection, snap, names)
     warn_lost(snap)
     return 0

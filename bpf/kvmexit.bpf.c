@@ -10,6 +10,7 @@
 //   KVM_VCPU_ID_OFF     offset of vcpu_id in struct kvm_vcpu (raw paths)
 //   FILTER_OUT(tgid, tid)   true for threads the user did not ask for
 //   MAX_THREADS, MAX_RARE   capacity of the two hash tables
+//   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
 //   LATENCY             also time each exit until the vCPU re-enters
 //
 // Layout: a vCPU thread tends to exit again on the CPU it last exited on,
@@ -23,14 +24,13 @@
 #define ISA_VMX 1
 #define ISA_SVM 2
 
-// Exit codes 0..DIRECT_SLOTS-1 (all of VMX, and SVM up to its 0xa*
-// intercepts) count in the slot of the same number; SVM's 0x400..0x40f
-// (NPF, AVIC, VMGEXIT) in the slots after them.  Anything else (a VMX
-// failed-entry flag, SVM_EXIT_ERR, a code from a future CPU) is rare and
-// counted exactly in pcpu_rare_stat instead of being dropped.
-#define DIRECT_SLOTS 176
+// Exit codes 0..DIRECT_SLOTS-1 count in the slot of the same number, and
+// HIGH_SLOTS more cover codes from 0x400 (SVM's NPF, AVIC, VMGEXIT).  The
+// layout follows the vendor module: VMX codes end below 96, SVM's main
+// ones below 0xb0.  Any other code (a VMX failed-entry flag, SVM_EXIT_ERR,
+// a code from a newer CPU) is rare and counted exactly in pcpu_rare_stat.
 #define HIGH_BASE 0x400
-#define NR_SLOTS (DIRECT_SLOTS + 16)
+#define NR_SLOTS (DIRECT_SLOTS + HIGH_SLOTS)
 
 // Why an exit could not be counted; the report prints any non-zero one.
 #define LOST_THREAD_TABLE_FULL 0
