@@ -831,35 +831,43 @@ class Snapshot:
                         self.vcpu_ids, lost)
 
 
-def snapshot(b, layout, ncpus):
+def thread_counts(keys, values, cache_keys, cache_values, layout):
+    """({(tgid, tid, isa, code): count}, {(tgid, tid): vcpu_id}) from the
+    thread table's and the cache slots' per-CPU values, as
+    merge_thread_counts() takes them."""
     import numpy as np
+    keys, sums, header = merge_thread_counts(keys, values, cache_keys,
+                                             cache_values)
+    counts, vcpu_ids = {}, {}
+    for row, slot in zip(*np.nonzero(sums)):
+        pid_tgid = keys[row]
+        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
+                int(header[row]) >> 32, layout.code(int(slot)))] = \
+            int(sums[row, slot])
+    for row, pid_tgid in enumerate(keys):
+        vcpu_ids[(pid_tgid >> 32, pid_tgid & 0xffffffff)] = \
+            int(header[row]) & 0xffffffff
+    return counts, vcpu_ids
+
+
+def snapshot(b, layout, ncpus):
+    """Read every map once and sum it up."""
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
     _, cache = read_percpu(b["pcpu_cache"], 4, 1 + layout.words, ncpus,
                            keys=[zero])
-    cache = cache[0]
     raw_keys, values = read_percpu(b["pcpu_kvm_stat"], 8, layout.words,
                                    ncpus)
-    keys, sums, header = merge_thread_counts(
+    counts, vcpu_ids = thread_counts(
         [int.from_bytes(k, "little") for k in raw_keys], values,
-        [int(k) for k in cache[:, 0]], cache[:, 1:])
-
-    counts, vcpu_ids = {}, {}
-    for row, slot in zip(*np.nonzero(sums)):
-        pid_tgid = keys[row]
-        isa = int(header[row]) >> 32
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa,
-                layout.code(int(slot)))] = int(sums[row, slot])
-    for row, pid_tgid in enumerate(keys):
-        vcpu_ids[(pid_tgid >> 32, pid_tgid & 0xffffffff)] = \
-            int(header[row]) & 0xffffffff
+        [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
 
     rare_keys, rare = read_percpu(b["pcpu_rare_stat"], 16, 1, ncpus)
     for key, per_cpu in zip(rare_keys, rare):
         pid_tgid = int.from_bytes(key[:8], "little")
-        isa, code = int.from_bytes(key[8:12], "little"), \
-            int.from_bytes(key[12:], "little")
-        k = (pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code)
+        k = (pid_tgid >> 32, pid_tgid & 0xffffffff,
+             int.from_bytes(key[8:12], "little"),
+             int.from_bytes(key[12:], "little"))
         counts[k] = counts.get(k, 0) + int(per_cpu.sum())
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
