@@ -590,28 +590,30 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR):
     kvm = load_btf("kvm", vmlinux, btf_dir) or vmlinux
     vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
     common = [] if vcpu_id is None else ["-DKVM_VCPU_ID_OFF=%d" % vcpu_id]
-    svm = load_btf("kvm_amd", vmlinux, btf_dir)
-    if svm is not None:
+    # The vendor code is a module on distro kernels, else built in.
+    svm = load_btf("kvm_amd", vmlinux, btf_dir) or vmlinux
+    if svm.offset("vcpu_svm", "vmcb") is not None:
         offsets = (svm.offset("vcpu_svm", "vcpu"),
                    svm.offset("vcpu_svm", "vmcb"),
                    svm.offset("vmcb", "control.exit_code"))
         if None in offsets or svm.pointee("vcpu_svm", "vmcb") != "vmcb":
-            return None, "kvm_amd's BTF lacks vcpu_svm.vmcb->control.exit_code"
+            return None, "BTF lacks vcpu_svm.vmcb->control.exit_code"
         return ["-DSVM_VCPU_OFF=%d" % offsets[0],
                 "-DSVM_VMCB_OFF=%d" % offsets[1],
                 "-DVMCB_EXIT_CODE_OFF=%d" % offsets[2]] + common, \
-            "kvm_amd's BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at " \
-            "%d" % offsets[1:]
-    vmx = load_btf("kvm_intel", vmlinux, btf_dir)
-    if vmx is not None:
+            "BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at %d" \
+            % offsets[1:]
+    vmx = load_btf("kvm_intel", vmlinux, btf_dir) or vmlinux
+    if vmx.offset("vcpu_vmx", "exit_reason") is not None:
         offsets = (vmx.offset("vcpu_vmx", "vcpu"),
                    vmx.offset("vcpu_vmx", "exit_reason"))
         if None in offsets:
-            return None, "kvm_intel's BTF lacks vcpu_vmx.exit_reason"
+            return None, "BTF lacks vcpu_vmx.vcpu"
         return ["-DVMX_VCPU_OFF=%d" % offsets[0],
                 "-DVMX_EXIT_REASON_OFF=%d" % offsets[1]] + common, \
-            "kvm_intel's BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
-    return None, "no BTF for kvm_amd or kvm_intel in %s" % btf_dir
+            "BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
+    return None, "no vcpu_svm or vcpu_vmx in the BTF of kvm_amd, kvm_intel " \
+        "or vmlinux in %s" % btf_dir
 
 
 def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):

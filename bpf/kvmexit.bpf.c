@@ -230,17 +230,15 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 static __always_inline int read_exit_code(struct exit_event *ev)
 {
 #ifdef SVM_VMCB_OFF
+    // The low 32 bits of the VMCB's exit code: what the tracepoint reports.
     if (ev->isa == ISA_SVM) {
         void *vmcb;
-        u64 code;
 
         if (bpf_probe_read_kernel(&vmcb, sizeof(vmcb),
-                                  ev->vcpu - SVM_VCPU_OFF + SVM_VMCB_OFF) ||
-            bpf_probe_read_kernel(&code, sizeof(code),
-                                  vmcb + VMCB_EXIT_CODE_OFF))
+                                  ev->vcpu - SVM_VCPU_OFF + SVM_VMCB_OFF))
             return -1;
-        ev->code = code;        // truncated to u32 as the tracepoint does
-        return 0;
+        return bpf_probe_read_kernel(&ev->code, sizeof(ev->code),
+                                     vmcb + VMCB_EXIT_CODE_OFF);
     }
 #endif
 #ifdef VMX_EXIT_REASON_OFF

@@ -1,0 +1,120 @@
+"""kvmexit's BTF reader and probe choice, on the running kernel and on the
+BTF of Debian's 6.1 kernel package (vmlinux, kvm.ko, kvm-amd.ko,
+kvm-intel.ko), cross-checked with bpftool."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import kernel_btf
+import kvmexit
+
+TP_DIR = kvmexit.tracepoint_dir()
+
+
+@pytest.fixture(scope="module")
+def debian61(tmp_path_factory):
+    """Two /sys/kernel/btf-like folders: an AMD host and an Intel host."""
+    full = kernel_btf.write_btf_dir(kernel_btf.debian_release(),
+                                    str(tmp_path_factory.mktemp("btf61")))
+    dirs = {}
+    for vendor, module in (("amd", "kvm_amd"), ("intel", "kvm_intel")):
+        d = tmp_path_factory.mktemp(vendor)
+        for name in ("vmlinux", "kvm", module):
+            shutil.copy("%s/%s" % (full, name), d / name)
+        dirs[vendor] = str(d)
+    dirs["full"] = full
+    return dirs
+
+
+def bpftool_member_bits(btf_dir, module, struct, member):
+    """bits_offset of a struct member as bpftool prints it."""
+    args = ["bpftool", "btf", "dump"]
+    if module != "vmlinux":
+        args += ["-B", btf_dir + "/vmlinux"]
+    out = subprocess.run(args + ["file", "%s/%s" % (btf_dir, module),
+                                 "format", "raw"],
+                         capture_output=True, text=True, check=True).stdout
+    block = re.search(r"^\[\d+\] STRUCT '%s' .*\n((?:\t.*\n)+)" % struct, out,
+                      re.M).group(1)
+    return int(re.search(r"'%s' type_id=\d+ bits_offset=(\d+)" % member,
+                         block).group(1))
+
+
+def test_debian61_amd_offsets_match_bpftool(debian61):
+    d = debian61["amd"]
+    vmlinux = kvmexit.load_btf("vmlinux", btf_dir=d)
+    cflags, why = kvmexit.raw_reason_offsets(vmlinux, d)
+    assert cflags == ["-DSVM_VCPU_OFF=0", "-DSVM_VMCB_OFF=6552",
+                      "-DVMCB_EXIT_CODE_OFF=112", "-DKVM_VCPU_ID_OFF=36"]
+    assert why == "BTF: vcpu_svm.vmcb at 6552, vmcb.control.exit_code at 112"
+    assert bpftool_member_bits(d, "kvm_amd", "vcpu_svm", "vmcb") == 6552 * 8
+    assert bpftool_member_bits(d, "kvm_amd", "vmcb_control_area",
+                               "exit_code") == 112 * 8
+    assert bpftool_member_bits(d, "vmlinux", "kvm_vcpu", "vcpu_id") == 36 * 8
+
+
+def test_debian61_intel_offsets_match_bpftool(debian61):
+    d = debian61["intel"]
+    vmlinux = kvmexit.load_btf("vmlinux", btf_dir=d)
+    cflags, why = kvmexit.raw_reason_offsets(vmlinux, d)
+    assert cflags == ["-DVMX_VCPU_OFF=0", "-DVMX_EXIT_REASON_OFF=7808",
+                      "-DKVM_VCPU_ID_OFF=36"]
+    assert why == "BTF: vcpu_vmx.exit_reason at 7808"
+    assert bpftool_member_bits(d, "kvm_intel", "vcpu_vmx",
+                               "exit_reason") == 7808 * 8
+
+
+def test_debian61_kvm_exit_prototype_is_in_kvm_module(debian61):
+    vmlinux = kvmexit.load_btf("vmlinux", btf_dir=debian61["full"])
+    kvm = kvmexit.load_btf("kvm", vmlinux, debian61["full"])
+    assert vmlinux.tracepoint_params("kvm_exit") is None
+    assert kvm.tracepoint_params("kvm_exit") == 2      # (vcpu, isa)
+
+
+def test_debian61_amd_chooses_raw_intel_only_on_request(debian61):
+    amd = kvmexit.choose_probe("auto", TP_DIR, debian61["amd"])
+    assert (amd.kind, amd.why) == (
+        "raw-new", "kvm_exit(vcpu, isa): BTF: vcpu_svm.vmcb at 6552, "
+        "vmcb.control.exit_code at 112")
+    intel = kvmexit.choose_probe("auto", TP_DIR, debian61["intel"])
+    assert intel.kind == "tracepoint"
+    assert intel.why == ("fallback, kvm_exit(vcpu, isa): BTF: "
+                         "vcpu_vmx.exit_reason at 7808")
+    forced = kvmexit.choose_probe("raw", TP_DIR, debian61["intel"])
+    assert forced.kind == "raw-new"
+    assert "-DVMX_EXIT_REASON_OFF=7808" in forced.macros()
+
+
+def test_running_kernel_has_new_layout_and_no_vendor_btf():
+    vmlinux = kvmexit.load_btf("vmlinux")
+    assert vmlinux.tracepoint_params("kvm_exit") == 2
+    assert vmlinux.offset("kvm_vcpu", "vcpu_id") == \
+        bpftool_member_bits("/sys/kernel/btf", "vmlinux", "kvm_vcpu",
+                            "vcpu_id") // 8
+    probe = kvmexit.choose_probe("auto", TP_DIR)
+    assert probe.kind == "tracepoint"
+    assert probe.macros() == ["-DPROBE_TRACEPOINT", "-DTP_HAS_VCPU_ID"]
+    with pytest.raises(kvmexit.Error, match=r"^--probe raw: cannot get the "
+                       r"exit reason from the raw tracepoint here"):
+        kvmexit.choose_probe("raw", TP_DIR)
+
+
+def test_missing_btf_falls_back_to_tracepoint(tmp_path):
+    probe = kvmexit.choose_probe("auto", TP_DIR, str(tmp_path))
+    assert probe.kind == "tracepoint"
+    assert probe.why == "fallback, kernel BTF has no kvm_exit prototype"
+
+
+def test_raw_new_program_with_debian61_offsets_loads_and_attaches(debian61):
+    bcc = kvmexit.import_bcc()
+    probe = kvmexit.choose_probe("auto", TP_DIR, debian61["amd"])
+    b = kvmexit.load_program(bcc, probe, kvmexit.Selection("all threads",
+                                                           "all"), 64)
+    try:
+        kvmexit.attach_raw(b)
+        assert list(b.raw_tracepoint_fds) == [b"kvm_exit"]
+    finally:
+        b.cleanup()
