@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -121,8 +122,10 @@ LOST_REASONS = (
     "the thread table was full (raise --max-threads)",
     "the table of rare exit codes was full",
     "their exit reason could not be read",
+    "the latency table was full (their counts are kept)",
 )
 VCPU_ID_UNKNOWN = 0xffffffff
+LAT_BUCKETS = 40
 MAX_RARE = 1024
 MIN_MAX_THREADS = 4096
 
@@ -211,12 +214,41 @@ def parse_args(argv=None):
                         help="room for this many threads in the kernel "
                              "(default: 4 x the vCPUs present, at least %d)"
                              % MIN_MAX_THREADS)
+    parser.add_argument("-i", "--interval", type=positive_int,
+                        help="print a report every INTERVAL seconds")
+    parser.add_argument("-c", "--count", type=positive_int,
+                        help="with -i: stop after COUNT reports")
+    parser.add_argument("--cumulative", action="store_true",
+                        help="with -i: counts since tracing began, not per "
+                             "interval")
+    parser.add_argument("--timestamp", action="store_true",
+                        help="print the time before each report")
+    machine = parser.add_mutually_exclusive_group()
+    machine.add_argument("--json", action="store_true",
+                         help="one JSON object per report (see kvmexit(8))")
+    machine.add_argument("--csv", action="store_true",
+                         help="CSV rows, one per thread and reason")
+    parser.add_argument("--latency", action="store_true",
+                        help="also time each exit until its vCPU re-enters "
+                             "the guest: average, p99 and maximum")
+    parser.add_argument("--show-vcpu", action="store_true",
+                        help="add a VCPU column (the kernel's vCPU id)")
+    parser.add_argument("--comm", action="store_true",
+                        help="show the process name (and QEMU's guest "
+                             "name)")
+    parser.add_argument("--top", type=positive_int, metavar="N",
+                        help="show at most N reasons per thread (per "
+                             "report in views that collapse threads)")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="say which probe was chosen and why, and show "
                              "the compiler's messages")
     args = parser.parse_args(argv)
     if (args.vcpu is not None or args.alltids) and args.pid is None:
         parser.error("-v and -a need -p PID")
+    if args.interval and args.duration:
+        parser.error("use -c COUNT with -i, not a duration")
+    if (args.count or args.cumulative) and not args.interval:
+        parser.error("-c and --cumulative need -i INTERVAL")
     return args
 
 
@@ -706,14 +738,14 @@ class CapturedStderr:
 
 
 def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
-                 debug=False):
+                 latency=False, debug=False):
     """Compile and load; with a raw probe, attach too.  Tracepoint probes
     are attached by bcc as it loads them."""
     cflags = probe.macros() + layout.macros() + [
         "-DFILTER_OUT(tgid,tid)=(%s)" % selection.filter_out(),
         "-DMAX_THREADS=%d" % max_threads,
         "-DMAX_RARE=%d" % MAX_RARE,
-    ]
+    ] + (["-DLATENCY"] if latency else [])
     if debug:
         print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
     err = CapturedStderr()
@@ -736,10 +768,11 @@ def attach_raw(b):
 
 
 def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
-                  debug=False):
+                  latency=False, debug=False):
     """Load and attach; a raw probe the kernel refuses falls back to the
     regular tracepoint."""
-    b = load_program(bcc, probe, selection, max_threads, layout, debug)
+    b = load_program(bcc, probe, selection, max_threads, layout, latency,
+                     debug)
     if probe.kind != "tracepoint":
         try:
             attach_raw(b)
@@ -750,7 +783,7 @@ def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
             probe = choose_probe("tracepoint", tp_dir)
             probe.why = "fallback, the raw tracepoint did not attach (%s)" % e
             b = load_program(bcc, probe, selection, max_threads, layout,
-                             debug)
+                             latency, debug)
     return b, probe
 
 
@@ -817,20 +850,26 @@ def merge_thread_counts(keys, values, cache_keys, cache_values):
 
 class Snapshot:
     """Counts since tracing began: {(tgid, tid, isa, code): count}, each
-    thread's vCPU id, and the exits that could not be counted."""
+    thread's vCPU id, the exits that could not be counted, and with
+    --latency {(tgid, tid, isa, code): Latency}."""
 
-    def __init__(self, counts, vcpu_ids, lost):
+    def __init__(self, counts, vcpu_ids, lost, latency=None):
         self.counts = counts
         self.vcpu_ids = vcpu_ids
         self.lost = lost
+        self.latency = latency or {}
 
     def minus(self, earlier):
         """The counts of the interval since an earlier snapshot."""
         counts = {k: v - earlier.counts.get(k, 0)
                   for k, v in self.counts.items()}
         lost = [a - b for a, b in zip(self.lost, earlier.lost)]
+        latency = {k: v.since(earlier.latency[k])
+                   if k in earlier.latency else v
+                   for k, v in self.latency.items()}
         return Snapshot({k: v for k, v in counts.items() if v},
-                        self.vcpu_ids, lost)
+                        self.vcpu_ids, lost,
+                        {k: v for k, v in latency.items() if v.count})
 
 
 def thread_counts(keys, values, cache_keys, cache_values, layout):
@@ -852,7 +891,21 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     return counts, vcpu_ids
 
 
-def snapshot(b, layout, ncpus):
+def read_latency(b):
+    """{(tgid, tid, isa, code): Latency} from the exit_latency hash."""
+    keys, values = read_percpu(b["exit_latency"], 16, 3 + LAT_BUCKETS, 1)
+    latency = {}
+    for key, (value,) in zip(keys, values):
+        pid_tgid = int.from_bytes(key[:8], "little")
+        count, total, longest = (int(x) for x in value[:3])
+        latency[(pid_tgid >> 32, pid_tgid & 0xffffffff,
+                 int.from_bytes(key[8:12], "little"),
+                 int.from_bytes(key[12:], "little"))] = \
+            Latency(count, total, longest, [int(x) for x in value[3:]])
+    return latency
+
+
+def snapshot(b, layout, ncpus, latency=False):
     """Read every map once and sum it up."""
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
@@ -874,47 +927,276 @@ def snapshot(b, layout, ncpus):
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
     _, lost = read_percpu(b["pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
-    return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))])
+    return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
+                    read_latency(b) if latency else None)
 
 
 #
 # Report
 #
-def report_rows(selection, snap):
-    """[(thread or None, isa, code, count)] in the view's order: threads
-    ascending, and each one's reasons by count, largest first."""
-    counts = snap.counts
+COLLAPSED_VIEWS = ("pid", "vcpu", "tid")
+
+
+def group_of(view, tgid, tid):
+    """What a view shows one block of rows for: a thread, or all of them."""
+    if view in COLLAPSED_VIEWS:
+        return None
+    return (tgid, tid) if view == "all" else (tid,)
+
+
+def selected(selection, table, snap):
+    """A snapshot table limited to the vCPU asked for, where the vCPU was
+    found by the id the kernel reports rather than by thread name."""
     if selection.view == "vcpu" and selection.tids is None:
-        counts = {k: v for k, v in counts.items()
-                  if snap.vcpu_ids.get(k[:2]) == selection.vcpu}
-    if selection.view in ("pid", "vcpu", "tid"):
-        collapsed = {}
-        for (_, _, isa, code), count in counts.items():
-            collapsed[(isa, code)] = collapsed.get((isa, code), 0) + count
-        return sorted(((None, isa, code, n)
-                       for (isa, code), n in collapsed.items()),
-                      key=lambda r: (-r[3], r[1], r[2]))
-    if selection.view == "all":
-        group = lambda tgid, tid: (tgid, tid)
-    else:
-        group = lambda tgid, tid: (tid,)
-    return sorted(((group(tgid, tid), isa, code, n)
-                   for (tgid, tid, isa, code), n in counts.items()),
-                  key=lambda r: (r[0], -r[3], r[1], r[2]))
+        return {k: v for k, v in table.items()
+                if snap.vcpu_ids.get(k[:2]) == selection.vcpu}
+    return table
+
+
+def merge_by(table, key):
+    merged = {}
+    for k, v in table.items():
+        k = key(*k)
+        merged[k] = merged[k] + v if k in merged else v
+    return merged
+
+
+def limit_per_group(rows, top):
+    """The first `top` rows of each group (rows are sorted by group)."""
+    if not top:
+        return rows
+    kept, seen = [], {}
+    for row in rows:
+        seen[row[0]] = seen.get(row[0], 0) + 1
+        if seen[row[0]] <= top:
+            kept.append(row)
+    return kept
+
+
+def report_rows(selection, snap, top=None):
+    """[(group, isa, code, count)] in the view's order: groups (threads)
+    ascending, and each one's reasons by count, largest first, then by
+    exit code.  The group is None in the views that collapse threads."""
+    view = selection.view
+    merged = merge_by(selected(selection, snap.counts, snap),
+                      lambda tgid, tid, isa, code:
+                      (group_of(view, tgid, tid), isa, code))
+    rows = sorted(((g, isa, code, n) for (g, isa, code), n in merged.items()),
+                  key=lambda r: (r[0] or (), -r[3], r[1], r[2]))
+    return limit_per_group(rows, top)
+
+
+class Latency:
+    """Exit handling times of one (thread, reason): count, sum, max and a
+    log2 histogram, as bpf/kvmexit.bpf.c keeps them."""
+
+    def __init__(self, count=0, total_ns=0, max_ns=0, hist=None):
+        self.count, self.total_ns, self.max_ns = count, total_ns, max_ns
+        self.hist = list(hist or [])
+
+    def __add__(self, other):
+        width = max(len(self.hist), len(other.hist))
+        pad = lambda h: h + [0] * (width - len(h))
+        return Latency(self.count + other.count,
+                       self.total_ns + other.total_ns,
+                       max(self.max_ns, other.max_ns),
+                       [a + b for a, b in zip(pad(self.hist),
+                                              pad(other.hist))])
+
+    def since(self, earlier):
+        """The times of an interval.  The maximum cannot be taken apart, so
+        it stays the maximum since tracing began."""
+        return Latency(self.count - earlier.count,
+                       self.total_ns - earlier.total_ns, self.max_ns,
+                       [a - b for a, b in zip(self.hist, earlier.hist)])
+
+    def avg_ns(self):
+        return self.total_ns / self.count if self.count else 0.0
+
+    def p99_ns(self):
+        """Upper bound of the log2 bucket holding the 99th percentile:
+        bucket b holds times in [2^(b-1), 2^b) ns (bcc's bpf_log2l)."""
+        seen = 0
+        for bucket, n in enumerate(self.hist):
+            seen += n
+            if n and seen * 100 >= self.count * 99:
+                return 1 << bucket
+        return 0
+
+
+def latency_rows(selection, snap):
+    """{(group, isa, code): Latency} matching report_rows()."""
+    view = selection.view
+    return merge_by(selected(selection, snap.latency, snap),
+                    lambda tgid, tid, isa, code:
+                    (group_of(view, tgid, tid), isa, code))
+
+
+def process_name(pid, proc="/proc"):
+    """The process name, with QEMU's '-name guest=NAME' when present."""
+    try:
+        comm = read_text("%s/%d/comm" % (proc, pid)).rstrip("\n")
+        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
+    except OSError:
+        return "?"
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-name", "--name"):
+            params = dict(p.partition("=")[::2] for p in value.split(","))
+            guest = params.get("guest") or value.split(",")[0]
+            return "%s guest=%s" % (comm, guest)
+    return comm
 
 
 HEADER_PREFIX = {"all": "PID      TID      ", "alltids": "TID      ",
                  "tids": "TIDS     "}
 
 
+class TextReport:
+    """bcc's kvmexit output: a header, then '%-8u' ids, '%-35s' reason and
+    '%-8u' count per row; the options add columns after bcc's."""
+
+    def __init__(self, selection, names, opts=None, out=None):
+        self.selection, self.names = selection, names
+        self.opts = opts or argparse.Namespace()
+        self.out = out or sys.stdout
+        self.comms = {}
+
+    def option(self, name):
+        return getattr(self.opts, name, None)
+
+    def comm(self, pid):
+        if pid not in self.comms:
+            self.comms[pid] = process_name(pid)
+        return self.comms[pid]
+
+    def columns(self, group, tgid_of_tid, snap):
+        """The id columns of a row, as (header, cell) pairs."""
+        view = self.selection.view
+        if group is None:
+            return []
+        if view == "all":
+            cols = [("PID      ", "%-8u " % group[0])]
+            if self.option("comm"):
+                cols.append(("%-32s " % "COMM",
+                             "%-32s " % self.comm(group[0])))
+            cols.append(("TID      ", "%-8u " % group[1]))
+            tgid, tid = group
+        else:
+            cols = [(HEADER_PREFIX[view], "%-8u " % group[0])]
+            tid = group[0]
+            tgid = tgid_of_tid.get(tid)
+        if self.option("show_vcpu"):
+            vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+            cols.append(("VCPU     ", "%-8s " % (
+                "-" if vcpu == VCPU_ID_UNKNOWN else vcpu)))
+        return cols
+
+    def header(self):
+        view = self.selection.view
+        if view in COLLAPSED_VIEWS:
+            prefix = ""
+        elif view == "all":
+            prefix = "PID      " + ("%-32s " % "COMM" if self.option("comm")
+                                    else "") + "TID      "
+        else:
+            prefix = HEADER_PREFIX[view]
+        if self.option("show_vcpu") and view not in COLLAPSED_VIEWS:
+            prefix += "VCPU     "
+        line = "%s%-35s %s" % (prefix, "KVM_EXIT_REASON", "COUNT")
+        if self.option("latency"):
+            line = "%s%-35s %-8s %10s %10s %10s" % (
+                prefix, "KVM_EXIT_REASON", "COUNT", "AVG_us", "P99_us",
+                "MAX_us")
+        return line
+
+    def report(self, snap, start, end):
+        out = self.out
+        if self.option("interval"):
+            print(file=out)
+        if self.option("timestamp"):
+            print(time.strftime("%H:%M:%S", time.localtime(end)), file=out)
+        print(self.header(), file=out)
+        tgid_of_tid = {k[1]: k[0] for k in snap.counts}
+        latency = latency_rows(self.selection, snap) \
+            if self.option("latency") else {}
+        for group, isa, code, count in report_rows(self.selection, snap,
+                                                   self.option("top")):
+            cells = "".join(c for _, c in self.columns(group, tgid_of_tid,
+                                                       snap))
+            line = "%s%-35s %-8u" % (cells, self.names.name(isa, code), count)
+            if self.option("latency"):
+                lat = latency.get((group, isa, code), Latency())
+                line = "%s%-35s %-8u %10.1f %10.1f %10.1f" % (
+                    cells, self.names.name(isa, code), count,
+                    lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
+            print(line, file=out)
+        out.flush()
+
+
 def print_report(selection, snap, names, out=sys.stdout):
-    print("%s%-35s %s" % (HEADER_PREFIX.get(selection.view, ""),
-                          "KVM_EXIT_REASON", "COUNT"), file=out)
-    for thread, isa, code, count in report_rows(selection, snap):
-        prefix = "".join("%-8u " % n for n in thread or ())
-        print("%s%-35s %-8u" % (prefix, names.name(isa, code), count),
-              file=out)
-    out.flush()
+    TextReport(selection, names, out=out).report(snap, None, time.time())
+
+
+def isa_name(isa):
+    return {ISA_VMX: "vmx", ISA_SVM: "svm"}.get(isa, str(isa))
+
+
+class RecordReport(TextReport):
+    """--json and --csv: one record per (thread, reason), whatever the
+    view, so that consumers can group as they like."""
+
+    FIELDS = ("pid", "tid", "vcpu_id", "comm", "isa", "exit_code", "name",
+              "count")
+    LATENCY_FIELDS = ("avg_ns", "p99_ns", "max_ns")
+
+    def __init__(self, selection, names, probe, opts, out=None):
+        super().__init__(selection, names, opts, out)
+        self.probe = probe
+        self.header_done = False
+
+    def records(self, snap):
+        counts = selected(self.selection, snap.counts, snap)
+        latency = selected(self.selection, snap.latency, snap)
+        rows = sorted(counts.items(), key=lambda kv: (kv[0][:2], -kv[1],
+                                                      kv[0][2:]))
+        rows = limit_per_group([(k[:2], k, n) for k, n in rows],
+                               self.option("top"))
+        for _, (tgid, tid, isa, code), count in rows:
+            vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+            record = {"pid": tgid, "tid": tid,
+                      "vcpu_id": None if vcpu == VCPU_ID_UNKNOWN else vcpu,
+                      "comm": self.comm(tgid), "isa": isa_name(isa),
+                      "exit_code": code, "name": self.names.name(isa, code),
+                      "count": count}
+            if self.option("latency"):
+                lat = latency.get((tgid, tid, isa, code), Latency())
+                record.update(avg_ns=round(lat.avg_ns()),
+                              p99_ns=lat.p99_ns(), max_ns=lat.max_ns)
+            yield record
+
+    def report(self, snap, start, end):
+        import json
+        if self.option("json"):
+            print(json.dumps({
+                "context": self.selection.context,
+                "view": self.selection.view,
+                "probe": self.probe.kind,
+                "start": round(start, 6), "end": round(end, 6),
+                "cumulative": bool(self.option("cumulative")),
+                "rows": list(self.records(snap)),
+                "lost": sum(snap.lost)}), file=self.out)
+        else:
+            import csv
+            fields = ("end",) + self.FIELDS + (
+                self.LATENCY_FIELDS if self.option("latency") else ())
+            writer = csv.DictWriter(self.out, fields, lineterminator="\n")
+            if not self.header_done:
+                writer.writeheader()
+                self.header_done = True
+            for record in self.records(snap):
+                record["end"] = "%.6f" % end
+                writer.writerow(record)
+        self.out.flush()
 
 
 def warn_lost(snap):
@@ -927,17 +1209,44 @@ def warn_lost(snap):
 #
 # Main
 #
-def wait(duration):
-    """Sleep for the duration, or until Ctrl-C or SIGTERM."""
-    if duration:
-        time.sleep(duration)
-    else:
-        while True:
-            signal.pause()
+def first_line(selection, args):
+    line = "Display kvm exit reasons and statistics for %s" % \
+        selection.context
+    if args.comm and selection.view != "all":
+        pids = sorted({selection.tgid} if selection.tgid else
+                      {tgid_of(t) for t in selection.tids or ()} - {None})
+        line += " (%s)" % ", ".join(process_name(p) for p in pids)
+    if args.interval:
+        line += " every %d secs" % args.interval
+        return line + (", %d times." % args.count if args.count else
+                       "... Hit Ctrl-C to end.")
+    if args.duration:
+        return line + " after sleeping %d secs." % args.duration
+    return line + "... Hit Ctrl-C to end."
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+def trace(read, report, args, stop):
+    """Report after the duration, or every interval; Ctrl-C or SIGTERM
+    reports what was counted so far and ends."""
+    period = args.interval or args.duration
+    begin = last = time.time()
+    earlier = None
+    done = 0
+    while True:
+        deadline = last + period if period else None
+        interrupted = stop.wait(None if deadline is None else
+                                max(0.0, deadline - time.time()))
+        now = time.time()
+        if interrupted and not (args.json or args.csv):
+            print()
+        snap = read()
+        shown = snap if earlier is None or args.cumulative else \
+            snap.minus(earlier)
+        report(shown, begin if args.cumulative else last, now)
+        warn_lost(shown)
+        earlier, last, done = snap, now, done + 1
+        if interrupted or not args.interval or done == args.count:
+            return
 
 
 def main(argv=None):
@@ -957,32 +1266,33 @@ def main(argv=None):
     ensure_kernel_headers(note=lambda s: print(s, file=sys.stderr))
     probe = choose_probe(args.probe, tp_dir)
     names = kernel_reason_names(tp_dir)
+    layout = slot_layout()
     ncpus = possible_cpus()
 
-    signal.signal(signal.SIGTERM, interrupt)
-    layout = slot_layout()
     b, probe = start_tracing(bcc, probe, selection, max_threads, layout,
-                             tp_dir, args.debug)
+                             tp_dir, args.latency, args.debug)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
+    if selection.view == "vcpu" and selection.tids is None and \
+            probe.kind == "raw-old" and "-DKVM_VCPU_ID_OFF" not in \
+            " ".join(probe.cflags):
+        raise Error("PID %d has no thread named 'CPU %d/KVM', and this "
+                    "probe cannot see vCPU ids" % (selection.tgid,
+                                                   selection.vcpu))
 
-    print("Display kvm exit reasons and statistics for %s" % selection.context,
-          end="")
-    if args.duration:
-        print(" after sleeping %d secs." % args.duration, flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    machine = args.json or args.csv
+    print(first_line(selection, args), flush=True,
+          file=sys.stderr if machine else sys.stdout)
+    if machine:
+        output = RecordReport(selection, names, probe, args)
     else:
-        print("... Hit Ctrl-C to end.", flush=True)
-    try:
-        wait(args.duration)
-    except KeyboardInterrupt:
-        print()
-    # Ctrl-C from here on must not cut the report short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    snap = snapshot(b, layout, ncpus)
-    print_report(selection, snap, names)
-    warn_lost(snap)
+        output = TextReport(selection, names, args)
+    trace(lambda: snapshot(b, layout, ncpus, args.latency), output.report,
+          args, stop)
     return 0
 
 

@@ -36,7 +36,8 @@
 #define LOST_THREAD_TABLE_FULL 0
 #define LOST_RARE_TABLE_FULL 1
 #define LOST_REASON_UNREADABLE 2
-#define NR_LOST 3
+#define LOST_LATENCY_TABLE_FULL 3
+#define NR_LOST 4
 
 #define VCPU_ID_UNKNOWN 0xffffffff
 
@@ -156,6 +157,84 @@ static __always_inline void count_rare(u64 pid_tgid, struct exit_event *ev)
         count_lost(LOST_RARE_TABLE_FULL);
 }
 
+#ifdef LATENCY
+// Exit handling time: from a thread's kvm_exit to its next kvm_entry.
+// Keyed by thread, so only that thread writes an entry: no atomics.
+#define LAT_BUCKETS 40          // log2(ns) up to ~18 minutes
+
+struct exit_start {
+    u64 ts;                     // 0: no exit pending
+    u32 isa;
+    u32 code;
+};
+
+struct latency_key {
+    u64 pid_tgid;
+    u32 isa;
+    u32 code;
+};
+
+struct latency {
+    u64 count;
+    u64 total_ns;
+    u64 max_ns;
+    u64 log2_hist[LAT_BUCKETS];
+};
+
+BPF_F_TABLE("hash", u64, struct exit_start, pending_exit, MAX_THREADS,
+            BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct latency_key, struct latency, exit_latency,
+            MAX_THREADS * 8, BPF_F_NO_PREALLOC);
+
+static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
+{
+    struct exit_start start = {.ts = bpf_ktime_get_ns(), .isa = ev->isa,
+                               .code = ev->code};
+
+    pending_exit.update(&pid_tgid, &start);
+}
+
+static __always_inline void record_latency(struct latency *lat, u64 ns)
+{
+    u32 bucket = bpf_log2l(ns);
+
+    lat->count++;
+    lat->total_ns += ns;
+    if (ns > lat->max_ns)
+        lat->max_ns = ns;
+    if (bucket >= LAT_BUCKETS)
+        bucket = LAT_BUCKETS - 1;
+    lat->log2_hist[bucket]++;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct latency zero = {}, *lat;
+    struct exit_start *start;
+    struct latency_key key;
+    u64 now = bpf_ktime_get_ns();
+
+    start = pending_exit.lookup(&pid_tgid);
+    if (!start || !start->ts)
+        return 0;
+    key.pid_tgid = pid_tgid;
+    key.isa = start->isa;
+    key.code = start->code;
+    lat = exit_latency.lookup_or_try_init(&key, &zero);
+    if (lat)
+        record_latency(lat, now - start->ts);
+    else
+        count_lost(LOST_LATENCY_TABLE_FULL);
+    start->ts = 0;
+    return 0;
+}
+#else
+static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
+{
+}
+#endif
+
 static __always_inline bool filtered_out(u64 pid_tgid)
 {
     u32 tgid = pid_tgid >> 32, tid = pid_tgid;
@@ -169,6 +248,8 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
     struct cache_slot *cache;
     u32 slot = slot_of(ev->code);
     int zero = 0;
+
+    start_exit(pid_tgid, ev);
 
     if (slot >= NR_SLOTS) {
         count_rare(pid_tgid, ev);
