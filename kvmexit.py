@@ -688,8 +688,10 @@ def bpf_source():
     """bpf/kvmexit.bpf.c beside the real script (also when run through a
     symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
     here = os.path.dirname(os.path.realpath(__file__))
+    # Installed, the module is in PREFIX/lib/python3*/*-packages.
+    prefix = os.path.join(here, "..", "..", "..")
     for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
-                 os.path.join(sys.prefix, "share", "kvmexit", "kvmexit.bpf.c"),
+                 os.path.join(prefix, "share", "kvmexit", "kvmexit.bpf.c"),
                  "/usr/local/share/kvmexit/kvmexit.bpf.c",
                  "/usr/share/kvmexit/kvmexit.bpf.c"):
         if os.path.exists(path):
@@ -1296,7 +1298,8 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def run():
+    """The command: main() with errors as one 'kvmexit:' line."""
     try:
         sys.exit(main())
     except Error as e:
@@ -1304,3 +1307,7 @@ if __name__ == "__main__":
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()
