@@ -184,7 +184,7 @@ def tid_list(text):
     return [int(item) for item in items]
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(
         prog="kvmexit",
         usage="%(prog)s [-h] [-p PID [-v VCPU | -a]] [-t TID | -T "
@@ -242,6 +242,11 @@ def parse_args(argv=None):
     parser.add_argument("-d", "--debug", action="store_true",
                         help="say which probe was chosen and why, and show "
                              "the compiler's messages")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.vcpu is not None or args.alltids) and args.pid is None:
         parser.error("-v and -a need -p PID")
@@ -750,10 +755,11 @@ def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
     ] + (["-DLATENCY"] if latency else [])
     if debug:
         print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
+    source = bpf_source().encode()
     err = CapturedStderr()
     try:
         with err:
-            b = bcc.BPF(src_file=bpf_source().encode(), cflags=cflags)
+            b = bcc.BPF(src_file=source, cflags=cflags)
     except Exception as e:
         if debug:
             sys.stderr.write(err.text)
