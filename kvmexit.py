@@ -12,16 +12,17 @@
 # reason, and prints the counts after `duration` seconds or on Ctrl-C.
 # The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
 
-import argparse
-import ctypes
-import errno
-import os
-import re
 import signal
-import sys
-import tempfile
-import threading
-import time
+# Until run() sets up its handling, Ctrl-C ends the script quietly.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_DIR = "/sys/kernel/btf"
@@ -412,7 +413,9 @@ def parse_format_names(fmt):
     Returns ({code: name} for VMX, {code: name} for SVM); the fmt lists
     the VMX names first, then the SVM ones."""
     tables = ({}, {})
-    symbolic = fmt.split("__print_symbolic(")[1:3]
+    # Each table ends where the VMX flags (__print_flags) begin.
+    symbolic = [part.split("__print_flags(")[0]
+                for part in fmt.split("__print_symbolic(")[1:3]]
     for table, text in zip(tables, symbolic):
         for code, plus, name in re.findall(
                 r'\{\s*(-?(?:0x)?[0-9a-fA-F]+)(?:\s*\+\s*(\d+))?\s*,'
@@ -737,11 +740,16 @@ class CapturedStderr:
         self.file.close()
 
     def first_error(self):
-        for line in self.text.splitlines():
-            if re.search(r"error:|unbounded|invalid|denied", line):
-                return line.strip()
-        lines = [l for l in self.text.splitlines() if l.strip()]
-        return lines[0].strip() if lines else ""
+        """The compiler's first error, else the verifier's verdict (the
+        line before its 'processed N insns' summary)."""
+        lines = [l.strip() for l in self.text.splitlines() if l.strip()]
+        for line in lines:
+            if "error:" in line:
+                return line
+        for before, line in zip(lines, lines[1:]):
+            if line.startswith("processed "):
+                return before
+        return lines[0] if lines else ""
 
 
 def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
@@ -901,7 +909,7 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
 
 def read_latency(b):
     """{(tgid, tid, isa, code): Latency} from the exit_latency hash."""
-    keys, values = read_percpu(b["exit_latency"], 16, 3 + LAT_BUCKETS, 1)
+    keys, values = read_percpu(b[b"exit_latency"], 16, 3 + LAT_BUCKETS, 1)
     latency = {}
     for key, (value,) in zip(keys, values):
         pid_tgid = int.from_bytes(key[:8], "little")
@@ -917,15 +925,15 @@ def snapshot(b, layout, ncpus, latency=False):
     """Read every map once and sum it up."""
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
-    _, cache = read_percpu(b["pcpu_cache"], 4, 1 + layout.words, ncpus,
+    _, cache = read_percpu(b[b"pcpu_cache"], 4, 1 + layout.words, ncpus,
                            keys=[zero])
-    raw_keys, values = read_percpu(b["pcpu_kvm_stat"], 8, layout.words,
+    raw_keys, values = read_percpu(b[b"pcpu_kvm_stat"], 8, layout.words,
                                    ncpus)
     counts, vcpu_ids = thread_counts(
         [int.from_bytes(k, "little") for k in raw_keys], values,
         [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
 
-    rare_keys, rare = read_percpu(b["pcpu_rare_stat"], 16, 1, ncpus)
+    rare_keys, rare = read_percpu(b[b"pcpu_rare_stat"], 16, 1, ncpus)
     for key, per_cpu in zip(rare_keys, rare):
         pid_tgid = int.from_bytes(key[:8], "little")
         k = (pid_tgid >> 32, pid_tgid & 0xffffffff,
@@ -934,7 +942,7 @@ def snapshot(b, layout, ncpus, latency=False):
         counts[k] = counts.get(k, 0) + int(per_cpu.sum())
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
-    _, lost = read_percpu(b["pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
+    _, lost = read_percpu(b[b"pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
     return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
                     read_latency(b) if latency else None)
 
@@ -1233,7 +1241,20 @@ def first_line(selection, args):
     return line + "... Hit Ctrl-C to end."
 
 
-def trace(read, report, args, stop):
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def wait_for_stop(seconds):
+    """Sleep; True if Ctrl-C or SIGTERM came first.  The signals are
+    blocked and taken here, so one arriving while a report is being read or
+    printed waits for the next wait instead of cutting the report short."""
+    if seconds is None:
+        signal.sigwait(STOP_SIGNALS)
+        return True
+    return signal.sigtimedwait(STOP_SIGNALS, max(0.0, seconds)) is not None
+
+
+def trace(read, report, args):
     """Report after the duration, or every interval; Ctrl-C or SIGTERM
     reports what was counted so far and ends."""
     period = args.interval or args.duration
@@ -1241,12 +1262,11 @@ def trace(read, report, args, stop):
     earlier = None
     done = 0
     while True:
-        deadline = last + period if period else None
-        interrupted = stop.wait(None if deadline is None else
-                                max(0.0, deadline - time.time()))
+        interrupted = wait_for_stop(last + period - time.time()
+                                    if period else None)
         now = time.time()
-        if interrupted and not (args.json or args.csv):
-            print()
+        if interrupted and not (args.json or args.csv or args.interval):
+            print()            # after the ^C, as bcc does
         snap = read()
         shown = snap if earlier is None or args.cumulative else \
             snap.minus(earlier)
@@ -1289,9 +1309,7 @@ def main(argv=None):
                     "probe cannot see vCPU ids" % (selection.tgid,
                                                    selection.vcpu))
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     machine = args.json or args.csv
     print(first_line(selection, args), flush=True,
           file=sys.stderr if machine else sys.stdout)
@@ -1300,12 +1318,13 @@ def main(argv=None):
     else:
         output = TextReport(selection, names, args)
     trace(lambda: snapshot(b, layout, ncpus, args.latency), output.report,
-          args, stop)
+          args)
     return 0
 
 
 def run():
     """The command: main() with errors as one 'kvmexit:' line."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sys.exit(main())
     except Error as e:
