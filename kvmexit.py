@@ -18,6 +18,7 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
+import errno  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -808,20 +809,63 @@ def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
 #
 def map_keys(fd, key_size):
     from bcc.libbcc import lib
-    keys, key, next_key = [], None, ctypes.create_string_buffer(key_size)
-    while lib.bpf_get_next_key(fd, key, next_key) == 0:
-        keys.append(next_key.raw)
-        key = ctypes.create_string_buffer(next_key.raw, key_size)
+    keys, key = [], None
+    bufs = (ctypes.create_string_buffer(key_size),
+            ctypes.create_string_buffer(key_size))
+    while lib.bpf_get_next_key(fd, key, bufs[len(keys) % 2]) == 0:
+        key = bufs[len(keys) % 2]
+        keys.append(key.raw)
     return keys
 
 
+def lookup_batch(fd, key_size, words, ncpus, max_entries):
+    """(keys, uint64 array [key][cpu][word]) of a whole hash map through
+    BPF_MAP_LOOKUP_BATCH (Linux 5.6+), or None where the kernel has no
+    batch operations.  The buffers have room for a full map; the pages
+    the kernel does not fill are never touched, so they cost no memory."""
+    import numpy as np
+    from bcc.libbcc import lib
+    try:
+        keys = np.zeros((max_entries, key_size), dtype=np.uint8)
+        values = np.zeros((max_entries, ncpus, words), dtype=np.uint64)
+    except MemoryError:
+        return None     # not even the address space for it: key by key
+    token, count = ctypes.c_uint32(), ctypes.c_uint32()
+    total, first = 0, True
+    while total < max_entries:
+        count.value = max_entries - total
+        ret = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
+                                   ctypes.byref(token),
+                                   ctypes.c_void_p(keys[total:].ctypes.data),
+                                   ctypes.c_void_p(
+                                       values[total:].ctypes.data),
+                                   ctypes.byref(count))
+        err = ctypes.get_errno()
+        total += count.value
+        if ret == 0:
+            first = False
+            continue
+        if err == errno.ENOENT:         # the end of the map
+            break
+        if first and total == 0:
+            return None                 # EINVAL etc.: no batch ops here
+        raise Error("reading map %d: %s" % (fd, os.strerror(err)))
+    raw = keys[:total].tobytes()
+    return ([raw[i:i + key_size] for i in range(0, len(raw), key_size)],
+            values[:total])
+
+
 def read_percpu(table, key_size, words, ncpus, keys=None):
-    """(keys, uint64 array [key][cpu][word]) of a per-CPU map: one lookup
-    per key, straight into one buffer."""
+    """(keys, uint64 array [key][cpu][word]) of a per-CPU map: the whole
+    map in one batch where the kernel can, else one lookup per key,
+    straight into one buffer."""
     import numpy as np
     from bcc.libbcc import lib
     fd = table.map_fd
     if keys is None:
+        found = lookup_batch(fd, key_size, words, ncpus, table.max_entries)
+        if found is not None:
+            return found
         keys = map_keys(fd, key_size)
     values = np.zeros((len(keys), ncpus, words), dtype=np.uint64)
     for i, key in enumerate(keys):
@@ -895,15 +939,17 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     import numpy as np
     keys, sums, header = merge_thread_counts(keys, values, cache_keys,
                                              cache_values)
-    counts, vcpu_ids = {}, {}
-    for row, slot in zip(*np.nonzero(sums)):
+    rows, slots = np.nonzero(sums)
+    header = header.tolist()
+    codes = [layout.code(slot) for slot in range(layout.slots)]
+    counts = {}
+    for row, slot, count in zip(rows.tolist(), slots.tolist(),
+                                sums[rows, slots].tolist()):
         pid_tgid = keys[row]
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
-                int(header[row]) >> 32, layout.code(int(slot)))] = \
-            int(sums[row, slot])
-    for row, pid_tgid in enumerate(keys):
-        vcpu_ids[(pid_tgid >> 32, pid_tgid & 0xffffffff)] = \
-            int(header[row]) & 0xffffffff
+        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, header[row] >> 32,
+                codes[slot])] = count
+    vcpu_ids = {(pid_tgid >> 32, pid_tgid & 0xffffffff): h & 0xffffffff
+                for pid_tgid, h in zip(keys, header)}
     return counts, vcpu_ids
 
 
@@ -994,11 +1040,19 @@ def report_rows(selection, snap, top=None):
     ascending, and each one's reasons by count, largest first, then by
     exit code.  The group is None in the views that collapse threads."""
     view = selection.view
-    merged = merge_by(selected(selection, snap.counts, snap),
-                      lambda tgid, tid, isa, code:
-                      (group_of(view, tgid, tid), isa, code))
-    rows = sorted(((g, isa, code, n) for (g, isa, code), n in merged.items()),
-                  key=lambda r: (r[0] or (), -r[3], r[1], r[2]))
+    counts = selected(selection, snap.counts, snap)
+    if view in COLLAPSED_VIEWS:
+        counts = merge_by(counts, lambda tgid, tid, isa, code:
+                          (0, 0, isa, code))
+    # Sorted as plain tuples (group, -count, isa, code): no key function.
+    if view == "all":
+        order = [((tgid, tid), -n, isa, code)
+                 for (tgid, tid, isa, code), n in counts.items()]
+    else:
+        order = [(() if view in COLLAPSED_VIEWS else (tid,), -n, isa, code)
+                 for (tgid, tid, isa, code), n in counts.items()]
+    order.sort()
+    rows = [(group or None, isa, code, -n) for group, n, isa, code in order]
     return limit_per_group(rows, top)
 
 
@@ -1135,17 +1189,25 @@ class TextReport:
         tgid_of_tid = {k[1]: k[0] for k in snap.counts}
         latency = latency_rows(self.selection, snap) \
             if self.option("latency") else {}
+        with_latency = self.option("latency")
+        cells_of, name_of, lines = {}, {}, []
         for group, isa, code, count in report_rows(self.selection, snap,
                                                    self.option("top")):
-            cells = "".join(c for _, c in self.columns(group, tgid_of_tid,
-                                                       snap))
-            line = "%s%-35s %-8u" % (cells, self.names.name(isa, code), count)
-            if self.option("latency"):
+            cells = cells_of.get(group)
+            if cells is None:       # once per thread, not once per row
+                cells = cells_of[group] = "".join(
+                    c for _, c in self.columns(group, tgid_of_tid, snap))
+            name = name_of.get((isa, code))
+            if name is None:
+                name = name_of[(isa, code)] = self.names.name(isa, code)
+            line = "%s%-35s %-8u" % (cells, name, count)
+            if with_latency:
                 lat = latency.get((group, isa, code), Latency())
                 line = "%s%-35s %-8u %10.1f %10.1f %10.1f" % (
-                    cells, self.names.name(isa, code), count,
+                    cells, name, count,
                     lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
-            print(line, file=out)
+            lines.append(line + "\n")
+        out.write("".join(lines))
         out.flush()
 
 

@@ -1,0 +1,187 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared pieces of kvmexit's benchmarks (tests/bench/*.py).
+
+Each benchmark is a script run as root under /usr/bin/python3 (the Python
+that has bcc), e.g. `/usr/bin/python3 tests/bench/report_time.py`.  No
+real VM exit is needed: programs are driven with BPF_PROG_TEST_RUN from
+threads pinned to CPUs (tests/bpfrun.py), in the raw-old probe mode where
+ctx->args are (exit_reason, vcpu, isa).
+"""
+
+import os
+import re
+import sys
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+ROOT = os.path.dirname(TESTS)
+sys.path[:0] = [ROOT, TESTS]
+
+import bpfrun           # noqa: E402
+import kvmexit          # noqa: E402
+
+BCC026_TOOL = "/usr/sbin/kvmexit-bpfcc"
+ISA_SVM = kvmexit.ISA_SVM
+
+
+def need_root():
+    if os.geteuid() != 0:
+        sys.exit("%s: must be run as root (it loads BPF programs)"
+                 % os.path.basename(sys.argv[0]))
+
+
+def import_bcc():
+    """bcc (and numpy), as kvmexit imports them at its start, before
+    tracing: so the report's time does not include importing them."""
+    try:
+        bcc = kvmexit.import_bcc()
+        kvmexit.ensure_kernel_headers(
+            note=lambda s: print(s, file=sys.stderr))
+    except kvmexit.Error as e:
+        sys.exit("kvmexit: %s" % e)
+    return bcc
+
+
+def ncpus():
+    """Per-CPU values come for every possible CPU."""
+    return kvmexit.possible_cpus()
+
+
+def online_cpus():
+    return kvmexit.parse_cpu_list(
+        kvmexit.read_text("/sys/devices/system/cpu/online"))
+
+
+def load_ours(bcc, max_threads, layout=kvmexit.SVM_LAYOUT,
+              selection=None):
+    """kvmexit's program in the raw-old mode, loaded but not attached:
+    (BPF object, program fd)."""
+    selection = selection or kvmexit.Selection("all threads", "all")
+    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "bench"),
+                             selection, max_threads, layout)
+    fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
+    return b, fd
+
+
+def bcc026_text():
+    """The BPF C text of Debian's bcc 0.26 kvmexit, read from the installed
+    tool at run time (it is not part of this repository)."""
+    try:
+        with open(BCC026_TOOL) as f:
+            source = f.read()
+    except OSError as e:
+        sys.exit("cannot read %s (%s): apt-get install bpfcc-tools"
+                 % (BCC026_TOOL, e))
+    match = re.search(r'bpf_text\s*=\s*"""(.*?)"""', source, re.S)
+    if not match:
+        sys.exit("no bpf_text in %s" % BCC026_TOOL)
+    return match.group(1)
+
+
+def reason_num(text):
+    return int(re.search(r"#define REASON_NUM (\d+)", text).group(1))
+
+
+def load_bcc026(bcc, thread_filter="0", reasons=None):
+    """bcc 0.26's program as a raw tracepoint program that reads the exit
+    reason from args[0] (its RAW_TRACEPOINT_PROBE variant), as a plain
+    function so that bcc does not attach it; optionally with another
+    REASON_NUM (upstream's AMD support sizes it 1028).
+    Returns (BPF object, program fd, REASON_NUM)."""
+    text = bcc026_text()
+    if reasons is not None:
+        text = re.sub(r"#define REASON_NUM \d+",
+                      "#define REASON_NUM %d" % reasons, text)
+    text = text.replace("FUNC_ENTRY",
+                        "int raw_fn(struct bpf_raw_tracepoint_args *ctx)")
+    text = text.replace("GET_ER", "ctx->args[0]")
+    text = text.replace("THREAD_FILTER", thread_filter)
+    b = bcc.BPF(text=text)
+    fd = b.load_func(b"raw_fn", bcc.BPF.RAW_TRACEPOINT).fd
+    return b, fd, reason_num(text)
+
+
+EMPTY_TEXT = """
+int empty_fn(struct bpf_raw_tracepoint_args *ctx)
+{
+    return 0;
+}
+"""
+
+
+def load_empty(bcc):
+    b = bcc.BPF(text=EMPTY_TEXT)
+    return b, b.load_func(b"empty_fn", bcc.BPF.RAW_TRACEPOINT).fd
+
+
+class Threads:
+    """n live threads, each pinned where its jobs say: distinct TIDs, so
+    distinct pid_tgid keys in the maps.  They stay alive until stop(), so
+    that no TID is reused meanwhile."""
+
+    def __init__(self):
+        self.threads = []
+
+    def grow(self, n):
+        while len(self.threads) < n:
+            self.threads.append(bpfrun.PinnedThread())
+        return self.threads[:n]
+
+    def stop(self):
+        for t in self.threads:
+            t.stop()
+        self.threads = []
+
+
+def fire(thread, prog_fd, events):
+    """Run events [(cpu, code, isa, times)] in `thread` in this order."""
+    def job():
+        for cpu, code, isa, times in events:
+            os.sched_setaffinity(0, {cpu})
+            for _ in range(times):
+                bpfrun.test_run(prog_fd, [code, 0, isa])
+    thread.call(job)
+
+
+def in_new_thread(fn):
+    """fn() in a short-lived thread (its own TID), result returned."""
+    result = {}
+    t = threading.Thread(target=lambda: result.update(v=fn()))
+    t.start()
+    t.join()
+    return result["v"]
+
+
+def human(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%.0f %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+
+
+def table(headers, rows, out=sys.stdout):
+    """Print rows as an aligned text table."""
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)), file=out)
+        if n == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+    out.flush()
+
+
+class BpfStats:
+    """kernel.bpf_stats_enabled=1 for the duration, restored after."""
+    PATH = "/proc/sys/kernel/bpf_stats_enabled"
+
+    def __enter__(self):
+        with open(self.PATH) as f:
+            self.saved = f.read().strip()
+        with open(self.PATH, "w") as f:
+            f.write("1")
+        return self
+
+    def __exit__(self, *exc):
+        with open(self.PATH, "w") as f:
+            f.write(self.saved)
