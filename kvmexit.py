@@ -21,6 +21,7 @@ import ctypes  # noqa: E402
 import errno  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -503,45 +504,53 @@ class Btf:
     those of vmlinux, its base."""
 
     def __init__(self, data, base=None):
-        import struct
         magic, _, _, hdr_len, type_off, type_len, str_off, str_len = \
             struct.unpack_from("<HBBIIIII", data)
         if magic != 0xeb9f:
             raise ValueError("not little-endian BTF")
         self.types = list(base.types) if base else [None]
-        self.strings = base.strings if base else b""
-        strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.strings += strings
+        self.strings = (base.strings if base else b"") + \
+            data[hdr_len + str_off:hdr_len + str_off + str_len]
         self.by_name = dict(base.by_name) if base else {}
+        # Only the type headers are decoded here; members when asked for.
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         while pos < end:
             name_off, info, size_or_type = struct.unpack_from("<III", data,
                                                               pos)
             kind, vlen = (info >> 24) & 0x1f, info & 0xffff
+            self.types.append((kind, name_off, size_or_type,
+                               (data, pos + 12, vlen, info >> 31)))
+            if kind in (BTF_KIND_STRUCT, BTF_KIND_TYPEDEF):
+                self.by_name.setdefault((kind, name_off),
+                                        len(self.types) - 1)
             fixed, per_item = BTF_EXTRA.get(kind, (0, 0))
-            body = pos + 12
-            members = []
-            if kind in (BTF_KIND_STRUCT, BTF_KIND_UNION):
-                kflag = info >> 31
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from(
-                        "<III", data, body + 12 * i)
-                    bitfield = kflag and (m_off >> 24)
-                    bits = m_off & 0xffffff if kflag else m_off
-                    members.append((self.string(m_name), m_type, bits,
-                                    bitfield))
-            elif kind == BTF_KIND_FUNC_PROTO:
-                members = [struct.unpack_from("<II", data, body + 8 * i)[1]
-                           for i in range(vlen)]
-            name = self.string(name_off)
-            self.types.append((kind, name, size_or_type, members))
-            if name and kind in (BTF_KIND_STRUCT, BTF_KIND_TYPEDEF):
-                self.by_name.setdefault((kind, name), len(self.types) - 1)
-            pos = body + fixed + per_item * vlen
+            pos += 12 + fixed + per_item * vlen
+
+    def named(self, kind, name):
+        """The id of the struct or typedef of that name, or None.  Strings
+        are deduplicated in BTF, so a name has one offset."""
+        offset = self.strings.find(b"\0" + name.encode() + b"\0")
+        return None if offset < 0 else self.by_name.get((kind, offset + 1))
 
     def string(self, offset):
         end = self.strings.index(b"\0", offset)
         return self.strings[offset:end].decode()
+
+    def members(self, type_id):
+        """[(name, type id, bit offset, bit-field size)] of a struct or
+        union; the parameter type ids of a function prototype."""
+        kind, _, _, (data, body, vlen, kflag) = self.types[type_id]
+        if kind == BTF_KIND_FUNC_PROTO:
+            return [struct.unpack_from("<II", data, body + 8 * i)[1]
+                    for i in range(vlen)]
+        members = []
+        for i in range(vlen):
+            name, m_type, offset = struct.unpack_from("<III", data,
+                                                      body + 12 * i)
+            members.append((self.string(name), m_type,
+                            offset & 0xffffff if kflag else offset,
+                            kflag and offset >> 24))
+        return members
 
     def resolve(self, type_id):
         """Skip typedefs and qualifiers."""
@@ -552,10 +561,10 @@ class Btf:
     def member(self, type_id, name):
         """(byte offset, type id) of a member, looking into anonymous
         structs and unions; None if absent or a bit-field."""
-        kind, _, _, members = self.types[self.resolve(type_id)]
-        if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+        type_id = self.resolve(type_id)
+        if self.types[type_id][0] not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
             return None
-        for m_name, m_type, bits, bitfield in members:
+        for m_name, m_type, bits, bitfield in self.members(type_id):
             if m_name == name:
                 if bitfield or bits % 8:
                     return None
@@ -568,7 +577,7 @@ class Btf:
 
     def offset(self, struct_name, path):
         """Byte offset of a member path like 'control.exit_code'."""
-        type_id = self.by_name.get((BTF_KIND_STRUCT, struct_name))
+        type_id = self.named(BTF_KIND_STRUCT, struct_name)
         if type_id is None:
             return None
         total = 0
@@ -580,27 +589,27 @@ class Btf:
         return total
 
     def pointee(self, struct_name, member):
-        """The struct a pointer member points to, as (name)."""
-        type_id = self.by_name.get((BTF_KIND_STRUCT, struct_name))
+        """The name of the struct a pointer member points to."""
+        type_id = self.named(BTF_KIND_STRUCT, struct_name)
         found = type_id and self.member(type_id, member)
         if not found:
             return None
         ptr = self.types[self.resolve(found[1])]
         if ptr[0] != BTF_KIND_PTR:
             return None
-        return self.types[self.resolve(ptr[2])][1]
+        return self.string(self.types[self.resolve(ptr[2])][1])
 
     def tracepoint_params(self, name):
         """Parameter count of a tracepoint's btf_trace_<name> prototype,
         without the leading void *ctx."""
-        type_id = self.by_name.get((BTF_KIND_TYPEDEF, "btf_trace_" + name))
+        type_id = self.named(BTF_KIND_TYPEDEF, "btf_trace_" + name)
         if type_id is None:
             return None
         ptr = self.types[self.resolve(type_id)]
-        proto = self.types[self.resolve(ptr[2])]
-        if proto[0] != BTF_KIND_FUNC_PROTO:
+        proto = self.resolve(ptr[2])
+        if self.types[proto][0] != BTF_KIND_FUNC_PROTO:
             return None
-        return len(proto[3]) - 1
+        return len(self.members(proto)) - 1
 
 
 def load_btf(name, base=None, btf_dir=BTF_DIR):

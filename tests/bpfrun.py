@@ -18,13 +18,15 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _bpf(cmd, attr):
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    ret = _libc.syscall(SYS_BPF, cmd, buf, len(attr))
+def bpf(cmd, attr, size=None):
+    """The bpf(2) syscall on a copy of `attr` padded to `size` bytes;
+    returns (its result, the attr bytes as the kernel left them)."""
+    buf = ctypes.create_string_buffer(attr, size or len(attr))
+    ret = _libc.syscall(SYS_BPF, cmd, buf, len(buf))
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return buf.raw
+    return ret, buf.raw
 
 
 def test_run(prog_fd, args):
@@ -33,7 +35,7 @@ def test_run(prog_fd, args):
     ctx_buf = ctypes.create_string_buffer(ctx, len(ctx))
     attr = struct.pack("<IIIIQQIIIIQQIII4x", prog_fd, 0, 0, 0, 0, 0, 0, 0,
                        len(ctx), 0, ctypes.addressof(ctx_buf), 0, 0, 0, 0)
-    out = _bpf(BPF_PROG_TEST_RUN, attr)
+    _, out = bpf(BPF_PROG_TEST_RUN, attr)
     return struct.unpack_from("<I", out, 4)[0]       # retval
 
 
@@ -41,7 +43,7 @@ def run_stats(prog_fd):
     """(run_time_ns, run_cnt) with kernel.bpf_stats_enabled=1."""
     info = ctypes.create_string_buffer(256)
     attr = struct.pack("<IIQ", prog_fd, len(info), ctypes.addressof(info))
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return struct.unpack_from("<QQ", info.raw, 192)
 
 

@@ -202,16 +202,8 @@ def check_upstream(bcc, rows, name, reasons, cpus):
     return ok
 
 
-libc = ctypes.CDLL(None, use_errno=True)
-
-
 def bpf(cmd, attr):
-    buf = ctypes.create_string_buffer(attr, 128)
-    ret = libc.syscall(benchlib.bpfrun.SYS_BPF, cmd, buf, len(buf))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
+    return benchlib.bpfrun.bpf(cmd, attr, 128)[0]
 
 
 PERCPU_STATS = "/sys/kernel/debug/percpu_stats"

@@ -180,16 +180,8 @@ def real_maps(bcc):
 #
 # The 640-CPU model, in a child process so that its peak memory is its own.
 #
-libc = ctypes.CDLL(None, use_errno=True)
-
-
 def bpf(cmd, attr):
-    buf = ctypes.create_string_buffer(attr, 128)
-    ret = libc.syscall(benchlib.bpfrun.SYS_BPF, cmd, buf, len(buf))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
+    return benchlib.bpfrun.bpf(cmd, attr, 128)[0]
 
 
 def copy_out_rate():
