@@ -130,7 +130,7 @@ LOST_REASONS = (
 VCPU_ID_UNKNOWN = 0xffffffff
 LAT_BUCKETS = 40
 MAX_RARE = 1024
-MIN_MAX_THREADS = 4096
+MIN_MAX_THREADS = 1024
 
 # QEMU names its vCPU threads "CPU <index>/KVM".
 QEMU_VCPU_COMM = re.compile(r"CPU (\d+)/KVM")
@@ -215,7 +215,7 @@ def build_parser():
                         help="which kvm_exit probe to use (default: auto)")
     parser.add_argument("--max-threads", type=positive_int,
                         help="room for this many threads in the kernel "
-                             "(default: 4 x the vCPUs present, at least %d)"
+                             "(default: 2 x the vCPUs present, at least %d)"
                              % MIN_MAX_THREADS)
     parser.add_argument("-i", "--interval", type=positive_int,
                         help="print a report every INTERVAL seconds")
@@ -1361,7 +1361,7 @@ def main(argv=None):
         raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
                     "mounted?)" % " or ".join(TRACEFS_DIRS))
     selection = select_threads(args)
-    max_threads = args.max_threads or max(MIN_MAX_THREADS, 4 * count_vcpus())
+    max_threads = args.max_threads or max(MIN_MAX_THREADS, 2 * count_vcpus())
     ensure_kernel_headers(note=lambda s: print(s, file=sys.stderr))
     probe = choose_probe(args.probe, tp_dir)
     names = kernel_reason_names(tp_dir)

@@ -1,0 +1,264 @@
+"""Run commands in the kvmexit lab: a VM whose KVM really fires kvm_exit.
+
+The lab boots Debian's 6.1 kernel with virtme-ng under QEMU's emulator
+(TCG, "-cpu max": an AMD CPU with SVM), so kvm_amd runs inside it and
+kvm:kvm_exit fires for the guests started there (see tests/lab/guest.py).
+The lab sees this machine's files at the same paths, but only `outdir`
+is shared writable: other writes land in scratch layers that vanish with
+the lab.  A command runs as root, from the repository's
+top directory, with tracefs mounted, kvm_amd loaded, /dev/kvm working and
+kernel headers where bcc looks for them.
+
+From pytest (runs under /usr/bin/python3):
+
+    from lab import run_in_lab, LabError
+    rc, output = run_in_lab(["/usr/bin/python3", "kvmexit.py", "-h"],
+                            timeout=300, outdir=str(tmp_path))
+
+`cmd` is an argv list, or one string for /bin/sh.  Returns the command's
+exit status and its output (stdout and stderr together; also echoed live to
+stdout unless quiet=True).  Raises LabError, never skips, when the lab
+cannot be set up, does not boot, fails its checks or runs out of time.
+From a shell: tests/lab/run.
+
+Run as a script inside the lab (`lab.py guest ...`) this module is also
+the lab's first process: it makes those checks and then runs the command.
+"""
+
+import codecs
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(LAB_DIR))
+SETUP = os.path.join(LAB_DIR, "setup.sh")
+VENV = os.environ.get("KVMEXIT_LAB_VENV", "/opt/kvmexit-lab/venv")
+# Inside the lab only Debian's interpreter has bcc; use it for everything.
+GUEST_PYTHON = "/usr/bin/python3"
+TRACEFS = "/sys/kernel/tracing"
+MEMORY = "3G"
+# Time `timeout` grants QEMU between SIGTERM and SIGKILL.
+KILL_GRACE = 10
+
+
+class LabError(Exception):
+    """The lab could not run the command; `output` has what it printed."""
+
+    def __init__(self, message, output=""):
+        super().__init__(message)
+        self.output = output
+
+
+# --- host side ---------------------------------------------------------------
+
+def setup():
+    """Install what is missing (fast when nothing is); return the kernel."""
+    proc = subprocess.run(["/bin/bash", SETUP], stdout=subprocess.PIPE,
+                          text=True)
+    kernel = proc.stdout.strip()
+    if proc.returncode != 0 or not os.path.isfile(kernel):
+        raise LabError(f"{SETUP} failed (status {proc.returncode}); "
+                       "see its messages above")
+    return kernel
+
+
+def shell_command(cmd):
+    return cmd if isinstance(cmd, str) else shlex.join(cmd)
+
+
+def vng_argv(kernel, cpus, outdir, guest_cmd):
+    return [os.path.join(VENV, "bin", "vng"), "-r", kernel,
+            # The host's KVM cannot run this kernel; QEMU's emulator can,
+            # and it emulates the SVM the lab's own KVM needs.  9p, as
+            # virtio-fs would need a virtiofsd.
+            "--disable-kvm", "--force-9p", "-p", str(cpus), "-m", MEMORY,
+            "--qemu-opts=-cpu max", f"--rwdir={outdir}", "--cwd", REPO,
+            "--exec", guest_cmd]
+
+
+def stream(argv, echo, env):
+    """Run argv, copying its output to `echo` as it comes; return both."""
+    chunks = []
+    # Chunks can split a UTF-8 sequence; the decoder carries it over.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # A pipe, not a file: vng's output to a file comes out garbled.
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=REPO, env=env)
+    try:
+        while True:
+            data = os.read(proc.stdout.fileno(), 65536)
+            if not data:
+                break
+            chunks.append(data)
+            if echo is not None:
+                echo.write(decoder.decode(data))
+                echo.flush()
+        rc = proc.wait()
+    finally:
+        # `timeout` runs vng in a process group of its own, out of reach
+        # of a Ctrl-C; stopping `timeout` stops the whole group, QEMU too.
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        proc.stdout.close()
+    output = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    return rc, output
+
+
+def read_marker(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def run_in_lab(cmd, timeout, outdir, cpus=2, quiet=False):
+    """Run `cmd` in a freshly booted lab; return (exit status, output).
+
+    `timeout` (seconds) bounds boot, command and shutdown, not the one-time
+    install by setup.sh.  `outdir` is created if needed and is writable from
+    both sides at the same path.  Unless `quiet`, the output is also copied
+    to sys.stdout as it comes, with a last line of timings.
+    """
+    # sys.stdout now, not at import: pytest swaps it per test.
+    echo = None if quiet else sys.stdout
+    kernel = setup()
+    outdir = os.path.abspath(outdir)
+    os.makedirs(outdir, exist_ok=True)
+    # The lab reports how it went through files here, not through output
+    # that the command could imitate or interleave with.
+    markers = tempfile.mkdtemp(prefix=".lab-", dir=outdir)
+    guest_cmd = shlex.join([GUEST_PYTHON, os.path.join(LAB_DIR, "lab.py"),
+                            "guest", markers, os.path.basename(kernel)
+                            .removeprefix("vmlinuz-"), shell_command(cmd)])
+    argv = ["timeout", f"--kill-after={KILL_GRACE}", str(timeout)] + \
+        vng_argv(kernel, cpus, outdir, guest_cmd)
+    # vng finds its helpers (virtme-run...) on PATH.
+    env = dict(os.environ, PATH=os.path.join(VENV, "bin") + ":" +
+               os.environ.get("PATH", "/usr/bin:/bin"))
+    started = time.monotonic()
+    wall_start = time.time()
+    try:
+        rc, output = stream(argv, echo, env)
+        return conclude(rc, output, markers, timeout, wall_start,
+                        time.monotonic() - started, echo)
+    finally:
+        remove_markers(markers)
+
+
+def conclude(rc, output, markers, timeout, wall_start, elapsed, echo):
+    """Turn vng's exit and the markers into (status, output) or LabError."""
+    ready = read_marker(os.path.join(markers, "ready"))
+    failed = read_marker(os.path.join(markers, "error"))
+    done = read_marker(os.path.join(markers, "status"))
+    if failed is not None:
+        raise LabError(f"lab checks failed: {failed['error']}", output)
+    if done is None:
+        if rc in (124, 137):
+            where = "running the command" if ready else "booting"
+            raise LabError(f"lab timed out after {timeout} s while {where}",
+                           output)
+        if ready is None:
+            raise LabError(f"lab did not boot (vng exit status {rc}); "
+                           f"its output ends:\n{output[-2000:]}", output)
+        raise LabError(f"lab died while running the command (vng exit "
+                       f"status {rc})", output)
+    if echo is not None:
+        # The markers' mtimes come from this machine's clock (9p).
+        started = os.path.getmtime(os.path.join(markers, "ready"))
+        ended = os.path.getmtime(os.path.join(markers, "status"))
+        echo.write(f"lab: exit status {done['status']}; command started "
+                   f"{started - wall_start:.1f} s after launch (guest uptime "
+                   f"{ready['uptime']:.1f} s), ran {ended - started:.1f} s; "
+                   f"{elapsed:.1f} s in all\n")
+        echo.flush()
+    return done["status"], output
+
+
+def remove_markers(markers):
+    for name in os.listdir(markers):
+        os.unlink(os.path.join(markers, name))
+    os.rmdir(markers)
+
+
+# --- guest side --------------------------------------------------------------
+
+def write_marker(markers, name, value):
+    with open(os.path.join(markers, name), "w") as f:
+        json.dump(value, f)
+
+
+def ensure_tracefs():
+    if not os.path.isdir(os.path.join(TRACEFS, "events")):
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", TRACEFS],
+                       check=True)
+    if not os.path.isdir(os.path.join(TRACEFS, "events/kvm/kvm_exit")):
+        raise RuntimeError(f"no kvm:kvm_exit tracepoint in {TRACEFS}")
+
+
+def ensure_kvm():
+    with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    module = "kvm_amd" if "AuthenticAMD" in cpuinfo else "kvm_intel"
+    subprocess.run(["modprobe", module], check=True)
+    sys.path.insert(0, LAB_DIR)
+    import guest    # for its ioctl numbers
+    fd = os.open("/dev/kvm", os.O_RDWR)
+    try:
+        # Making a VM is the cheap proof that KVM works, not just exists.
+        os.close(fcntl.ioctl(fd, guest.KVM_CREATE_VM))
+    finally:
+        os.close(fd)
+
+
+def ensure_headers(release):
+    """Give bcc /lib/modules/RELEASE/build (guest /lib is a scratch layer)."""
+    build = f"/lib/modules/{release}/build"
+    if os.path.exists(build):
+        return
+    headers = f"/usr/src/linux-headers-{release}"
+    if not os.path.isdir(headers):
+        raise RuntimeError(f"no {build} and no {headers} (linux-headers-amd64 "
+                           "must be for the lab kernel)")
+    os.symlink(headers, build)
+    os.symlink(f"/usr/src/linux-headers-{release.removesuffix('-amd64')}"
+               "-common", f"/lib/modules/{release}/source")
+
+
+def guest_main(markers, release, command):
+    """The lab's side of run_in_lab: check the lab, then run the command."""
+    try:
+        if os.uname().release != release:
+            raise RuntimeError(f"running on {os.uname().release}, not in the "
+                               f"lab kernel {release}")
+        ensure_tracefs()
+        ensure_kvm()
+        ensure_headers(release)
+        os.chdir(REPO)
+    except Exception as e:
+        print(f"lab: error: {e}", file=sys.stderr, flush=True)
+        write_marker(markers, "error", {"error": str(e)})
+        return 125
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    write_marker(markers, "ready", {"uptime": uptime})
+    status = subprocess.run(["/bin/sh", "-c", command]).returncode
+    # A command killed by a signal reports it as a shell would.
+    status = 128 - status if status < 0 else status
+    write_marker(markers, "status", {"status": status})
+    return status
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "guest":
+        sys.exit("usage: lab.py guest MARKER_DIR RELEASE COMMAND "
+                 "(the lab's init runs this; use tests/lab/run)")
+    sys.exit(guest_main(*sys.argv[2:]))

@@ -1,0 +1,273 @@
+"""kvmexit on real VM exits: every view against the kernel's own count.
+
+Boots the lab once (tests/lab/scenario.py): guests with known exits run
+while a kvmexit per view traces them, and a hist trigger on kvm:kvm_exit
+counts the same exits in the kernel.  Each test checks one view's output
+against those counts.  Runs in CI; if the lab cannot start, the tests fail
+with the reason.
+"""
+
+import csv
+import io
+import json
+import os
+import re
+import sys
+
+import pytest
+
+import kvmexit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lab import run_in_lab  # noqa: E402
+
+IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
+NAMES = kvmexit.ReasonNames()
+FIRST = "Display kvm exit reasons and statistics for "
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    # KVMEXIT_LAB_RESULTS=DIR checks an earlier scenario run's results
+    # again without booting (while working on these tests).
+    out = os.environ.get("KVMEXIT_LAB_RESULTS")
+    if not out:
+        out = str(tmp_path_factory.mktemp("scenario"))
+        rc, output = run_in_lab(["/usr/bin/python3", "tests/lab/scenario.py",
+                                 out], timeout=1800, outdir=out)
+        assert rc == 0, output[-4000:]
+    with open(os.path.join(out, "scenario.json")) as f:
+        return json.load(f)
+
+
+def kernel(lab, guest=None, tids=None):
+    """{(pid, tid, code): count} from the hist trigger, for the guests'
+    vCPU threads (of one guest, or of some threads)."""
+    counts = {}
+    for name, g in lab["guests"].items():
+        if guest and name != guest:
+            continue
+        for v in g["vcpus"]:
+            if tids and v["tid"] not in tids:
+                continue
+            for key, n in lab["hist"].items():
+                tid, code = map(int, key.split(","))
+                if tid == v["tid"]:
+                    counts[(g["pid"], tid, code)] = n
+    return counts
+
+
+def tid_of(lab, guest, index):
+    return lab["guests"][guest]["vcpus"][index]["tid"]
+
+
+def collapsed(counts):
+    """[(name, count)] as the one-list views sort them."""
+    merged = {}
+    for (_, _, code), n in counts.items():
+        merged[code] = merged.get(code, 0) + n
+    return [(NAMES.name(2, c), n) for c, n in
+            sorted(merged.items(), key=lambda cn: (-cn[1], cn[0]))]
+
+
+def per_thread(counts, with_pid):
+    """[(ids..., name, count)] as the views with threads sort them."""
+    group = (lambda k: k[:2]) if with_pid else (lambda k: k[1])
+    rows = sorted(counts.items(), key=lambda kv: (group(kv[0]), -kv[1],
+                                                   kv[0][2]))
+    return [((pid, tid) if with_pid else (tid,)) + (NAMES.name(2, code), n)
+            for (pid, tid, code), n in rows]
+
+
+def tracer(lab, name):
+    t = lab["tracers"][name]
+    assert t["status"] == 0, t
+    return t
+
+
+def rows(text, ids):
+    """The report's rows after its header line: ids ints, name, count."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines)
+                 if "KVM_EXIT_REASON" in l) + 1
+    parsed = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        parsed.append(tuple(int(c) for c in cells[:ids]) +
+                      (cells[ids], int(cells[ids + 1])))
+    return parsed
+
+
+def test_guest_exits_are_exact_in_the_kernel_count(lab):
+    for name, g in lab["guests"].items():
+        assert lab["guest_status"][name] == 0
+        for v in g["vcpus"]:
+            hist = kernel(lab, name, {v["tid"]})
+            assert hist[(g["pid"], v["tid"], IOIO)] == v["expected"]["IOIO"]
+            assert hist[(g["pid"], v["tid"], HLT)] == 1
+            assert hist[(g["pid"], v["tid"], READ_CR4)] == v["cr4"]
+            assert hist[(g["pid"], v["tid"], WRITE_CR4)] == v["cr4"]
+
+
+def test_no_filter_prints_every_vcpu_thread_as_the_kernel_counted(lab):
+    t = tracer(lab, "all")
+    lines = t["stdout"].splitlines()
+    assert lines[:3] == [FIRST + "all threads... Hit Ctrl-C to end.", "",
+                         "PID      TID      KVM_EXIT_REASON" + " " * 21 +
+                         "COUNT"]
+    assert rows(t["stdout"], 2) == per_thread(kernel(lab), True)
+    # bcc's widths: "%-8u %-8u %-35s %-8u".
+    pid, tid, name, count = per_thread(kernel(lab), True)[0]
+    assert lines[3] == "%-8u %-8u %-35s %-8u" % (pid, tid, name, count)
+
+
+def test_raw_tracepoint_is_default_on_amd_and_agrees_with_tracepoint(lab):
+    raw, tp = tracer(lab, "all"), tracer(lab, "all_tracepoint")
+    assert re.search(r"^kvmexit: probe: raw-new \(kvm_exit\(vcpu, isa\): "
+                     r"BTF: vcpu_svm\.vmcb at \d+, vmcb\.control\.exit_code "
+                     r"at 112\)$", raw["stderr"], re.M), raw["stderr"]
+    assert "kvmexit: probe: tracepoint (asked for with --probe " \
+        "tracepoint)" in tp["stderr"]
+    assert rows(raw["stdout"], 2) == rows(tp["stdout"], 2)
+    assert len(rows(raw["stdout"], 2)) >= 4 * 16
+
+
+def test_pid_collapses_its_threads_sorted_by_count(lab):
+    t = tracer(lab, "pid")
+    pid = lab["guests"]["qemu"]["pid"]
+    assert t["stdout"].splitlines()[0] == \
+        FIRST + "PID %d... Hit Ctrl-C to end." % pid
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu"))
+
+
+def test_pid_alltids_lists_each_thread(lab):
+    t = tracer(lab, "pid_alltids")
+    pid = lab["guests"]["qemu"]["pid"]
+    lines = t["stdout"].splitlines()
+    assert lines[0] == FIRST + "PID %d and its all threads... Hit Ctrl-C " \
+        "to end." % pid
+    assert lines[2].startswith("TID      KVM_EXIT_REASON")
+    assert rows(t["stdout"], 1) == per_thread(kernel(lab, "qemu"), False)
+
+
+@pytest.mark.parametrize("vcpu", [1, 10])
+def test_vcpu_picks_the_qemu_thread_with_that_exact_number(lab, vcpu):
+    t = tracer(lab, "vcpu%d" % vcpu)
+    pid = lab["guests"]["qemu"]["pid"]
+    assert t["stdout"].splitlines()[0] == \
+        FIRST + "PID %d VCPU %d... Hit Ctrl-C to end." % (pid, vcpu)
+    tid = tid_of(lab, "qemu", vcpu)
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu", {tid}))
+    assert ("IOIO", 100 + 10 * vcpu) in rows(t["stdout"], 0)
+
+
+def test_vcpu_of_another_vmm_is_found_by_the_kernels_vcpu_id(lab):
+    t = tracer(lab, "vcpu_other")
+    tid = tid_of(lab, "other", 1)
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "other", {tid}))
+    assert ("IOIO", 40) in rows(t["stdout"], 0)
+
+
+def test_tid_shows_one_thread_sorted_by_count(lab):
+    t = tracer(lab, "tid")
+    tid = tid_of(lab, "qemu", 3)
+    assert t["stdout"].splitlines()[0] == \
+        FIRST + "TID %d... Hit Ctrl-C to end." % tid
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu", {tid}))
+
+
+def test_tids_lists_the_threads_of_two_guests(lab):
+    t = tracer(lab, "tids")
+    a, b = tid_of(lab, "qemu", 5), tid_of(lab, "small", 1)
+    lines = t["stdout"].splitlines()
+    assert lines[0] == FIRST + "TIDS ['%d', '%d']... Hit Ctrl-C to end." \
+        % (a, b)
+    assert lines[2].startswith("TIDS     KVM_EXIT_REASON")
+    assert rows(t["stdout"], 1) == per_thread(kernel(lab, tids={a, b}),
+                                              False)
+
+
+def test_duration_reports_after_sleeping_without_a_signal(lab):
+    t = tracer(lab, "duration")
+    pid = lab["guests"]["small"]["pid"]
+    lines = t["stdout"].splitlines()
+    assert lines[0] == FIRST + "PID %d after sleeping 45 secs." % pid
+    assert lines[1] == "KVM_EXIT_REASON" + " " * 21 + "COUNT"
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "small"))
+
+
+def test_sigterm_reports_like_ctrl_c(lab):
+    t = tracer(lab, "sigterm")
+    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "small"))
+    assert "Traceback" not in t["stderr"]
+
+
+def test_json_rows_latency_and_vcpu_ids(lab):
+    t = tracer(lab, "json_latency")
+    reports = [json.loads(l) for l in t["stdout"].splitlines()]
+    assert len(reports) == 1
+    report = reports[0]
+    pid = lab["guests"]["qemu"]["pid"]
+    assert (report["context"], report["view"], report["probe"],
+            report["lost"]) == ("PID %d" % pid, "pid", "raw-new", 0)
+    assert report["start"] < report["end"]
+    got = {(r["pid"], r["tid"], r["exit_code"]): r["count"]
+           for r in report["rows"]}
+    assert got == kernel(lab, "qemu")
+    vcpu_of = {v["tid"]: v["index"] for v in
+               lab["guests"]["qemu"]["vcpus"]}
+    for r in report["rows"]:
+        assert r["vcpu_id"] == vcpu_of[r["tid"]]
+        assert (r["isa"], r["name"]) == ("svm", NAMES.name(2, r["exit_code"]))
+        assert 0 < r["avg_ns"] <= r["max_ns"]
+        assert r["p99_ns"] >= r["avg_ns"] / 2
+    by = {(r["tid"], r["name"]): r for r in report["rows"]}
+    for tid in vcpu_of:
+        # A port write is handled in user space, a CR4 access in KVM.
+        assert by[(tid, "IOIO")]["avg_ns"] > by[(tid, "READ_CR4")]["avg_ns"]
+        assert by[(tid, "IOIO")]["avg_ns"] > by[(tid, "WRITE_CR4")]["avg_ns"]
+
+
+def test_csv_rows_with_process_names(lab):
+    t = tracer(lab, "csv")
+    table = list(csv.DictReader(io.StringIO(t["stdout"])))
+    assert list(table[0]) == ["end", "pid", "tid", "vcpu_id", "comm", "isa",
+                              "exit_code", "name", "count"]
+    got = {(int(r["pid"]), int(r["tid"]), int(r["exit_code"])):
+           int(r["count"]) for r in table}
+    assert got == kernel(lab, "small")
+    assert {r["comm"] for r in table} == {"python3"}
+    assert t["stderr"].startswith(FIRST + "PID %d (python3)... Hit Ctrl-C"
+                                  % lab["guests"]["small"]["pid"])
+
+
+def test_intervals_add_up_to_the_whole_run(lab):
+    t = tracer(lab, "interval")
+    text = t["stdout"]
+    assert text.splitlines()[0] == FIRST + "PID %d every 1 secs... Hit " \
+        "Ctrl-C to end." % lab["guests"]["qemu"]["pid"]
+    reports = re.split(r"^\d\d:\d\d:\d\d\n", text, flags=re.M)[1:]
+    assert len(reports) >= 2
+    total = {}
+    for report in reports:
+        for name, n in rows(report, 0):
+            total[name] = total.get(name, 0) + n
+    assert sorted(total.items(), key=lambda kv: (-kv[1], kv[0])) == \
+        sorted(collapsed(kernel(lab, "qemu")), key=lambda kv: (-kv[1],
+                                                               kv[0]))
+
+
+def test_top_limits_reasons_per_thread_and_shows_vcpu_ids(lab):
+    t = tracer(lab, "top_vcpu")
+    assert t["stdout"].splitlines()[2].startswith(
+        "TID      VCPU     KVM_EXIT_REASON")
+    got = rows(t["stdout"], 2)
+    other = kernel(lab, "other")
+    for v in lab["guests"]["other"]["vcpus"]:
+        mine = [r for r in got if r[0] == v["tid"]]
+        expected = per_thread({k: n for k, n in other.items()
+                               if k[1] == v["tid"]}, False)[:2]
+        assert [(tid, name, n) for tid, _, name, n in mine] == expected
+        assert {vcpu for _, vcpu, _, _ in mine} == {v["index"]}
