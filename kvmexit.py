@@ -373,13 +373,20 @@ def select_threads(args, proc="/proc"):
     return Selection("PID %d" % args.pid, "pid", tgid=args.pid)
 
 
-def count_vcpus(proc="/proc"):
-    """How many vCPUs all processes hold open now."""
-    total = 0
+def vmm_processes(proc="/proc"):
+    """{pid: number of vCPUs} of the processes that hold vCPUs now."""
+    vmms = {}
     for entry in os.listdir(proc):
         if entry.isdigit():
-            total += len(vcpu_fds(int(entry), proc))
-    return total
+            vcpus = len(vcpu_fds(int(entry), proc))
+            if vcpus:
+                vmms[int(entry)] = vcpus
+    return vmms
+
+
+def count_vcpus(proc="/proc"):
+    """How many vCPUs all processes hold open now."""
+    return sum(vmm_processes(proc).values())
 
 
 #
@@ -1211,10 +1218,11 @@ class TextReport:
                 name = name_of[(isa, code)] = self.names.name(isa, code)
             line = "%s%-35s %-8u" % (cells, name, count)
             if with_latency:
-                lat = latency.get((group, isa, code), Latency())
-                line = "%s%-35s %-8u %10.1f %10.1f %10.1f" % (
-                    cells, name, count,
+                lat = latency.get((group, isa, code))
+                times = ("%10.1f %10.1f %10.1f" % (
                     lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
+                    if lat else "%10s %10s %10s" % ("-", "-", "-"))
+                line = "%s%-35s %-8u %s" % (cells, name, count, times)
             lines.append(line + "\n")
         out.write("".join(lines))
         out.flush()
@@ -1256,9 +1264,12 @@ class RecordReport(TextReport):
                       "exit_code": code, "name": self.names.name(isa, code),
                       "count": count}
             if self.option("latency"):
-                lat = latency.get((tgid, tid, isa, code), Latency())
-                record.update(avg_ns=round(lat.avg_ns()),
-                              p99_ns=lat.p99_ns(), max_ns=lat.max_ns)
+                # None (null, empty in CSV) where the vCPU never re-entered
+                # after such an exit, e.g. its last HLT.
+                lat = latency.get((tgid, tid, isa, code))
+                record.update(avg_ns=lat and round(lat.avg_ns()),
+                              p99_ns=lat and lat.p99_ns(),
+                              max_ns=lat and lat.max_ns)
             yield record
 
     def report(self, snap, start, end):
@@ -1361,7 +1372,9 @@ def main(argv=None):
         raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
                     "mounted?)" % " or ".join(TRACEFS_DIRS))
     selection = select_threads(args)
-    max_threads = args.max_threads or max(MIN_MAX_THREADS, 2 * count_vcpus())
+    vmms = vmm_processes()
+    max_threads = args.max_threads or max(MIN_MAX_THREADS,
+                                          2 * sum(vmms.values()))
     ensure_kernel_headers(note=lambda s: print(s, file=sys.stderr))
     probe = choose_probe(args.probe, tp_dir)
     names = kernel_reason_names(tp_dir)
@@ -1388,6 +1401,9 @@ def main(argv=None):
         output = RecordReport(selection, names, probe, args)
     else:
         output = TextReport(selection, names, args)
+    if args.comm or machine:
+        # Named now: a VM that ends before the report keeps its name.
+        output.comms.update((pid, process_name(pid)) for pid in vmms)
     trace(lambda: snapshot(b, layout, ncpus, args.latency), output.report,
           args)
     return 0

@@ -221,7 +221,13 @@ def test_json_rows_latency_and_vcpu_ids(lab):
     for r in report["rows"]:
         assert r["vcpu_id"] == vcpu_of[r["tid"]]
         assert (r["isa"], r["name"]) == ("svm", NAMES.name(2, r["exit_code"]))
+        if r["name"] == "HLT":
+            # The guest's last exit: its vCPU never enters again.
+            assert (r["avg_ns"], r["p99_ns"], r["max_ns"]) == (None,) * 3
+            continue
         assert 0 < r["avg_ns"] <= r["max_ns"]
+        # The average lies below the p99 bucket's upper bound, unless the
+        # slowest 1% pull it above.
         assert r["p99_ns"] >= r["avg_ns"] / 2
     by = {(r["tid"], r["name"]): r for r in report["rows"]}
     for tid in vcpu_of:
