@@ -1092,9 +1092,11 @@ class Latency:
     def since(self, earlier):
         """The times of an interval.  The maximum cannot be taken apart, so
         it stays the maximum since tracing began."""
+        earlier_hist = earlier.hist + [0] * (len(self.hist) -
+                                             len(earlier.hist))
         return Latency(self.count - earlier.count,
                        self.total_ns - earlier.total_ns, self.max_ns,
-                       [a - b for a, b in zip(self.hist, earlier.hist)])
+                       [a - b for a, b in zip(self.hist, earlier_hist)])
 
     def avg_ns(self):
         return self.total_ns / self.count if self.count else 0.0
