@@ -77,10 +77,11 @@ BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
 // for the BPF stack, and too big for an inlined memset).
 BPF_ARRAY(blank_counts, struct thread_counts, 1);
 
-// NR_SLOTS for a rare code.
+// NR_SLOTS for a rare code.  The common case, a direct slot, is tested
+// first and alone, so that the hit path does not compute the others.
 static __always_inline u32 slot_of(u32 code)
 {
-    if (code < DIRECT_SLOTS)
+    if (__builtin_expect(code < DIRECT_SLOTS, 1))
         return code;
     if (code - HIGH_BASE < NR_SLOTS - DIRECT_SLOTS)
         return code - HIGH_BASE + DIRECT_SLOTS;

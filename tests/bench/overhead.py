@@ -97,7 +97,7 @@ def main():
     rc, _ = run_in_lab([PYTHON, os.path.abspath(__file__), "--seconds",
                         str(args.seconds), "--rounds", str(args.rounds),
                         "--inside", out], timeout=1800, outdir=out,
-                       echo=None)
+                       quiet=True)
     if rc != 0:
         raise SystemExit("overhead: the lab run failed (%d)" % rc)
     with open(os.path.join(out, "overhead.json")) as f:
