@@ -65,9 +65,10 @@ def test_overfilled_thread_table_counts_the_first_threads_exactly(
         prog, threads, capsys):
     pool = threads(7)
     expected, lost = {}, 0
-    # Round 1: every thread exits on both CPUs; the first 4 get a place.
-    for i, t in enumerate(pool):
-        events = [(0, 0x7b, 1 + i), (1, 0x78, 2), (0, 0x400, 1)]
+
+    def exits(i, t, events):
+        """Fire the events; the first MAX_THREADS threads get a place."""
+        nonlocal lost
         fire(t, prog.fd, events)
         for cpu, code, times in events:
             if i < MAX_THREADS:
@@ -75,17 +76,14 @@ def test_overfilled_thread_table_counts_the_first_threads_exactly(
                 expected[key] = expected.get(key, 0) + times
             else:
                 lost += times
+
+    # Round 1: every thread exits on both CPUs.
+    for i, t in enumerate(pool):
+        exits(i, t, [(0, 0x7b, 1 + i), (1, 0x78, 2), (0, 0x400, 1)])
     # Round 2, in reverse: the cache slots now move between known threads
     # and threads without a place, on both CPUs.
     for i, t in reversed(list(enumerate(pool))):
-        events = [(1, 0x7b, 3), (0, 0x60, 1)]
-        fire(t, prog.fd, events)
-        for cpu, code, times in events:
-            if i < MAX_THREADS:
-                key = (PID, t.tid, SVM, code)
-                expected[key] = expected.get(key, 0) + times
-            else:
-                lost += times
+        exits(i, t, [(1, 0x7b, 3), (0, 0x60, 1)])
 
     snap = snap_of(prog)
     assert mine(snap) == expected
