@@ -641,10 +641,11 @@ class Probe:
             self.cflags
 
 
-def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR):
+def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
     """cflags telling the raw program where the vendor module keeps the
-    exit reason, or (None, why not)."""
-    kvm = load_btf("kvm", vmlinux, btf_dir) or vmlinux
+    exit reason, or (None, why not).  kvm: the kvm module's BTF, if
+    already loaded (it also holds vmlinux's types)."""
+    kvm = kvm or load_btf("kvm", vmlinux, btf_dir) or vmlinux
     vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
     common = [] if vcpu_id is None else ["-DKVM_VCPU_ID_OFF=%d" % vcpu_id]
     # The vendor code is a module on distro kernels, else built in.
@@ -682,18 +683,18 @@ def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
         return Probe("tracepoint", "asked for with --probe tracepoint",
                      tracepoint)
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
-    params = None
+    params = kvm = None
     if vmlinux is not None:
-        kvm = load_btf("kvm", vmlinux, btf_dir)
-        params = vmlinux.tracepoint_params("kvm_exit")
-        if params is None and kvm is not None:
-            params = kvm.tracepoint_params("kvm_exit")
+        # On distro kernels the prototype is in the kvm module's BTF, whose
+        # lookups see vmlinux's types too.
+        kvm = load_btf("kvm", vmlinux, btf_dir) or vmlinux
+        params = kvm.tracepoint_params("kvm_exit")
     if params == 3:
         return Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, vcpu, "
                      "isa) passes the exit reason")
     why = "kernel BTF has no kvm_exit prototype"
     if params == 2:
-        cflags, why = raw_reason_offsets(vmlinux, btf_dir)
+        cflags, why = raw_reason_offsets(vmlinux, btf_dir, kvm)
         why = "kvm_exit(vcpu, isa): " + why
         # Raw is the default only where real exits proved it (AMD, in the
         # lab); Intel's offsets are checked, but only on request.
