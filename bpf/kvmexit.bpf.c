@@ -4,7 +4,7 @@
 //
 // Loaded by kvmexit.py through bcc, which compiles it with these macros:
 //   PROBE_TRACEPOINT | PROBE_RAW_OLD | PROBE_RAW_NEW   which probe to use
-//   TP_HAS_VCPU_ID      the tracepoint has a vcpu_id field (Linux 5.7+)
+//   TP_HAS_VCPU_ID      the tracepoint has a vcpu_id field (newer kernels)
 //   SVM_VCPU_OFF, SVM_VMCB_OFF, VMCB_EXIT_CODE_OFF      raw path on new
 //   VMX_VCPU_OFF, VMX_EXIT_REASON_OFF                   kernels (from BTF)
 //   KVM_VCPU_ID_OFF     offset of vcpu_id in struct kvm_vcpu (raw paths)
@@ -292,7 +292,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 
 #elif defined(PROBE_RAW_OLD)
 
-// Before Linux 5.7: TP_PROTO(unsigned int exit_reason, struct kvm_vcpu *,
+// Older kernels: TP_PROTO(unsigned int exit_reason, struct kvm_vcpu *,
 // u32 isa).
 int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -308,7 +308,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 
 #elif defined(PROBE_RAW_NEW)
 
-// Since Linux 5.7: TP_PROTO(struct kvm_vcpu *, u32 isa).  The exit reason
+// Linux 5.x and later: TP_PROTO(struct kvm_vcpu *, u32 isa).  The reason
 // is where the vendor module keeps it; kvmexit.py found the offsets in the
 // module's BTF.  The vcpu is embedded in struct vcpu_svm / vcpu_vmx.
 static __always_inline int read_exit_code(struct exit_event *ev)
