@@ -229,11 +229,16 @@ def test_json_rows_latency_and_vcpu_ids(lab):
         # The average lies below the p99 bucket's upper bound, unless the
         # slowest 1% pull it above.
         assert r["p99_ns"] >= r["avg_ns"] / 2
-    by = {(r["tid"], r["name"]): r for r in report["rows"]}
-    for tid in vcpu_of:
-        # A port write is handled in user space, a CR4 access in KVM.
-        assert by[(tid, "IOIO")]["avg_ns"] > by[(tid, "READ_CR4")]["avg_ns"]
-        assert by[(tid, "IOIO")]["avg_ns"] > by[(tid, "WRITE_CR4")]["avg_ns"]
+    # A port write is handled in user space, a CR4 access in KVM, so port
+    # writes take longer on average.  Over all 12 vCPUs: one thread has
+    # only a few CR4 exits, and one of them may wait for a CPU (12 busy
+    # vCPU threads share the lab's 2) longer than its port writes did.
+    def average(name):
+        rows = [r for r in report["rows"] if r["name"] == name]
+        return sum(r["avg_ns"] * r["count"] for r in rows) / \
+            sum(r["count"] for r in rows)
+    assert average("IOIO") > average("READ_CR4")
+    assert average("IOIO") > average("WRITE_CR4")
 
 
 def test_csv_rows_with_process_names(lab):
