@@ -163,7 +163,6 @@ def test_read_percpu_sizes_its_buffer_for_the_possible_cpus(bcc, cpus_0_1,
                                                             threads):
     """On the real kernel: one row per possible CPU, in the possible
     list's order, as bcc's own tables see them."""
-    import bpfrun
     from bcc.utils import get_possible_cpus
     ncpus = kvmexit.possible_cpus()
     assert ncpus == len(get_possible_cpus())

@@ -233,7 +233,6 @@ def model(ncpus, nthreads):
     threads = np.arange(nthreads)
     all_cpus = np.arange(ncpus)
     total = 0
-    nonzero = np.zeros(nthreads, dtype=np.int64)
     for j in range(per_thread):
         slot = np.array([common[(t + j) % len(common)] for t in threads])
         counts = rng.integers(1, 1000, size=(nthreads, ncpus),
