@@ -368,12 +368,19 @@ class Selection:
         the process is counted, and the report keeps that vCPU's rows."""
         return self.view == "vcpu" and self.tids is None
 
+    # Longer TID lists go to a bitmap: a chain of 12,500 comparisons crashed
+    # clang, and a chain costs ~2 ns less per exit than the bitmap's lookup
+    # (tests/bench/filter_cost.py), so short lists keep it.
+    CHAIN_MAX_TIDS = 4096
+
     def kernel_filter(self):
-        """The C macros of the in-kernel filter, from integers only.  TIDs
-        go into a bitmap map after loading (fill_tid_filter): a list of any
-        length costs one array lookup per exit."""
-        if self.tids is not None:
+        """The C macros of the in-kernel filter, from integers only (the
+        TIDs of a bitmap are set after loading, by fill_tid_filter)."""
+        if self.tids is not None and len(self.tids) > self.CHAIN_MAX_TIDS:
             return ["-DFILTER_TIDS"]
+        if self.tids is not None:
+            return ["-DFILTER_TID_NOT_IN(tid)=(%s)" % " && ".join(
+                "(tid) != %d" % int(t) for t in self.tids)]
         if self.tgid is not None:
             return ["-DFILTER_TGID=%d" % int(self.tgid)]
         return []
@@ -894,7 +901,7 @@ def bpf_source():
     symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
     here = os.path.dirname(os.path.realpath(__file__))
     # Installed, the module is in PREFIX/lib/python3*/*-packages.
-    prefix = os.path.join(here, "..", "..", "..")
+    prefix = os.path.normpath(os.path.join(here, "..", "..", ".."))
     for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
                  os.path.join(prefix, "share", "kvmexit", "kvmexit.bpf.c"),
                  "/usr/local/share/kvmexit/kvmexit.bpf.c",
@@ -1028,10 +1035,7 @@ def load_program(probe, selection, max_threads, layout, latency=False,
         raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
     if debug:
         sys.stderr.write(err.text)
-    if selection.tids is not None:
-        if debug:
-            print("kvmexit: tid_filter: %s" % ",".join(
-                map(str, selection.tids)), file=sys.stderr)
+    if "-DFILTER_TIDS" in selection.kernel_filter():
         fill_tid_filter(b, selection.tids)
     return b
 

@@ -481,6 +481,7 @@ def test_tids_filter_of_12500_tids_around_the_listed_ones(fresh, threads):
     tids = [a.tid, c.tid] + near + others
     assert len(tids) == 12500 and b.tid not in tids
     sel = kvmexit.Selection("TIDS (12500)", "tids", tids=tids)
+    assert sel.kernel_filter() == ["-DFILTER_TIDS"]
     prog = fresh(selection=sel)
     fire_all(prog, a, b, c)
     snap = prog.snap()
@@ -492,7 +493,9 @@ def test_tids_filter_of_12500_tids_around_the_listed_ones(fresh, threads):
 
 def test_tid_filter_bitmap_has_one_bit_per_listed_tid(fresh, threads):
     a = threads()
-    tids = [1, 63, 64, 65, a.tid]
+    many = kvmexit.Selection.CHAIN_MAX_TIDS + 1
+    tids = [1, 63, 64, 65, a.tid] + [t for t in range(1000, 1000 + many)
+                                     if t != a.tid][:many - 5]
     prog = fresh(selection=kvmexit.Selection("x", "tids", tids=tids))
     words = {k.value: v.value for k, v in prog.b[b"tid_filter"].items()
              if v.value}
