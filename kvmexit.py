@@ -452,7 +452,11 @@ def thread_names(pid, proc="/proc"):
     """{tid: comm} for the threads of a process."""
     names = {}
     task = "%s/%d/task" % (proc, pid)
-    for entry in os.listdir(task):
+    try:
+        entries = os.listdir(task)
+    except OSError:
+        return names            # the process exited meanwhile
+    for entry in entries:
         try:
             names[int(entry)] = read_text("%s/%s/comm" % (task, entry))
         except (OSError, ValueError):

@@ -413,3 +413,11 @@ def test_tids_list_of_12500_threads(ready):
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
+
+
+def test_process_that_exits_while_its_threads_are_listed(fake_proc):
+    fake_proc.process(60, {61: "CPU 0/KVM"})
+    import shutil
+    shutil.rmtree("%s/60/task" % fake_proc.path)
+    assert kvmexit.thread_names(60, fake_proc.path) == {}
+    assert kvmexit.vcpu_thread(60, 0, fake_proc.path) is None
