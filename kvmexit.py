@@ -1642,19 +1642,17 @@ def run():
         status = main()
     except OutputError as e:
         # A closed pipe (kvmexit | head -1) or a full disk: what was
-        # counted could not be shown, so say so.  Python flushes stdout
-        # again at exit; make that a no-op.
+        # counted could not be shown, so say so.
         status, message = 1, "kvmexit: %s" % e
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
     except Error as e:
         status, message = 1, "kvmexit: %s" % e
     except KeyboardInterrupt:
         status, message = 130, None
     except OSError as e:
-        # Not foreseen, but still one line: e.g. a map read failing.
-        status, message = 1, "kvmexit: %s" % e
+        # Not foreseen, but still one line: e.g. -h > /dev/full.
+        status = 1
+        message = "kvmexit: %s%s" % (e.strerror or e, ": %s" % e.filename
+                                     if e.filename else "")
     else:
         message = None
     if message:
@@ -1662,6 +1660,12 @@ def run():
             print(message, file=sys.stderr, flush=True)
         except OSError:
             pass            # stderr is gone too; the status still tells
+    if status:
+        # Python flushes stdout once more at exit: where that failed before
+        # it would fail again, with a message of its own.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
     sys.exit(status)
 
 

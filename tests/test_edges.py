@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
@@ -61,9 +60,10 @@ def test_pipe_closed_between_interval_reports(ready):
     # The first report is read whole (empty line, header), then the reader
     # goes: the second report cannot be written.
     got, err, rc = run_piped_to_a_reader_that_leaves(["-i", 1, "-c", 5], 3)
-    assert got == [(first_line("all threads") .replace(
-        "... Hit Ctrl-C to end.", " every 1 secs, 5 times.") + "\n").encode(),
-        b"\n", (HEADER_ALL + "\n").encode()]
+    first = first_line("all threads").replace("... Hit Ctrl-C to end.",
+                                              " every 1 secs, 5 times.")
+    assert got == [(first + "\n").encode(), b"\n",
+                   (HEADER_ALL + "\n").encode()]
     assert err.splitlines() == [
         "kvmexit: cannot write the report to stdout: Broken pipe"]
     assert rc == 1
@@ -421,3 +421,13 @@ def test_process_that_exits_while_its_threads_are_listed(fake_proc):
     shutil.rmtree("%s/60/task" % fake_proc.path)
     assert kvmexit.thread_names(60, fake_proc.path) == {}
     assert kvmexit.vcpu_thread(60, 0, fake_proc.path) is None
+
+
+def test_help_on_a_full_device():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([SYSTEM_PYTHON, SCRIPT, "-h"], stdout=full,
+                                stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    assert result.stderr.splitlines() == [
+        "kvmexit: No space left on device"]
+    assert result.returncode == 1
