@@ -23,10 +23,19 @@ steps "do KIND (on KEY) COUNT times", then HLT:
                                                   -KVM_ENOSYS
         mmio-write:GPA[/SIZE]  mov [GPA], al|ax|eax -> KVM_EXIT_MMIO
         mmio-read:GPA[/SIZE]   mov al|ax|eax, [GPA] -> KVM_EXIT_MMIO
+        exc:1               icebp: #DB intercepted, KVM re-injects it into
+                                                  the guest (IVT handler);
+                                                  QEMU's emulator makes it a
+                                                  #UD instead
         exc:3               int3 under KVM_SET_GUEST_DEBUG -> #BP
                                                   intercepted, KVM_EXIT_DEBUG
-        exc:6               ud2: #UD intercepted, KVM re-injects it and the
-                                                  guest's IVT handler skips it
+                                                  (not under QEMU's emulator:
+                                                  its SVM takes int3 for a
+                                                  software interrupt)
+        exc:6               ud2: #UD intercepted, KVM fails to emulate it
+                                                  and re-injects it; the
+                                                  guest's IVT handler skips
+                                                  it
         cr4:COUNT           as --cr4
     hlt                                         -> HLT, to user space
 
@@ -226,11 +235,28 @@ ENCODING = {
     "rdmsr": "0f32", "wrmsr": "0f30", "cpuid": "0fa2",
     "vmmcall": "0f01d9", "vmcall": "0f01c1",
     "mov eax, cr4": "0f20e0", "mov cr4, eax": "0f22e0",
-    "int3": "cc", "ud2": "0f0b", "hlt": "f4",
-    # #UD handler: the pushed IP points at the ud2; step it over and return.
-    "push bp": "55", "mov bp, sp": "89e5", "add word [bp+2], 2": "83460202",
-    "pop bp": "5d", "iret": "cf",
+    "int3": "cc", "icebp": "f1", "ud2": "0f0b", "hlt": "f4",
 }
+
+# The guest's handler of the exceptions KVM re-injects (#DB, #UD).  The
+# pushed IP points at a ud2 (a fault) and, depending on who delivers it, at
+# or after an icebp (a trap): skip the instruction only if IP is still on
+# it.  SI and BP are restored; no step uses them otherwise.
+EXCEPTION_HANDLER = bytes.fromhex(
+    "55"            # push bp
+    "89e5"          # mov  bp, sp
+    "56"            # push si
+    "8b7602"        # mov  si, [bp+2]          ; the return IP
+    "2e803cf1"      # cmp  byte [cs:si], 0xf1  ; icebp?
+    "7505"          # jne  not_icebp
+    "ff4602"        # inc  word [bp+2]
+    "eb0b"          # jmp  done
+    "2e813c0f0b"    # not_icebp: cmp word [cs:si], 0x0b0f   ; ud2?
+    "7504"          # jne  done
+    "83460202"      # add  word [bp+2], 2
+    "5e"            # done: pop si
+    "5d"            # pop  bp
+    "cf")           # iret
 ACC = {1: "al", 2: "ax", 4: "eax"}     # the accumulator of each size
 
 
@@ -243,8 +269,7 @@ def imm(value, size):
 
 
 GUEST_MEM_SIZE = 0x10000
-UD_VECTOR = 6
-UD_HANDLER = 0x500
+HANDLER = 0x500                # EXCEPTION_HANDLER, for REINJECTED vectors
 STRAY_HANDLER = 0x540          # any other vector: stop, so it shows
 CODE_ADDR = 0x1000             # vCPU 0's program; the next ones follow it
 STACK_TOP = 0xff00             # vCPU i's stack below STACK_TOP - i * 0x100
@@ -282,20 +307,23 @@ KERNEL_MSRS = {0x1b: "IA32_APICBASE", 0x1a0: "IA32_MISC_ENABLE",
 ACTING_HYPERCALLS = {5: "KICK_CPU", 9: "CLOCK_PAIRING", 10: "SEND_IPI",
                      11: "SCHED_YIELD", 12: "MAP_GPA_RANGE"}
 
-# Exceptions KVM intercepts in a real-mode guest: #BP only under guest debug
+# Exceptions KVM intercepts in a real-mode guest, and the instruction that
+# raises each: #DB always (KVM re-injects it), #BP only under guest debug
 # (it then exits to user space, which skips the int3), #UD always (KVM tries
-# to emulate, fails, re-injects it; our IVT handler skips the ud2).
-EXCEPTIONS = {3: "int3", 6: "ud2"}
+# to emulate, fails, re-injects it).
+EXCEPTIONS = {1: "icebp", 3: "int3", 6: "ud2"}
+REINJECTED = (1, 6)             # handled by the guest's EXCEPTION_HANDLER
 
-# VMX intr_info of an exception exit: valid (bit 31), type << 8, vector.
-VMX_SOFT_EXCEPTION, VMX_HARD_EXCEPTION = 6, 3
-VMX_EXCEPTION_TYPE = {3: VMX_SOFT_EXCEPTION, 6: VMX_HARD_EXCEPTION}
+# VMX intr_info of an exception exit: valid (bit 31), type << 8, vector;
+# icebp's #DB is a "privileged software exception", int3's #BP a software
+# exception, #UD a hardware one.
+VMX_EXCEPTION_TYPE = {1: 5, 3: 6, 6: 3}
 
-# SVM IOIO exit info 1 (AMD APM vol. 2, "IOIO intercept"): IN, operand size
-# bit, 16-bit address size, port in 31:16.
+# SVM IOIO exit info 1 (AMD APM vol. 2, "IOIO intercept"): IN in bit 0,
+# operand size bit, port in 31:16.  Its address-size bits (9:7) are left
+# out: QEMU's emulated SVM (the lab) leaves them 0 for IN/OUT.
 SVM_IOIO_IN = 1 << 0
 SVM_IOIO_SIZE = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}
-SVM_IOIO_A16 = 1 << 7
 # VMX exit qualification of I/O (SDM "Exit Qualification for I/O
 # Instructions"): size - 1, IN in bit 3, port in 31:16.
 VMX_IO_IN = 1 << 3
@@ -366,7 +394,7 @@ class PortIo:
     def expect(self, key, n, isa, e):
         port, size, is_in = key["port"], key["size"], self.direction == "in"
         if isa == "svm":
-            info1 = (port << 16 | SVM_IOIO_SIZE[size] | SVM_IOIO_A16 |
+            info1 = (port << 16 | SVM_IOIO_SIZE[size] |
                      (SVM_IOIO_IN if is_in else 0))
             e.add("kvm_exit", n, exit_reason=EXIT_CODES["svm"]["IOIO"],
                   info1=info1)
@@ -544,10 +572,12 @@ class Vector:
             e.add("kvm_exit", n,
                   exit_reason=EXIT_CODES["vmx"]["EXCEPTION_NMI"],
                   intr_info=1 << 31 | VMX_EXCEPTION_TYPE[v] << 8 | v)
-        if v == 3:
-            e.user(KVM_EXIT_DEBUG, n)
+        if v in REINJECTED:
+            # Once each; an exit while the guest takes one (NPF on the IVT,
+            # a host interrupt) injects it again, with reinjected=1.
+            e.add("kvm_inj_exception", n, exception=v, reinjected=0)
         else:
-            e.add("kvm_inj_exception", n, exception=v)
+            e.user(KVM_EXIT_DEBUG, n)
 
     def user_key(self, key):
         return "exc:3" if key["vector"] == 3 else None
@@ -702,22 +732,23 @@ class Vm:
                 ctypes.c_char.from_buffer(self.mem)))
         ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
         self.next_code = CODE_ADDR
-        self._install_ud_handler()
+        self._install_handlers()
         if user_msrs:
             self._enable_user_msrs()
 
-    def _install_ud_handler(self):
-        """Real-mode IVT: #UD skips the ud2, any other vector halts.
+    def _install_handlers(self):
+        """Real-mode IVT: #DB and #UD skip their instruction, any other
+        vector halts.
 
         A vector nobody asked for (an int3 that was not intercepted, say)
         then ends the program early, which the user-space counts show."""
-        handler = asm("push bp", "mov bp, sp", "add word [bp+2], 2",
-                      "pop bp", "iret")
-        self.mem[UD_HANDLER:UD_HANDLER + len(handler)] = handler
-        self.mem[STRAY_HANDLER] = asm("hlt")[0]
+        end = HANDLER + len(EXCEPTION_HANDLER)
+        self.mem[HANDLER:end] = EXCEPTION_HANDLER
+        self.mem[STRAY_HANDLER:STRAY_HANDLER + 1] = asm("hlt")
         for vector in range(256):
-            target = UD_HANDLER if vector == UD_VECTOR else STRAY_HANDLER
-            self.mem[vector * 4:vector * 4 + 4] = struct.pack("<HH", target, 0)
+            target = HANDLER if vector in REINJECTED else STRAY_HANDLER
+            self.mem[vector * 4:vector * 4 + 4] = struct.pack("<HH", target,
+                                                              0)
 
     def _enable_user_msrs(self):
         if ioctl(self.kvm, KVM_CHECK_EXTENSION,
