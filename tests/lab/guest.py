@@ -39,6 +39,12 @@ steps "do KIND (on KEY) COUNT times", then HLT:
         cr4:COUNT           as --cr4
     hlt                                         -> HLT, to user space
 
+Exit codes follow the CPU (--isa): SVM's, or VMX's, where CR4 round trips
+make no exit (a read never does, nor a write that changes nothing KVM
+owns), MMIO pages take EPT_VIOLATION first and EPT_MISCONFIG after, and
+exceptions are EXCEPTION_NMI with the vector in intr_info.  The VMX side is
+written from the SDM and KVM's code, not run here (the lab is AMD).
+
 The report has, per vCPU, what the kernel's tracepoints must count for its
 thread: "expected_events" {tracepoint: [{field: value, ..., "count": n}]}
 for kvm_exit (exit codes of this CPU's ISA), kvm_pio, kvm_msr, kvm_mmio,
@@ -293,11 +299,12 @@ TIMED_CODE = bytes.fromhex(
 
 # --- the steps a vCPU can take, as data ---------------------------------------
 
-# MSRs that KVM intercepts and answers itself on SVM and VMX alike, without
-# an in-kernel LAPIC (reads of TSC_DEADLINE then give 0 and writes are
-# dropped) and without #GP when a guest writes back the value it holds.
-# Others: not in KVM's pass-through lists, so every access exits.  Any other
-# index is taken as one KVM does not know: it goes to user space.
+# MSRs that KVM answers itself on SVM and VMX alike: none is in either
+# vendor's pass-through list, so every access exits; no in-kernel LAPIC is
+# needed (reads of TSC_DEADLINE then give 0 and writes are dropped), and
+# writing back the value an MSR holds raises no #GP.  Any other index is
+# taken as one KVM does not know: its accesses go to user space
+# (KVM_CAP_X86_USER_SPACE_MSR); user space checks that they did.
 KERNEL_MSRS = {0x1b: "IA32_APICBASE", 0x1a0: "IA32_MISC_ENABLE",
                0x6e0: "IA32_TSC_DEADLINE"}
 
