@@ -385,6 +385,8 @@ def parse_sized(text, bits, what):
 class PortIo:
     """out/in: each one a KVM_EXIT_IO (no in-kernel device on any port)."""
 
+    needs_key = True
+
     def __init__(self, direction):
         self.direction = direction
 
@@ -419,6 +421,8 @@ class PortIo:
 
 class Msr:
     """rdmsr/wrmsr: in KVM for KERNEL_MSRS, else a user-space MSR exit."""
+
+    needs_key = True
 
     def __init__(self, write):
         self.write = write
@@ -461,6 +465,8 @@ class Msr:
 
 
 class Cpuid:
+    needs_key = True
+
     def parse(self, key):
         return {"leaf": parse_number(key, 32, "leaf")}
 
@@ -478,6 +484,8 @@ class Cpuid:
 
 
 class Hypercall:
+    needs_key = True
+
     def parse(self, key):
         nr = parse_number(key, 32, "hypercall number")
         if nr in ACTING_HYPERCALLS:
@@ -509,6 +517,8 @@ class Mmio:
     faults differently (NPF with the reserved-bit error, EPT_MISCONFIG).
     Each page therefore belongs to one vCPU (checked), so that its first
     access is known."""
+
+    needs_key = True
 
     def __init__(self, write):
         self.write = write
@@ -560,6 +570,8 @@ class Mmio:
 
 
 class Vector:
+    needs_key = True
+
     def parse(self, key):
         vector = parse_number(key, 8, "vector")
         if vector not in EXCEPTIONS:
@@ -591,6 +603,8 @@ class Vector:
 
 
 class Cr4:
+    needs_key = False
+
     def parse(self, key):
         if key:
             raise ValueError("cr4 takes no key: cr4:COUNT")
@@ -629,6 +643,8 @@ def parse_step(text):
     key, _, count = rest.rpartition(":")
     if not count:
         raise ValueError(f"{text!r} has no COUNT")
+    if not key and KINDS[kind].needs_key:
+        raise ValueError(f"{kind} needs a key: {kind}:KEY:COUNT")
     return where, Step(kind, KINDS[kind].parse(key), parse_number(
         count, 32, "count"), f"{kind}:{key}" if key else kind)
 
