@@ -1370,7 +1370,10 @@ class Ledger:
     A dead thread that a CPU's cache slot still holds stays in the table:
     the eviction that takes it out of the slot writes its counters back to
     its entry, which must exist then.  Only the current thread enters a
-    cache slot, so a dead thread found in no slot never enters one again.
+    cache slot, so a thread found dead and then in no slot never enters
+    one again (the slots are read after the deaths are seen: a thread that
+    exited, was cached and ended between the two reads would be missed the
+    other way round).
 
     A TID reused by a new thread of the same process before the old one was
     retired (the kernel's PIDs must wrap around within a TICK) continues
@@ -1396,7 +1399,6 @@ class Ledger:
             return self._retire(tables)
 
     def _retire(self, tables):
-        held = tables.cached_threads()   # first: see the class comment
         alive = {}
 
         def dead(keys):
@@ -1409,8 +1411,11 @@ class Ledger:
                     found.append(key)
             return found
 
-        threads = tables.keys(b"pcpu_kvm_stat", 8)
-        gone = [k for k in dead(threads) if pid_tgid_of(k) not in held]
+        threads = dead(tables.keys(b"pcpu_kvm_stat", 8))
+        # The cache slots after the deaths: a thread dead by now enters no
+        # slot again, so one found in none stays out (see the class doc).
+        held = tables.cached_threads() if threads else set()
+        gone = [k for k in threads if pid_tgid_of(k) not in held]
         if gone:
             counts, vcpu_ids = tables.take_threads(gone)
             add_counts(self.counts, counts)
