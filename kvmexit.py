@@ -1833,7 +1833,7 @@ def histogram_buckets(lat):
     for bucket, n in enumerate(hist[:LATENCY_EDGES[-1] + 1]):
         seen += n
         if bucket in LATENCY_EDGES:
-            below.append(("%.9g" % (2 ** bucket / 1e9), seen))
+            below.append((str(2 ** bucket / 1e9), seen))
     return below + [("+Inf", lat.count)]
 
 
