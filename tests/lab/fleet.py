@@ -29,9 +29,11 @@ with QEMU's -name on its command line, where kvmexit finds the VM's name.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +52,7 @@ RESTART_AFTER = VMS // 2
 # kvmexit retires the threads of ended VMs once a second; a VM of 2 vCPUs
 # needs the room of the VM before the last one (2 entries of the 4).
 GAP = 2.0
+LINGER = 1.5
 ATTACH_TIMEOUT = 900            # bcc compiles slowly under the emulator
 # Long enough to cover every VM plus the pauses and the exporter restart:
 # PromQL reads each series' last value in this window.
@@ -129,12 +132,14 @@ def promql(server):
 
 def main(out):
     plan = tracer_args()
-    server = Prometheus(os.path.join(out, "prometheus"), [EXPORTER],
+    # The TSDB on the lab's own disk: OUT is a 9p share.
+    server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [EXPORTER],
                         port=PROMETHEUS_PORT).start()
     try:
         return run(out, plan, server)
     finally:
         server.stop()
+        shutil.copy(server.log, os.path.join(out, "prometheus.log"))
 
 
 def run(out, plan, server):
@@ -182,11 +187,16 @@ def run(out, plan, server):
 
 
 def vm_main(argv):
-    """One VM: guest.py with `-name guest=NAME` on the command line."""
+    """One VM: guest.py with `-name guest=NAME` on the command line.  The
+    process stays a moment after its vCPUs have halted, as QEMU does: the
+    exporter names a VM from /proc while it runs, at its once-a-second
+    tick, and these guests' exits take less than that."""
     if len(argv) < 2 or argv[0] != "-name":
         sys.exit("usage: fleet.py vm -name guest=NAME GUEST_ARGS...")
     import guest
-    return guest.main(argv[2:])
+    status = guest.main(argv[2:])
+    time.sleep(LINGER)
+    return status
 
 
 if __name__ == "__main__":
