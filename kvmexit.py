@@ -1812,14 +1812,15 @@ class VmNames:
 
     def note(self, tgids):
         for tgid in tgids:
-            if self.names.get(tgid) is None:
-                self.names[tgid] = vm_label(tgid, self.proc)
+            if tgid not in self.names:
+                self.names[tgid] = vm_label(tgid, self.proc) or "?"
 
     def get(self, tgid):
+        """The name, read now if never read: "?" if the process is gone."""
         name = self.names.get(tgid)
         if name is None:
-            name = self.names[tgid] = vm_label(tgid, self.proc)
-        return name or "?"
+            name = self.names[tgid] = vm_label(tgid, self.proc) or "?"
+        return name
 
     def forget(self, tgids):
         for tgid in tgids:
@@ -1857,7 +1858,7 @@ class Exporter:
         exits = prometheus_client.core.CounterMetricFamily(
             "kvm_exits", "VM exits by VM, vCPU and exit reason",
             labels=self.LABELS)
-        for labels, n in sorted(self.series(snap, snap.counts).items()):
+        for labels, n in self.series(snap, snap.counts).items():
             exits.add_metric(labels, n)
         yield exits
         lost = prometheus_client.core.CounterMetricFamily(
@@ -1870,8 +1871,7 @@ class Exporter:
             hist = prometheus_client.core.HistogramMetricFamily(
                 "kvm_exit_handling_seconds", "Time from a VM exit until its "
                 "vCPU enters the guest again", labels=self.LABELS)
-            for labels, lat in sorted(self.series(snap,
-                                                  snap.latency).items()):
+            for labels, lat in self.series(snap, snap.latency).items():
                 hist.add_metric(labels, histogram_buckets(lat),
                                 lat.total_ns / 1e9)
             yield hist
@@ -1880,14 +1880,23 @@ class Exporter:
             value=self.build)
 
     def series(self, snap, table):
-        """{labels: value} of a snapshot table, summed per VM and vCPU."""
-        merged = {}
+        """{labels: value} of a snapshot table, summed per VM and vCPU.
+        Labels are made once per thread and per reason, not per row: a big
+        host has tens of thousands of rows."""
+        merged, thread_labels, reason_labels = {}, {}, {}
         for (tgid, tid, isa, code), v in self.selection.keep(
                 table, snap.vcpu_ids).items():
-            vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
-            labels = (self.vm_names.get(tgid), str(tgid),
-                      "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu),
-                      isa_name(isa), self.names.name(isa, code))
+            thread = thread_labels.get((tgid, tid))
+            if thread is None:
+                vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+                thread = thread_labels[(tgid, tid)] = (
+                    self.vm_names.get(tgid), str(tgid),
+                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu))
+            reason = reason_labels.get((isa, code))
+            if reason is None:
+                reason = reason_labels[(isa, code)] = (
+                    isa_name(isa), self.names.name(isa, code))
+            labels = thread + reason
             merged[labels] = merged[labels] + v if labels in merged else v
         return merged
 
