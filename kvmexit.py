@@ -1388,9 +1388,14 @@ class Ledger:
         self.gone_since = {}    # tgid: when its process was first missed
         self.tgids = set()      # processes seen in the tables
 
-    def alive(self, pid_tgid):
-        return os.path.exists("%s/%d/task/%d" % (
-            self.proc, pid_tgid >> 32, pid_tgid & 0xffffffff))
+    def threads_of(self, tgid):
+        """The TIDs a process has now (none if it is gone): one directory
+        read per process, not one stat per thread."""
+        try:
+            return {int(t) for t in os.listdir("%s/%d/task" % (self.proc,
+                                                              tgid))}
+        except OSError:
+            return set()
 
     def retire(self, tables):
         """Move the counts of threads that have exited out of the tables;
@@ -1399,15 +1404,16 @@ class Ledger:
             return self._retire(tables)
 
     def _retire(self, tables):
-        alive = {}
+        tids = {}           # tgid: its TIDs now
 
         def dead(keys):
             found = []
             for key in keys:
                 pid_tgid = pid_tgid_of(key)
-                if pid_tgid not in alive:
-                    alive[pid_tgid] = self.alive(pid_tgid)
-                if not alive[pid_tgid]:
+                tgid = pid_tgid >> 32
+                if tgid not in tids:
+                    tids[tgid] = self.threads_of(tgid)
+                if pid_tgid & 0xffffffff not in tids[tgid]:
                     found.append(key)
             return found
 
@@ -1429,7 +1435,7 @@ class Ledger:
                 add_counts(self.latency, tables.take_latency(latency))
             tables.delete(b"pending_exit", dead(tables.keys(b"pending_exit",
                                                             8)))
-        self.tgids = {pid_tgid >> 32 for pid_tgid in alive}
+        self.tgids = set(tids)
         return len(gone)
 
     def read(self, tables, take=False):
