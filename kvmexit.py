@@ -9,7 +9,8 @@
 #
 # Attaches to the kvm:kvm_exit tracepoint (raw where it yields the exit
 # reason, regular otherwise), counts exits in the kernel per thread and exit
-# reason, and prints the counts after `duration` seconds or on Ctrl-C.
+# reason, and prints the counts after `duration` seconds or on Ctrl-C, or
+# with --prometheus serves them on /metrics until SIGTERM.
 # The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
 
 # Ctrl-C while the modules load ends the script quietly, as later on.
