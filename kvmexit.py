@@ -9,7 +9,8 @@
 #
 # Attaches to the kvm:kvm_exit tracepoint (raw where it yields the exit
 # reason, regular otherwise), counts exits in the kernel per thread and exit
-# reason, and prints the counts after `duration` seconds or on Ctrl-C.
+# reason, and prints the counts after `duration` seconds or on Ctrl-C, or
+# with --prometheus serves them on /metrics until SIGTERM.
 # The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
 
 # Ctrl-C while the modules load ends the script quietly, as later on.
@@ -23,9 +24,11 @@ try:
     import os
     import re
     import signal
+    import socket
     import struct
     import sys
     import tempfile
+    import threading
     import time
 
     # bcc and numpy are imported once, here; a missing or broken one is
@@ -38,6 +41,13 @@ try:
     except (ImportError, OSError) as e:   # OSError: libbcc.so cannot load
         np = bcc = libbcc = None
         MISSING = e
+    # Only --prometheus needs it (Debian: python3-prometheus-client).
+    try:
+        import prometheus_client
+        import prometheus_client.core
+        import prometheus_client.exposition
+    except ImportError:
+        prometheus_client = None
 except KeyboardInterrupt:
     raise SystemExit(130)
 
@@ -60,6 +70,9 @@ LOST = (
     ("LOST_REASON_UNREADABLE", "their exit reason could not be read"),
     ("LOST_LATENCY_TABLE_FULL",
      "the latency table was full (their counts are kept)"),
+    ("LOST_WRITE_BACK_FAILED",
+     "a thread's counts could not be written back to the thread table "
+     "(a bug in kvmexit: please report it)"),
 )
 LOST_REASONS = tuple(why for _, why in LOST)
 
@@ -303,9 +316,19 @@ def build_parser():
                         help="accepted for scripts written for bcc's "
                              "kvmexit; no effect: the report is read in one "
                              "pass")
+    parser.add_argument("--prometheus", type=listen_address,
+                        metavar="[ADDR:]PORT",
+                        help="serve the counts on http://ADDR:PORT/metrics "
+                             "for Prometheus until SIGTERM (ADDR: 127.0.0.1 "
+                             "unless given); prints no report")
+    parser.add_argument("--keep-gone", type=seconds, metavar="SECS",
+                        help="with --prometheus: keep serving the counts of "
+                             "a VM that has ended for SECS seconds (default: "
+                             "%d)" % DEFAULT_KEEP_GONE)
     parser.add_argument("-d", "--debug", action="store_true",
-                        help="say which probe was chosen and why, and show "
-                             "the compiler's messages")
+                        help="say which probe was chosen and why, where "
+                             "--prometheus listens, and show the compiler's "
+                             "messages")
     return parser
 
 
@@ -318,6 +341,13 @@ def parse_args(argv=None):
         parser.error("use -c COUNT with -i, not a duration")
     if (args.count or args.cumulative) and not args.interval:
         parser.error("-c and --cumulative need -i INTERVAL")
+    if args.prometheus:
+        for dest, spelling in REPORT_OPTIONS:
+            if getattr(args, dest):
+                parser.error("--prometheus prints no report: drop %s"
+                             % spelling)
+    elif args.keep_gone is not None:
+        parser.error("--keep-gone needs --prometheus")
     return args
 
 
@@ -1262,6 +1292,225 @@ def snapshot(b, layout, ncpus, latency=False):
 
 
 #
+# Threads that have exited: retired from the kernel's tables
+#
+# How often the threads of ended VMs are retired, in seconds.  The thread
+# table needs room for the live vCPU threads, one dead thread per possible
+# CPU (held in its cache slot until another thread exits there), and the
+# threads that ended within one TICK.
+TICK = 1.0
+
+
+def pid_tgid_of(key):
+    return int.from_bytes(key[:8], "little")
+
+
+class ThreadTables:
+    """The loaded program's tables, as retirement reads and prunes them."""
+
+    def __init__(self, b, layout, ncpus, latency=False):
+        self.b, self.layout, self.ncpus = b, layout, ncpus
+        self.latency = latency
+
+    def snapshot(self):
+        return snapshot(self.b, self.layout, self.ncpus, self.latency)
+
+    def cached_threads(self):
+        """The pid_tgid each CPU's cache slot holds (0: none)."""
+        zero = (0).to_bytes(4, "little")
+        _, cache = read_percpu(self.b[b"pcpu_cache"], 4,
+                               1 + self.layout.words, self.ncpus,
+                               keys=[zero])
+        return {int(k) for k in cache[0][:, 0]} - {0}
+
+    def keys(self, name, key_size):
+        return map_keys(self.b[name].map_fd, key_size)
+
+    def delete(self, name, keys):
+        fd = self.b[name].map_fd
+        for key in keys:
+            libbcc.bpf_delete_elem(fd, ctypes.c_char_p(key))
+
+    def take_threads(self, keys):
+        """Counts and vCPU ids of these thread table entries, deleted."""
+        _, values = read_percpu(self.b[b"pcpu_kvm_stat"], 8,
+                                self.layout.words, self.ncpus, keys=keys)
+        counts, vcpu_ids = thread_counts([pid_tgid_of(k) for k in keys],
+                                         values, [], None, self.layout)
+        self.delete(b"pcpu_kvm_stat", keys)
+        return counts, vcpu_ids
+
+    def take_rare(self, keys):
+        _, values = read_percpu(self.b[b"pcpu_rare_stat"], 16, 1,
+                                self.ncpus, keys=keys)
+        counts = {}
+        for key, per_cpu in zip(keys, values):
+            pid_tgid = pid_tgid_of(key)
+            counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
+                    int.from_bytes(key[8:12], "little"),
+                    int.from_bytes(key[12:], "little"))] = int(per_cpu.sum())
+        self.delete(b"pcpu_rare_stat", keys)
+        return counts
+
+    def take_latency(self, keys):
+        _, values = read_percpu(self.b[b"exit_latency"], 16,
+                                3 + LAT_BUCKETS, 1, keys=keys)
+        latency = {}
+        for key, (value,) in zip(keys, values):
+            pid_tgid = pid_tgid_of(key)
+            latency[(pid_tgid >> 32, pid_tgid & 0xffffffff,
+                     int.from_bytes(key[8:12], "little"),
+                     int.from_bytes(key[12:], "little"))] = Latency(
+                int(value[0]), int(value[1]), int(value[2]),
+                [int(x) for x in value[3:]])
+        self.delete(b"exit_latency", keys)
+        return latency
+
+
+class Ledger:
+    """Final counts of threads that have exited, moved out of the kernel's
+    tables so that the threads of new VMs find room there.
+
+    A thread that has exited cannot exit again, so its counts are final.
+    retire() moves them here and deletes the thread's entries.  Readers
+    take the same lock, so that a report sees each thread once, in the
+    tables or here, never twice or not at all.
+
+    A dead thread that a CPU's cache slot still holds stays in the table:
+    the eviction that takes it out of the slot writes its counters back to
+    its entry, which must exist then.  Only the current thread enters a
+    cache slot, so a thread found dead and then in no slot never enters
+    one again (the slots are read after the deaths are seen: a thread that
+    exited, was cached and ended between the two reads would be missed the
+    other way round).
+
+    A TID reused by a new thread of the same process before the old one was
+    retired (the kernel's PIDs must wrap around within a TICK) continues
+    the old thread's entry: the two threads' exits are counted as one's."""
+
+    def __init__(self, proc="/proc", clock=time.monotonic):
+        self.lock = threading.Lock()
+        self.proc, self.clock = proc, clock
+        self.counts = {}        # (tgid, tid, isa, code): count
+        self.vcpu_ids = {}      # (tgid, tid): vcpu id
+        self.latency = {}       # (tgid, tid, isa, code): Latency
+        self.gone_since = {}    # tgid: when its process was first missed
+        self.tgids = set()      # processes seen in the tables
+
+    def threads_of(self, tgid):
+        """The TIDs a process has now (none if it is gone): one directory
+        read per process, not one stat per thread."""
+        try:
+            return {int(t) for t in os.listdir("%s/%d/task" % (self.proc,
+                                                              tgid))}
+        except OSError:
+            return set()
+
+    def retire(self, tables):
+        """Move the counts of threads that have exited out of the tables;
+        returns how many threads were retired."""
+        with self.lock:
+            return self._retire(tables)
+
+    def _retire(self, tables):
+        tids = {}           # tgid: its TIDs now
+
+        def dead(keys):
+            found = []
+            for key in keys:
+                pid_tgid = pid_tgid_of(key)
+                tgid = pid_tgid >> 32
+                if tgid not in tids:
+                    tids[tgid] = self.threads_of(tgid)
+                if pid_tgid & 0xffffffff not in tids[tgid]:
+                    found.append(key)
+            return found
+
+        threads = dead(tables.keys(b"pcpu_kvm_stat", 8))
+        # The cache slots after the deaths: a thread dead by now enters no
+        # slot again, so one found in none stays out (see the class doc).
+        held = tables.cached_threads() if threads else set()
+        gone = [k for k in threads if pid_tgid_of(k) not in held]
+        if gone:
+            counts, vcpu_ids = tables.take_threads(gone)
+            add_counts(self.counts, counts)
+            self.vcpu_ids.update(vcpu_ids)
+        rare = dead(tables.keys(b"pcpu_rare_stat", 16))
+        if rare:
+            add_counts(self.counts, tables.take_rare(rare))
+        if tables.latency:
+            latency = dead(tables.keys(b"exit_latency", 16))
+            if latency:
+                add_counts(self.latency, tables.take_latency(latency))
+            tables.delete(b"pending_exit", dead(tables.keys(b"pending_exit",
+                                                            8)))
+        self.tgids = set(tids)
+        return len(gone)
+
+    def read(self, tables, take=False):
+        """Retire, then a snapshot of the tables with the retired counts
+        added.  take: the retired counts leave the ledger with it (a report
+        of intervals shows them once); their keys are in .retired."""
+        with self.lock:
+            self._retire(tables)
+            snap = tables.snapshot()
+            counts, latency = dict(snap.counts), dict(snap.latency)
+            add_counts(counts, self.counts)
+            add_counts(latency, self.latency)
+            merged = Snapshot(counts, {**self.vcpu_ids, **snap.vcpu_ids},
+                              snap.lost, latency)
+            merged.retired = (set(self.counts), set(self.latency))
+            if take:
+                self.counts, self.latency, self.vcpu_ids = {}, {}, {}
+            return merged
+
+    def forget_gone(self, keep):
+        """Drop the retired counts of processes gone for `keep` seconds:
+        a process that lives on keeps all of its threads' counts, so its
+        series never go down.  Returns the tgids dropped."""
+        with self.lock:
+            now = self.clock()
+            for tgid in {k[0] for k in self.counts} | \
+                    {k[0] for k in self.latency}:
+                if os.path.exists("%s/%d" % (self.proc, tgid)):
+                    self.gone_since.pop(tgid, None)
+                else:
+                    self.gone_since.setdefault(tgid, now)
+            expired = {t for t, since in self.gone_since.items()
+                       if now - since >= keep}
+            if expired:
+                drop = lambda table: {k: v for k, v in table.items()
+                                      if k[0] not in expired}
+                self.counts = drop(self.counts)
+                self.latency = drop(self.latency)
+                self.vcpu_ids = drop(self.vcpu_ids)
+                for tgid in expired:
+                    del self.gone_since[tgid]
+            return expired
+
+    def size(self):
+        """Entries held: what grows with the VMs that came and went."""
+        return len(self.counts) + len(self.latency) + len(self.vcpu_ids)
+
+
+def add_counts(table, more):
+    """Add {key: count or Latency} into table."""
+    for k, v in more.items():
+        table[k] = table[k] + v if k in table else v
+
+
+def without_retired(snap):
+    """An interval report has shown the retired counts: the next interval
+    starts from zero for their keys (a reused TID is a new thread)."""
+    counts, latency = snap.retired
+    for k in counts:
+        snap.counts.pop(k, None)
+    for k in latency:
+        snap.latency.pop(k, None)
+    return snap
+
+
+#
 # Report
 #
 def merge_by(table, key):
@@ -1512,6 +1761,246 @@ def warn_lost(snap):
 
 
 #
+# --prometheus: /metrics for a Prometheus server
+#
+VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
+DEFAULT_KEEP_GONE = 300
+# Histogram edges, as log2(ns): every other edge of the in-kernel
+# histogram (its bucket b holds [2^(b-1), 2^b) ns), from 256 ns to ~17 s,
+# so the cumulative count below each edge is exact.
+LATENCY_EDGES = tuple(range(8, 35, 2))
+# Options that shape a printed report, which --prometheus does not print:
+# (argparse dest, how the user spells it).
+REPORT_OPTIONS = (("duration", "the duration"), ("interval", "-i"),
+                  ("count", "-c"), ("cumulative", "--cumulative"),
+                  ("timestamp", "--timestamp"), ("json", "--json"),
+                  ("csv", "--csv"), ("show_vcpu", "--show-vcpu"),
+                  ("comm", "--comm"), ("top", "--top"), ("alltids", "-a"))
+
+
+def lost_label(macro):
+    """The `why` label of a LOST_* reason: LOST_RARE_TABLE_FULL ->
+    rare_table_full."""
+    return macro[len("LOST_"):].lower()
+
+
+def listen_address(text):
+    """[ADDR:]PORT -> (host, port); ADDR is 127.0.0.1 unless given, an
+    IPv6 one in brackets ([::1]:9417)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdecimal() or not 0 < int(port) < 65536 or \
+            (sep and not host):
+        raise argparse.ArgumentTypeError(
+            "must be [ADDR:]PORT, PORT from 1 to 65535: %r" % text)
+    return (host if sep else "127.0.0.1"), int(port)
+
+
+def guest_name(argv):
+    """QEMU's -name guest=NAME (or -name NAME,...), else None."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("-name", "--name"):
+            params = dict(p.partition("=")[::2] for p in value.split(","))
+            return params.get("guest") or value.split(",")[0]
+    return None
+
+
+def vm_label(pid, proc="/proc"):
+    """The `vm` label: QEMU's guest name, else the process name; None if
+    the process is gone."""
+    try:
+        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
+        comm = read_text("%s/%d/comm" % (proc, pid))
+    except OSError:
+        return None
+    return printable(guest_name(argv) or comm.rstrip("\n"))
+
+
+class VmNames:
+    """The `vm` label of each process, read while it runs, so that a VM
+    that has ended keeps its name for as long as its series are served."""
+
+    def __init__(self, proc="/proc"):
+        self.proc = proc
+        self.names = {}
+
+    def note(self, tgids):
+        for tgid in tgids:
+            if tgid not in self.names:
+                self.names[tgid] = vm_label(tgid, self.proc) or "?"
+
+    def get(self, tgid):
+        """The name, read now if never read: "?" if the process is gone."""
+        name = self.names.get(tgid)
+        if name is None:
+            name = self.names[tgid] = vm_label(tgid, self.proc) or "?"
+        return name
+
+    def forget(self, tgids):
+        for tgid in tgids:
+            self.names.pop(tgid, None)
+
+
+def histogram_buckets(lat):
+    """[(le in seconds, count below it)] at LATENCY_EDGES, then +Inf."""
+    below, seen = [], 0
+    hist = lat.hist + [0] * (LATENCY_EDGES[-1] + 1 - len(lat.hist))
+    for bucket, n in enumerate(hist[:LATENCY_EDGES[-1] + 1]):
+        seen += n
+        if bucket in LATENCY_EDGES:
+            below.append((str(2 ** bucket / 1e9), seen))
+    return below + [("+Inf", lat.count)]
+
+
+class Exporter:
+    """A prometheus_client collector: each scrape reads the tables (after
+    retiring the threads that ended) and yields one series per VM, vCPU
+    and exit reason, summed over the VM's threads for that vCPU."""
+
+    LABELS = ("vm", "pid", "vcpu", "isa", "reason")
+
+    def __init__(self, read, names, selection, vm_names, latency, build):
+        self.read, self.names = read, names
+        self.selection, self.vm_names = selection, vm_names
+        self.latency, self.build = latency, build
+
+    def describe(self):
+        return []               # nothing at registration: scrape time only
+
+    def collect(self):
+        snap = self.read()
+        exits = prometheus_client.core.CounterMetricFamily(
+            "kvm_exits", "VM exits by VM, vCPU and exit reason",
+            labels=self.LABELS)
+        for labels, n in self.series(snap, snap.counts).items():
+            exits.add_metric(labels, n)
+        yield exits
+        lost = prometheus_client.core.CounterMetricFamily(
+            "kvmexit_lost_exits", "VM exits that kvmexit could not count",
+            labels=("why",))
+        for (macro, _), n in zip(LOST, snap.lost):
+            lost.add_metric((lost_label(macro),), n)
+        yield lost
+        if self.latency:
+            hist = prometheus_client.core.HistogramMetricFamily(
+                "kvm_exit_handling_seconds", "Time from a VM exit until its "
+                "vCPU enters the guest again", labels=self.LABELS)
+            for labels, lat in self.series(snap, snap.latency).items():
+                hist.add_metric(labels, histogram_buckets(lat),
+                                lat.total_ns / 1e9)
+            yield hist
+        yield prometheus_client.core.InfoMetricFamily(
+            "kvmexit_build", "kvmexit's version and how it counts",
+            value=self.build)
+
+    def series(self, snap, table):
+        """{labels: value} of a snapshot table, summed per VM and vCPU.
+        Labels are made once per thread and per reason, not per row: a big
+        host has tens of thousands of rows."""
+        merged, thread_labels, reason_labels = {}, {}, {}
+        for (tgid, tid, isa, code), v in self.selection.keep(
+                table, snap.vcpu_ids).items():
+            thread = thread_labels.get((tgid, tid))
+            if thread is None:
+                vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+                thread = thread_labels[(tgid, tid)] = (
+                    self.vm_names.get(tgid), str(tgid),
+                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu))
+            reason = reason_labels.get((isa, code))
+            if reason is None:
+                reason = reason_labels[(isa, code)] = (
+                    isa_name(isa), self.names.name(isa, code))
+            labels = thread + reason
+            merged[labels] = merged[labels] + v if labels in merged else v
+        return merged
+
+
+class MetricsServer:
+    """The HTTP side.  Bound before the BPF program loads, so that a port in
+    use or a bad address is told at once; served by one thread per
+    connection, each with a timeout, so that a client that hangs holds only
+    its own thread.  Counting is in the kernel and never waits for it."""
+
+    CLIENT_TIMEOUT = 10     # seconds a client may take per read or write
+
+    def __init__(self, address, registry):
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        class Handler(WSGIRequestHandler):
+            timeout = self.CLIENT_TIMEOUT
+
+            def log_message(self, *args):
+                pass            # no line per scrape in the journal
+
+        class Server(prometheus_client.exposition.ThreadingWSGIServer):
+            pass
+
+        host, port = self.address = address
+        self.registry = registry
+        try:
+            Server.address_family = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM,
+                flags=socket.AI_NUMERICHOST)[0][0]
+            self.httpd = make_server(
+                host, port, prometheus_client.make_wsgi_app(registry),
+                Server, handler_class=Handler)
+        except OSError as e:    # socket.gaierror is one
+            raise Error("cannot listen on %s: %s"
+                        % (self.where(), e.strerror or e))
+        self.thread = None
+
+    def where(self):
+        host, port = self.address
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+    def start(self):
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       name="metrics", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.thread is not None:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def build_info(probe, layout):
+    return {"version": VERSION, "probe": probe.kind,
+            "slots": str(layout.slots),
+            "bcc": str(getattr(bcc, "__version__", "unknown"))}
+
+
+def listen(address):
+    """The metrics server, bound but not serving yet."""
+    if prometheus_client is None:
+        raise Error("--prometheus needs the Python module prometheus_client "
+                    "(install python3-prometheus-client)")
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    return MetricsServer(address, registry)
+
+
+def serve(server, exporter, ledger, tables, keep, debug=False):
+    """--prometheus: serve scrapes until SIGTERM or Ctrl-C, retiring the
+    threads of ended VMs every TICK seconds and dropping the series of VMs
+    gone for `keep` seconds."""
+    server.registry.register(exporter)
+    server.start()
+    if debug:
+        emit("kvmexit: listening on http://%s/metrics\n" % server.where(),
+             sys.stderr)
+    try:
+        while not wait_for_stop(TICK):
+            ledger.retire(tables)
+            exporter.vm_names.note(ledger.tgids)
+            exporter.vm_names.forget(ledger.forget_gone(keep))
+    finally:
+        server.stop()
+
+
+#
 # Main
 #
 def first_line(selection, args):
@@ -1542,16 +2031,34 @@ def wait_for_stop(seconds):
     return signal.sigtimedwait(STOP_SIGNALS, max(0.0, seconds)) is not None
 
 
-def trace(read, report, args):
+def wait_ticking(until, tick=None):
+    """wait_for_stop() until the time `until` (None: until a signal),
+    calling tick() every TICK seconds meanwhile."""
+    while True:
+        left = None if until is None else until - time.time()
+        if tick is None or (left is not None and left <= TICK):
+            return wait_for_stop(left)
+        if wait_for_stop(TICK):
+            return True
+        tick()
+
+
+def takes_retired(args):
+    """Whether each report shows the counts of threads retired since the
+    last one only once: reports of intervals."""
+    return bool(args.interval) and not args.cumulative
+
+
+def trace(read, report, args, tick=None):
     """Report after the duration, or every interval; Ctrl-C or SIGTERM
-    reports what was counted so far and ends."""
+    reports what was counted so far and ends.  tick(): every TICK seconds
+    meanwhile."""
     period = args.interval or args.duration
     begin = last = time.time()
     earlier = None
     done = 0
     while True:
-        interrupted = wait_for_stop(last + period - time.time()
-                                    if period else None)
+        interrupted = wait_ticking(last + period if period else None, tick)
         now = time.time()
         if interrupted and not (args.json or args.csv or args.interval):
             emit("\n")         # after the ^C, as bcc does
@@ -1560,6 +2067,8 @@ def trace(read, report, args):
             snap.minus(earlier)
         report(shown, begin if args.cumulative else last, now)
         warn_lost(shown)
+        if takes_retired(args):
+            snap = without_retired(snap)
         earlier, last, done = snap, now, done + 1
         if interrupted or not args.interval or done == args.count:
             return
@@ -1588,14 +2097,27 @@ def main(argv=None):
     ncpus = possible_cpus()
     check_table_memory(max_threads, layout, ncpus, args.latency)
     names = kernel_reason_names(tp_dir)
+    if args.prometheus:
+        server = listen(args.prometheus)    # a port in use: before loading
 
     b, probe = start_tracing(probe, selection, max_threads, layout,
                              args.latency, args.debug)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
+    tables = ThreadTables(b, layout, ncpus, args.latency)
+    ledger = Ledger()
 
+    # Blocked before any thread starts: only the main thread takes them.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if args.prometheus:
+        emit(first_line(selection, args) + "\n")
+        exporter = Exporter(lambda: ledger.read(tables), names, selection,
+                            VmNames(), args.latency,
+                            build_info(probe, layout))
+        serve(server, exporter, ledger, tables,
+              args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
+        return 0
     machine = args.json or args.csv
     emit(first_line(selection, args) + "\n",
          sys.stderr if machine else sys.stdout)
@@ -1606,8 +2128,14 @@ def main(argv=None):
     if args.comm or machine:
         # Named now: a VM that ends before the report keeps its name.
         output.comms.update((pid, process_name(pid)) for pid in vmms)
-    trace(lambda: snapshot(b, layout, ncpus, args.latency), output.report,
-          args)
+
+    def tick():
+        ledger.retire(tables)
+        for tgid in ledger.tgids - set(output.comms):
+            output.comms[tgid] = process_name(tgid)
+
+    trace(lambda: ledger.read(tables, takes_retired(args)), output.report,
+          args, tick)
     return 0
 
 

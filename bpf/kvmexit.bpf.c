@@ -89,6 +89,22 @@ static __always_inline void count_lost(int why)
         (*lost)++;
 }
 
+// The exits held in counters that could not be stored.  Off the counting
+// paths: only a failed write-back (see switch_cache()) gets here.
+static __always_inline void
+count_lost_counts(struct thread_counts *counts)
+{
+    int why = LOST_WRITE_BACK_FAILED;
+    u64 *lost = pcpu_lost.lookup(&why), sum = 0;
+
+    if (!lost)
+        return;
+#pragma unroll
+    for (int i = 0; i < NR_SLOTS; i++)
+        sum += counts->slot[i];
+    *lost += sum;
+}
+
 // Read only when a thread enters a CPU's cache slot, to keep the hit path
 // free of helper calls.
 static __always_inline u32 vcpu_id_of(struct exit_event *ev)
@@ -113,10 +129,13 @@ switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
     int zero = 0;
     bool fresh;
 
-    // The evicted thread was inserted when it was cached, so this update
-    // overwrites its entry in place and cannot fail for lack of room.
-    if (cache->pid_tgid)
-        pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts);
+    // The evicted thread was inserted when it was cached, and kvmexit.py
+    // retires (deletes) no thread that a cache slot holds, so this update
+    // overwrites its entry in place and cannot fail for lack of room.  If
+    // it ever did, the thread's counts on this CPU would vanish: count them.
+    if (cache->pid_tgid &&
+        pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
+        count_lost_counts(&cache->counts);
     cache->pid_tgid = 0;
 
     saved = pcpu_kvm_stat.lookup(&pid_tgid);
