@@ -12,25 +12,65 @@
 # reason, and prints the counts after `duration` seconds or on Ctrl-C.
 # The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
 
-import signal
-# Until run() sets up its handling, Ctrl-C ends the script quietly.
-signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Ctrl-C while the modules load ends the script quietly, as later on.
+try:
+    import argparse
+    import csv
+    import ctypes
+    import errno
+    import io
+    import json
+    import os
+    import re
+    import signal
+    import struct
+    import sys
+    import tempfile
+    import time
 
-import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import errno  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+    # bcc and numpy are imported once, here; a missing or broken one is
+    # told in one line by main(), not as a traceback at import time.
+    try:
+        import bcc
+        from bcc.libbcc import lib as libbcc
+        import numpy as np
+        MISSING = None
+    except (ImportError, OSError) as e:   # OSError: libbcc.so cannot load
+        np = bcc = libbcc = None
+        MISSING = e
+except KeyboardInterrupt:
+    raise SystemExit(130)
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_DIR = "/sys/kernel/btf"
 POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 
-ISA_VMX, ISA_SVM = 1, 2
+# Numbers that this script and bpf/kvmexit.bpf.c must agree on.  They are
+# defined here only and handed to the C as -DNAME=VALUE (shared_macros()).
+ISA_VMX, ISA_SVM = 1, 2                 # kvm_exit's isa argument
+VCPU_ID_UNKNOWN = 0xffffffff            # the probe cannot see vCPU ids
+HIGH_BASE = 0x400                       # first SVM code of the high slots
+LAT_BUCKETS = 40                        # log2(ns) up to ~18 minutes
+# Why an exit could not be counted: the C macro of its pcpu_lost index, and
+# what the warning after the report says.
+LOST = (
+    ("LOST_THREAD_TABLE_FULL",
+     "the thread table was full (raise --max-threads)"),
+    ("LOST_RARE_TABLE_FULL", "the table of rare exit codes was full"),
+    ("LOST_REASON_UNREADABLE", "their exit reason could not be read"),
+    ("LOST_LATENCY_TABLE_FULL",
+     "the latency table was full (their counts are kept)"),
+)
+LOST_REASONS = tuple(why for _, why in LOST)
+
+
+def shared_macros():
+    values = {"ISA_VMX": ISA_VMX, "ISA_SVM": ISA_SVM,
+              "VCPU_ID_UNKNOWN": VCPU_ID_UNKNOWN, "HIGH_BASE": HIGH_BASE,
+              "LAT_BUCKETS": LAT_BUCKETS, "NR_LOST": len(LOST)}
+    values.update((macro, i) for i, (macro, _) in enumerate(LOST))
+    return ["-D%s=%d" % item for item in values.items()]
+
 
 # Exit reason names, from the kernel's uapi asm/vmx.h (EXIT_REASON_*) and
 # asm/svm.h (SVM_EXIT_*) without their prefixes.  Codes the running kernel
@@ -94,7 +134,6 @@ class SlotLayout:
 
     Sized for the vendor module in use; codes beyond the layout are still
     counted exactly, in the table of rare codes."""
-    HIGH_BASE = 0x400
 
     def __init__(self, direct, high):
         self.direct, self.high = direct, high
@@ -104,7 +143,7 @@ class SlotLayout:
     def code(self, slot):
         if slot < self.direct:
             return slot
-        return self.HIGH_BASE + slot - self.direct
+        return HIGH_BASE + slot - self.direct
 
     def macros(self):
         return ["-DDIRECT_SLOTS=%d" % self.direct,
@@ -121,14 +160,6 @@ def slot_layout(sys_module="/sys/module"):
         return VMX_LAYOUT
     return SVM_LAYOUT
 
-LOST_REASONS = (
-    "the thread table was full (raise --max-threads)",
-    "the table of rare exit codes was full",
-    "their exit reason could not be read",
-    "the latency table was full (their counts are kept)",
-)
-VCPU_ID_UNKNOWN = 0xffffffff
-LAT_BUCKETS = 40
 MAX_RARE = 1024
 MIN_MAX_THREADS = 1024
 
@@ -139,6 +170,22 @@ KVM_VCPU_FD = re.compile(r"anon_inode:kvm-vcpu:(\d+)")
 
 class Error(Exception):
     """A problem to report as one 'kvmexit: ...' line, without traceback."""
+
+
+class OutputError(Error):
+    """The report could not be written: a closed pipe, a full disk."""
+
+
+def emit(text, stream=None):
+    """Write and flush at once, so a reader sees each report whole."""
+    stream = stream or sys.stdout
+    try:
+        stream.write(text)
+        stream.flush()
+    except OSError as e:
+        raise OutputError("cannot write the report to %s: %s" % (
+            "stderr" if stream is sys.stderr else "stdout",
+            e.strerror or e))
 
 
 #
@@ -156,35 +203,44 @@ examples = """examples:
 """
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer: %r"
-                                         % text)
-    return value
+# Bounds of numeric options.  Seconds: what a timed wait can take (Python's
+# clocks stop near 2^63 ns); threads: a BPF map's max_entries is a u32, and
+# the memory check (check_table_memory) refuses what the host cannot hold.
+MAX_SECONDS = 10 ** 9
+MAX_U32 = 2 ** 32 - 1
 
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            "must be a non-negative integer: %r" % text)
-    return value
+def bounded_int(low, high, what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError("must be %s: %r" % (what, text))
+        if value > high:
+            raise argparse.ArgumentTypeError("must be at most %d: %r"
+                                             % (high, text))
+        return value
+    return parse
+
+
+positive_int = bounded_int(1, MAX_U32, "a positive integer")
+non_negative_int = bounded_int(0, MAX_U32, "a non-negative integer")
+seconds = bounded_int(1, MAX_SECONDS, "a positive integer")
 
 
 def tid_list(text):
-    items = text.split(",")
-    for item in items:
-        if not item.strip().isdigit() or int(item) <= 0:
-            raise argparse.ArgumentTypeError(
-                "must be comma-separated positive integers: %r" % text)
-    return [int(item) for item in items]
+    try:
+        tids = [int(item) for item in text.split(",")
+                if item.strip().isdecimal()]
+    except ValueError:
+        tids = []
+    if len(tids) != len(text.split(",")) or not all(
+            0 < tid <= MAX_U32 for tid in tids):
+        raise argparse.ArgumentTypeError(
+            "must be comma-separated positive integers: %r" % text)
+    return tids
 
 
 def build_parser():
@@ -195,7 +251,7 @@ def build_parser():
         description="Display kvm exit reasons and their counts per thread",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=examples)
-    parser.add_argument("duration", nargs="?", type=positive_int,
+    parser.add_argument("duration", nargs="?", type=seconds,
                         help="trace for this many seconds (default: until "
                              "Ctrl-C)")
     parser.add_argument("-p", "--pid", type=positive_int,
@@ -217,7 +273,7 @@ def build_parser():
                         help="room for this many threads in the kernel "
                              "(default: 2 x the vCPUs present, at least %d)"
                              % MIN_MAX_THREADS)
-    parser.add_argument("-i", "--interval", type=positive_int,
+    parser.add_argument("-i", "--interval", type=seconds,
                         help="print a report every INTERVAL seconds")
     parser.add_argument("-c", "--count", type=positive_int,
                         help="with -i: stop after COUNT reports")
@@ -242,6 +298,11 @@ def build_parser():
     parser.add_argument("--top", type=positive_int, metavar="N",
                         help="show at most N reasons per thread (per "
                              "report in views that collapse threads)")
+    parser.add_argument("-m", "--max-parallelism", type=positive_int,
+                        metavar="N",
+                        help="accepted for scripts written for bcc's "
+                             "kvmexit; no effect: the report is read in one "
+                             "pass")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="say which probe was chosen and why, and show "
                              "the compiler's messages")
@@ -263,28 +324,111 @@ def parse_args(argv=None):
 #
 # Which threads to trace: validated against /proc before anything loads.
 #
+class Column:
+    """One id column of the text report: its header and its cells share
+    one width, bcc's '%-8u ' for ids."""
+
+    def __init__(self, name, cell, width=8):
+        self.name, self.cell, self.width = name, cell, width
+
+    def header(self):
+        return "%-*s " % (self.width, self.name)
+
+    def text(self, value):
+        return "%-*s " % (self.width, value)
+
+
 class Selection:
-    """The threads asked for, how the first line names them, the view."""
+    """The threads asked for, and the view they are shown in.
+
+    The view decides everything that differs between bcc's reports: which
+    threads the kernel counts (kernel_filter), how rows are grouped
+    (group), which id columns come first (columns), and whether a vCPU is
+    picked by the kernel's vCPU id rather than by its thread (keep)."""
+
+    VIEWS = ("all", "pid", "alltids", "vcpu", "tid", "tids")
+    # Views that show one block of rows for all the threads they count.
+    COLLAPSED = ("pid", "vcpu", "tid")
 
     def __init__(self, context, view, tgid=None, tids=None, vcpu=None):
+        assert view in self.VIEWS, view
         self.context = context
-        self.view = view          # all, pid, alltids, vcpu, tid, tids
+        self.view = view
         self.tgid = tgid
         self.tids = tids
         self.vcpu = vcpu
 
-    def filter_out(self):
-        """The C expression FILTER_OUT(tgid, tid), from integers only."""
+    @property
+    def collapsed(self):
+        return self.view in self.COLLAPSED
+
+    @property
+    def by_vcpu_id(self):
+        """A vCPU of a VMM that does not name its threads like QEMU: all of
+        the process is counted, and the report keeps that vCPU's rows."""
+        return self.view == "vcpu" and self.tids is None
+
+    def kernel_filter(self):
+        """The C macros of the in-kernel filter, from integers only.  TIDs
+        go into a bitmap map after loading (fill_tid_filter): a list of any
+        length costs one array lookup per exit."""
         if self.tids is not None:
-            return " && ".join("(tid) != %d" % int(t) for t in self.tids)
+            return ["-DFILTER_TIDS"]
         if self.tgid is not None:
-            return "(tgid) != %d" % int(self.tgid)
-        return "0"
+            return ["-DFILTER_TGID=%d" % int(self.tgid)]
+        return []
+
+    def group(self, tgid, tid):
+        """What one block of rows is for: a thread (PID, TID), a TID, or
+        None where the view collapses threads."""
+        if self.collapsed:
+            return None
+        return (tgid, tid) if self.view == "all" else (tid,)
+
+    def keep(self, table, vcpu_ids):
+        """A {(tgid, tid, ...): value} table limited to the rows shown."""
+        if self.by_vcpu_id:
+            return {k: v for k, v in table.items()
+                    if vcpu_ids.get(k[:2]) == self.vcpu}
+        return table
+
+    def columns(self, comm=False, show_vcpu=False):
+        """The id columns before the reason, each with how its cell is
+        found from (report, tgid, tid)."""
+        if self.collapsed:
+            return []
+        vcpu = Column("VCPU", lambda rep, tgid, tid: rep.vcpu_cell(tgid, tid))
+        if self.view == "all":
+            cols = [Column("PID", lambda rep, tgid, tid: tgid)]
+            if comm:
+                cols.append(Column("COMM", lambda rep, tgid, tid:
+                                   rep.comm(tgid), width=32))
+            cols.append(Column("TID", lambda rep, tgid, tid: tid))
+        else:
+            cols = [Column("TID" if self.view == "alltids" else "TIDS",
+                           lambda rep, tgid, tid: tid)]
+        return cols + ([vcpu] if show_vcpu else [])
+
+    def processes(self, tgid_of_tid):
+        """The processes the first line names (none for all threads)."""
+        if self.view == "all":
+            return []
+        return sorted({self.tgid} if self.tgid else
+                      {tgid_of_tid(t) for t in self.tids or ()} - {None})
 
 
 def read_text(path):
-    with open(path) as f:
-        return f.read()
+    """A /proc or /sys file as text.  Names there are bytes chosen by any
+    process (comm, cmdline): what is not UTF-8 is kept as \\xNN."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "backslashreplace")
+
+
+def printable(name):
+    """A name for one line of a report: control characters as escapes."""
+    return "".join(c if c.isprintable() else
+                   "\\x%02x" % ord(c) if ord(c) < 0x100 else
+                   "\\u%04x" % ord(c) for c in name)
 
 
 def tgid_of(tid, proc="/proc"):
@@ -460,29 +604,22 @@ def kernel_reason_names(tp_dir):
     return ReasonNames(*parse_format_names(fmt))
 
 
-def ensure_kernel_headers(release=None, note=print):
-    """bcc compiles against kernel headers.  Without the running kernel's
-    own, link the distro's generic ones where bcc looks, and say so."""
+def check_kernel_headers(release=None, modules="/lib/modules"):
+    """bcc compiles against the running kernel's headers.  kvmexit does not
+    put them in place itself (that is the install step's job, and
+    /lib/modules may be read-only); it says what is missing."""
     release = release or os.uname().release
-    moddir = "/lib/modules/%s" % release
-    if os.path.exists(moddir + "/build") or \
+    build = "%s/%s/build" % (modules, release)
+    if os.path.isdir(build) or os.environ.get("BCC_KERNEL_SOURCE") or \
             os.path.exists("/sys/kernel/kheaders.tar.xz"):
         return
-    candidates = sorted(d for d in os.listdir("/usr/src")
-                        if re.fullmatch(r"linux-headers-[\d.]+-\d+-amd64", d))
-    for build in reversed(candidates):
-        source = build[:-len("amd64")] + "common"
-        if os.path.isdir("/usr/src/" + source):
-            os.makedirs(moddir, exist_ok=True)
-            os.symlink("/usr/src/" + build, moddir + "/build")
-            if not os.path.exists(moddir + "/source"):
-                os.symlink("/usr/src/" + source, moddir + "/source")
-            note("kvmexit: note: no kernel headers for %s; using /usr/src/%s"
-                 " (linked as %s/build)" % (release, build, moddir))
-            return
-    raise Error("no kernel headers for %s: install linux-headers-%s "
-                "(or your distribution's generic headers package)"
-                % (release, release))
+    if os.path.islink(build):
+        raise Error("no kernel headers for %s: %s is a dangling link to %s;"
+                    " reinstall its headers package" % (
+                        release, build, os.readlink(build)))
+    raise Error("no kernel headers for %s: install linux-headers-%s, or link"
+                " a matching headers tree to %s (.ci/install does that with"
+                " Debian's linux-headers-amd64)" % (release, release, build))
 
 
 #
@@ -631,23 +768,49 @@ def load_btf(name, base=None, btf_dir=BTF_DIR):
 # Which probe: raw tracepoint where it yields the exit reason
 #
 class Probe:
-    def __init__(self, kind, why, cflags=()):
-        self.kind = kind          # tracepoint, raw-old or raw-new
-        self.why = why
-        self.cflags = list(cflags)
+    """Which kvm_exit probe, decided completely before anything loads.
+
+    kind: "tracepoint"; "raw-old", whose args[0] is the exit reason; or
+    "raw-new", which reads the reason from the vendor's vCPU struct at
+    `offsets` (C macro: byte offset, from BTF).  A raw probe the kernel
+    refuses to attach falls back to `fallback`, the tracepoint, which is
+    None where the user asked for raw."""
+
+    KINDS = ("tracepoint", "raw-old", "raw-new")
+
+    def __init__(self, kind, why, offsets=None, tp_vcpu_id=False,
+                 requested="auto", fallback=None):
+        assert kind in self.KINDS, kind
+        self.kind, self.why, self.requested = kind, why, requested
+        self.offsets = dict(offsets or {})
+        self.tp_vcpu_id = tp_vcpu_id        # the tracepoint has vcpu_id
+        self.fallback = fallback
+
+    @property
+    def raw(self):
+        return self.kind != "tracepoint"
+
+    @property
+    def sees_vcpu_ids(self):
+        if self.raw:
+            return "KVM_VCPU_ID_OFF" in self.offsets
+        return self.tp_vcpu_id
 
     def macros(self):
-        return ["-DPROBE_" + self.kind.replace("-", "_").upper()] + \
-            self.cflags
+        macros = ["-DPROBE_" + self.kind.replace("-", "_").upper()]
+        macros += ["-D%s=%d" % item for item in self.offsets.items()]
+        if not self.raw and self.tp_vcpu_id:
+            macros.append("-DTP_HAS_VCPU_ID")
+        return macros
 
 
 def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
-    """cflags telling the raw program where the vendor module keeps the
-    exit reason, or (None, why not).  kvm: the kvm module's BTF, if
-    already loaded (it also holds vmlinux's types)."""
+    """({C macro: offset}, why) telling the raw program where the vendor
+    module keeps the exit reason, or (None, why not).  kvm: the kvm
+    module's BTF, if already loaded (it also holds vmlinux's types)."""
     kvm = kvm or load_btf("kvm", vmlinux, btf_dir) or vmlinux
     vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
-    common = [] if vcpu_id is None else ["-DKVM_VCPU_ID_OFF=%d" % vcpu_id]
+    common = {} if vcpu_id is None else {"KVM_VCPU_ID_OFF": vcpu_id}
     # The vendor code is a module on distro kernels, else built in.
     svm = load_btf("kvm_amd", vmlinux, btf_dir) or vmlinux
     if svm.offset("vcpu_svm", "vmcb") is not None:
@@ -656,19 +819,24 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
                    svm.offset("vmcb", "control.exit_code"))
         if None in offsets or svm.pointee("vcpu_svm", "vmcb") != "vmcb":
             return None, "BTF lacks vcpu_svm.vmcb->control.exit_code"
-        return ["-DSVM_VCPU_OFF=%d" % offsets[0],
-                "-DSVM_VMCB_OFF=%d" % offsets[1],
-                "-DVMCB_EXIT_CODE_OFF=%d" % offsets[2]] + common, \
+        return dict(zip(("SVM_VCPU_OFF", "SVM_VMCB_OFF", "VMCB_EXIT_CODE_OFF"),
+                        offsets), **common), \
             "BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at %d" \
             % offsets[1:]
     vmx = load_btf("kvm_intel", vmlinux, btf_dir) or vmlinux
     if vmx.offset("vcpu_vmx", "exit_reason") is not None:
+        # TDX vCPUs (Linux 6.16+) also exit with isa VMX, but are not
+        # vcpu_vmx: where the kernel can run them, VMX offsets would read
+        # the wrong memory.
+        if vmx.named(BTF_KIND_STRUCT, "vcpu_tdx") is not None:
+            return None, "BTF has vcpu_tdx: TDX vCPUs also exit as VMX " \
+                "but are not vcpu_vmx"
         offsets = (vmx.offset("vcpu_vmx", "vcpu"),
                    vmx.offset("vcpu_vmx", "exit_reason"))
         if None in offsets:
             return None, "BTF lacks vcpu_vmx.vcpu"
-        return ["-DVMX_VCPU_OFF=%d" % offsets[0],
-                "-DVMX_EXIT_REASON_OFF=%d" % offsets[1]] + common, \
+        return dict(zip(("VMX_VCPU_OFF", "VMX_EXIT_REASON_OFF"), offsets),
+                    **common), \
             "BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
     return None, "no vcpu_svm or vcpu_vmx in the BTF of kvm_amd, kvm_intel " \
         "or vmlinux in %s" % btf_dir
@@ -677,11 +845,13 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
 def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
     """Raw tracepoint where the kernel's BTF shows how to get the exit
     reason from it, the regular tracepoint otherwise."""
-    tracepoint = ["-DTP_HAS_VCPU_ID"] if "vcpu_id;" in read_text(
-        tp_dir + "/format") else []
+    tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
+    tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
+                                   requested=requested)
     if requested == "tracepoint":
-        return Probe("tracepoint", "asked for with --probe tracepoint",
-                     tracepoint)
+        return tracepoint("asked for with --probe tracepoint")
+    fallback = None if requested == "raw" else tracepoint(
+        "fallback, the raw tracepoint did not attach")
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     params = kvm = None
     if vmlinux is not None:
@@ -689,22 +859,31 @@ def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
         # lookups see vmlinux's types too.
         kvm = load_btf("kvm", vmlinux, btf_dir) or vmlinux
         params = kvm.tracepoint_params("kvm_exit")
-    if params == 3:
-        return Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, vcpu, "
-                     "isa) passes the exit reason")
     why = "kernel BTF has no kvm_exit prototype"
+    if params == 3:
+        vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
+        vcpu_id = {} if vcpu_id is None else {"KVM_VCPU_ID_OFF": vcpu_id}
+        return Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, vcpu, "
+                     "isa) passes the exit reason", vcpu_id,
+                     requested=requested, fallback=fallback)
     if params == 2:
-        cflags, why = raw_reason_offsets(vmlinux, btf_dir, kvm)
+        offsets, why = raw_reason_offsets(vmlinux, btf_dir, kvm)
         why = "kvm_exit(vcpu, isa): " + why
-        # Raw is the default only where real exits proved it (AMD, in the
-        # lab); Intel's offsets are checked, but only on request.
-        if cflags and (requested == "raw" or "-DSVM_VMCB_OFF" in
-                       " ".join(cflags)):
-            return Probe("raw-new", why, cflags)
+        if offsets:
+            return Probe("raw-new", why, offsets, requested=requested,
+                         fallback=fallback)
     if requested == "raw":
         raise Error("--probe raw: cannot get the exit reason from the raw "
                     "tracepoint here (%s)" % why)
-    return Probe("tracepoint", "fallback, " + why, tracepoint)
+    return tracepoint("fallback, " + why)
+
+
+def check_vcpu_ids(selection, probe):
+    if selection.by_vcpu_id and not probe.sees_vcpu_ids:
+        raise Error("PID %d has no thread named 'CPU %d/KVM', and the %s "
+                    "probe cannot see vCPU ids" % (selection.tgid,
+                                                   selection.vcpu,
+                                                   probe.kind))
 
 
 #
@@ -726,17 +905,18 @@ def bpf_source():
                 % here)
 
 
-def import_bcc():
-    try:
-        import bcc
-        import numpy  # noqa: F401  (the report sums with it)
-    except ImportError as e:
+def check_bcc():
+    if MISSING is None:
+        return
+    if isinstance(MISSING, ImportError):
         raise Error("%s cannot import %s (Python %s): install python3-bpfcc "
-                    "and python3-numpy, or run kvmexit with the python3 "
-                    "that has them (e.g. /usr/bin/python3)"
-                    % (sys.executable, e.name,
+                    "and python3-numpy, or run kvmexit with the python3 that"
+                    " has them (e.g. /usr/bin/python3)"
+                    % (sys.executable, MISSING.name or "bcc",
                        ".".join(map(str, sys.version_info[:3]))))
-    return bcc
+    # bcc's module is there but its library is not (libbcc.so.0).
+    raise Error("bcc cannot load: %s: reinstall libbpfcc (python3-bpfcc)"
+                % (str(MISSING).splitlines() or ["?"])[0])
 
 
 class CapturedStderr:
@@ -770,15 +950,70 @@ class CapturedStderr:
         return lines[0] if lines else ""
 
 
-def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
-                 latency=False, debug=False):
-    """Compile and load; with a raw probe, attach too.  Tracepoint probes
-    are attached by bcc as it loads them."""
-    cflags = probe.macros() + layout.macros() + [
-        "-DFILTER_OUT(tgid,tid)=(%s)" % selection.filter_out(),
-        "-DMAX_THREADS=%d" % max_threads,
-        "-DMAX_RARE=%d" % MAX_RARE,
-    ] + (["-DLATENCY"] if latency else [])
+def pid_max():
+    """TIDs are below this (at most 2^22 on 64-bit Linux)."""
+    try:
+        return int(read_text("/proc/sys/kernel/pid_max"))
+    except (OSError, ValueError):
+        return 1 << 22
+
+
+# Bytes the kernel adds to each element of a preallocated hash table.
+HASH_ELEM_OVERHEAD = 64
+
+
+def table_memory(max_threads, layout, ncpus, latency=False):
+    """Kernel memory of the preallocated counter tables, in bytes: per
+    thread, one counter block per possible CPU (see tests/bench/memory.py
+    for the exact formulas this follows)."""
+    per_thread = 8 * layout.words * ncpus + HASH_ELEM_OVERHEAD
+    total = max_threads * per_thread + MAX_RARE * (8 * ncpus + 80)
+    if latency:
+        # pending_exit and exit_latency (8 entries per thread).
+        total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
+            8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
+    return total
+
+
+def mem_available(meminfo="/proc/meminfo"):
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", read_text(meminfo), re.M)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def gib(n):
+    return "%.1f GiB" % (n / 2 ** 30) if n >= 2 ** 30 else \
+        "%.1f MiB" % (n / 2 ** 20)
+
+
+def check_table_memory(max_threads, layout, ncpus, latency=False,
+                       meminfo="/proc/meminfo"):
+    """Refuse tables that would take more than half of the memory available
+    now, before any is created: the kernel allocates them whole, outside
+    cgroup v1 limits, and on a hypervisor the OOM killer may pick a VM."""
+    need = table_memory(max_threads, layout, ncpus, latency)
+    available = mem_available(meminfo)
+    if available is not None and need > available // 2:
+        raise Error("the counter tables would take %s of kernel memory "
+                    "(%d threads x %d possible CPUs x %d B), more than half "
+                    "of the %s available now; lower --max-threads"
+                    % (gib(need), max_threads, ncpus, 8 * layout.words,
+                       gib(available)))
+
+
+def program_cflags(probe, selection, max_threads, layout, latency=False):
+    return shared_macros() + probe.macros() + layout.macros() + \
+        selection.kernel_filter() + [
+            "-DTID_WORDS=%d" % ((pid_max() + 63) // 64),
+            "-DMAX_THREADS=%d" % max_threads,
+            "-DMAX_RARE=%d" % MAX_RARE,
+        ] + (["-DLATENCY"] if latency else [])
+
+
+def load_program(probe, selection, max_threads, layout, latency=False,
+                 debug=False):
+    """Compile and load.  Tracepoint programs are attached by bcc as it
+    loads them; raw ones by attach_raw()."""
+    cflags = program_cflags(probe, selection, max_threads, layout, latency)
     if debug:
         print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
     source = bpf_source().encode()
@@ -793,7 +1028,22 @@ def load_program(bcc, probe, selection, max_threads, layout=SVM_LAYOUT,
         raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
     if debug:
         sys.stderr.write(err.text)
+    if selection.tids is not None:
+        if debug:
+            print("kvmexit: tid_filter: %s" % ",".join(
+                map(str, selection.tids)), file=sys.stderr)
+        fill_tid_filter(b, selection.tids)
     return b
+
+
+def fill_tid_filter(b, tids):
+    """Set the TIDs' bits in the filter bitmap, one word at a time."""
+    words = {}
+    for tid in tids:
+        words[tid // 64] = words.get(tid // 64, 0) | 1 << (tid % 64)
+    table = b[b"tid_filter"]
+    for word, bits in words.items():
+        table[ctypes.c_uint32(word)] = ctypes.c_uint64(bits)
 
 
 def attach_raw(b):
@@ -801,23 +1051,23 @@ def attach_raw(b):
         b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"raw_kvm_exit")
 
 
-def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
-                  latency=False, debug=False):
+def start_tracing(probe, selection, max_threads, layout, latency=False,
+                  debug=False):
     """Load and attach; a raw probe the kernel refuses falls back to the
-    regular tracepoint."""
-    b = load_program(bcc, probe, selection, max_threads, layout, latency,
-                     debug)
-    if probe.kind != "tracepoint":
+    regular tracepoint, unless raw was asked for."""
+    b = load_program(probe, selection, max_threads, layout, latency, debug)
+    if probe.raw:
         try:
             attach_raw(b)
         except Exception as e:
             b.cleanup()
-            if probe.why.startswith("asked"):
+            if probe.fallback is None:
                 raise Error("cannot attach the raw tracepoint: %s" % e)
-            probe = choose_probe("tracepoint", tp_dir)
-            probe.why = "fallback, the raw tracepoint did not attach (%s)" % e
-            b = load_program(bcc, probe, selection, max_threads, layout,
-                             latency, debug)
+            probe = probe.fallback
+            probe.why += " (%s)" % e
+            check_vcpu_ids(selection, probe)
+            b = load_program(probe, selection, max_threads, layout, latency,
+                             debug)
     return b, probe
 
 
@@ -825,11 +1075,10 @@ def start_tracing(bcc, probe, selection, max_threads, layout, tp_dir,
 # Reading the maps
 #
 def map_keys(fd, key_size):
-    from bcc.libbcc import lib
     keys, key = [], None
     bufs = (ctypes.create_string_buffer(key_size),
             ctypes.create_string_buffer(key_size))
-    while lib.bpf_get_next_key(fd, key, bufs[len(keys) % 2]) == 0:
+    while libbcc.bpf_get_next_key(fd, key, bufs[len(keys) % 2]) == 0:
         key = bufs[len(keys) % 2]
         keys.append(key.raw)
     return keys
@@ -840,8 +1089,6 @@ def lookup_batch(fd, key_size, words, ncpus, max_entries):
     BPF_MAP_LOOKUP_BATCH (Linux 5.6+), or None where the kernel has no
     batch operations.  The buffers have room for a full map; the pages
     the kernel does not fill are never touched, so they cost no memory."""
-    import numpy as np
-    from bcc.libbcc import lib
     try:
         keys = np.zeros((max_entries, key_size), dtype=np.uint8)
         values = np.zeros((max_entries, ncpus, words), dtype=np.uint64)
@@ -851,7 +1098,7 @@ def lookup_batch(fd, key_size, words, ncpus, max_entries):
     total, first = 0, True
     while total < max_entries:
         count.value = max_entries - total
-        ret = lib.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
+        ret = libbcc.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
                                    ctypes.byref(token),
                                    ctypes.c_void_p(keys[total:].ctypes.data),
                                    ctypes.c_void_p(
@@ -876,8 +1123,6 @@ def read_percpu(table, key_size, words, ncpus, keys=None):
     """(keys, uint64 array [key][cpu][word]) of a per-CPU map: the whole
     map in one batch where the kernel can, else one lookup per key,
     straight into one buffer."""
-    import numpy as np
-    from bcc.libbcc import lib
     fd = table.map_fd
     if keys is None:
         found = lookup_batch(fd, key_size, words, ncpus, table.max_entries)
@@ -887,7 +1132,7 @@ def read_percpu(table, key_size, words, ncpus, keys=None):
     values = np.zeros((len(keys), ncpus, words), dtype=np.uint64)
     for i, key in enumerate(keys):
         # A key can vanish only if someone else deletes it; keep zeroes.
-        lib.bpf_lookup_elem(fd, ctypes.c_char_p(key),
+        libbcc.bpf_lookup_elem(fd, ctypes.c_char_p(key),
                             ctypes.c_void_p(values[i].ctypes.data))
     return keys, values
 
@@ -901,7 +1146,6 @@ def merge_thread_counts(keys, values, cache_keys, cache_values):
     copies of the same counters taken at different times, so the larger
     of the two is the current one, whatever order they were read in.
     Returns (pid_tgid list, uint64 [thread][slot], header [thread])."""
-    import numpy as np
     keys = list(keys)
     index = {k: i for i, k in enumerate(keys)}
     extra = [k for k in cache_keys if k and k not in index]
@@ -953,7 +1197,6 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     """({(tgid, tid, isa, code): count}, {(tgid, tid): vcpu_id}) from the
     thread table's and the cache slots' per-CPU values, as
     merge_thread_counts() takes them."""
-    import numpy as np
     keys, sums, header = merge_thread_counts(keys, values, cache_keys,
                                              cache_values)
     rows, slots = np.nonzero(sums)
@@ -1013,25 +1256,6 @@ def snapshot(b, layout, ncpus, latency=False):
 #
 # Report
 #
-COLLAPSED_VIEWS = ("pid", "vcpu", "tid")
-
-
-def group_of(view, tgid, tid):
-    """What a view shows one block of rows for: a thread, or all of them."""
-    if view in COLLAPSED_VIEWS:
-        return None
-    return (tgid, tid) if view == "all" else (tid,)
-
-
-def selected(selection, table, snap):
-    """A snapshot table limited to the vCPU asked for, where the vCPU was
-    found by the id the kernel reports rather than by thread name."""
-    if selection.view == "vcpu" and selection.tids is None:
-        return {k: v for k, v in table.items()
-                if snap.vcpu_ids.get(k[:2]) == selection.vcpu}
-    return table
-
-
 def merge_by(table, key):
     merged = {}
     for k, v in table.items():
@@ -1052,25 +1276,26 @@ def limit_per_group(rows, top):
     return kept
 
 
+def ordered_rows(counts, group, top=None):
+    """The one row order of every report, text and records alike:
+    [(group, isa, code, count)], groups ascending, each group's reasons by
+    count, largest first, then by exit code; at most `top` per group.
+
+    counts: {(tgid, tid, isa, code): count}; group(tgid, tid): the block a
+    thread's rows go to (None: one block for all)."""
+    merged = merge_by(counts, lambda tgid, tid, isa, code:
+                      (group(tgid, tid), isa, code))
+    # Sorted as plain tuples: no key function, for speed at scale.
+    order = sorted((g or (), -n, isa, code)
+                   for (g, isa, code), n in merged.items())
+    return limit_per_group([(g or None, isa, code, -n)
+                            for g, n, isa, code in order], top)
+
+
 def report_rows(selection, snap, top=None):
-    """[(group, isa, code, count)] in the view's order: groups (threads)
-    ascending, and each one's reasons by count, largest first, then by
-    exit code.  The group is None in the views that collapse threads."""
-    view = selection.view
-    counts = selected(selection, snap.counts, snap)
-    if view in COLLAPSED_VIEWS:
-        counts = merge_by(counts, lambda tgid, tid, isa, code:
-                          (0, 0, isa, code))
-    # Sorted as plain tuples (group, -count, isa, code): no key function.
-    if view == "all":
-        order = [((tgid, tid), -n, isa, code)
-                 for (tgid, tid, isa, code), n in counts.items()]
-    else:
-        order = [(() if view in COLLAPSED_VIEWS else (tid,), -n, isa, code)
-                 for (tgid, tid, isa, code), n in counts.items()]
-    order.sort()
-    rows = [(group or None, isa, code, -n) for group, n, isa, code in order]
-    return limit_per_group(rows, top)
+    """The rows of the text report of a selection's view."""
+    return ordered_rows(selection.keep(snap.counts, snap.vcpu_ids),
+                        selection.group, top)
 
 
 class Latency:
@@ -1113,36 +1338,29 @@ class Latency:
         return 0
 
 
-def latency_rows(selection, snap):
-    """{(group, isa, code): Latency} matching report_rows()."""
-    view = selection.view
-    return merge_by(selected(selection, snap.latency, snap),
-                    lambda tgid, tid, isa, code:
-                    (group_of(view, tgid, tid), isa, code))
-
-
 def process_name(pid, proc="/proc"):
     """The process name, with QEMU's '-name guest=NAME' when present."""
     try:
-        comm = read_text("%s/%d/comm" % (proc, pid)).rstrip("\n")
+        comm = read_text("%s/%d/comm" % (proc, pid))
         argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
     except OSError:
         return "?"
+    comm = printable(comm[:-1] if comm.endswith("\n") else comm)
     for flag, value in zip(argv, argv[1:]):
         if flag in ("-name", "--name"):
             params = dict(p.partition("=")[::2] for p in value.split(","))
             guest = params.get("guest") or value.split(",")[0]
-            return "%s guest=%s" % (comm, guest)
+            return "%s guest=%s" % (comm, printable(guest))
     return comm
 
 
-HEADER_PREFIX = {"all": "PID      TID      ", "alltids": "TID      ",
-                 "tids": "TIDS     "}
+def isa_name(isa):
+    return {ISA_VMX: "vmx", ISA_SVM: "svm"}.get(isa, str(isa))
 
 
-class TextReport:
-    """bcc's kvmexit output: a header, then '%-8u' ids, '%-35s' reason and
-    '%-8u' count per row; the options add columns after bcc's."""
+class Report:
+    """What the text and record reports share: the selection, reason
+    names, options, and the process names (taken once)."""
 
     def __init__(self, selection, names, opts=None, out=None):
         self.selection, self.names = selection, names
@@ -1158,88 +1376,69 @@ class TextReport:
             self.comms[pid] = process_name(pid)
         return self.comms[pid]
 
-    def columns(self, group, tgid_of_tid, snap):
-        """The id columns of a row, as (header, cell) pairs."""
-        view = self.selection.view
-        if group is None:
-            return []
-        if view == "all":
-            cols = [("PID      ", "%-8u " % group[0])]
-            if self.option("comm"):
-                cols.append(("%-32s " % "COMM",
-                             "%-32s " % self.comm(group[0])))
-            cols.append(("TID      ", "%-8u " % group[1]))
-            tgid, tid = group
-        else:
-            cols = [(HEADER_PREFIX[view], "%-8u " % group[0])]
-            tid = group[0]
-            tgid = tgid_of_tid.get(tid)
-        if self.option("show_vcpu"):
-            vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
-            cols.append(("VCPU     ", "%-8s " % (
-                "-" if vcpu == VCPU_ID_UNKNOWN else vcpu)))
-        return cols
+    def write(self, text):
+        emit(text, self.out)
+
+
+class TextReport(Report):
+    """bcc's kvmexit output: a header, then '%-8u' ids, '%-35s' reason and
+    '%-8u' count per row; the options add columns after bcc's."""
+
+    def columns(self):
+        return self.selection.columns(self.option("comm"),
+                                      self.option("show_vcpu"))
 
     def header(self):
-        view = self.selection.view
-        if view in COLLAPSED_VIEWS:
-            prefix = ""
-        elif view == "all":
-            prefix = "PID      " + ("%-32s " % "COMM" if self.option("comm")
-                                    else "") + "TID      "
-        else:
-            prefix = HEADER_PREFIX[view]
-        if self.option("show_vcpu") and view not in COLLAPSED_VIEWS:
-            prefix += "VCPU     "
-        line = "%s%-35s %s" % (prefix, "KVM_EXIT_REASON", "COUNT")
+        ids = "".join(col.header() for col in self.columns())
         if self.option("latency"):
-            line = "%s%-35s %-8s %10s %10s %10s" % (
-                prefix, "KVM_EXIT_REASON", "COUNT", "AVG_us", "P99_us",
+            return "%s%-35s %-8s %10s %10s %10s" % (
+                ids, "KVM_EXIT_REASON", "COUNT", "AVG_us", "P99_us",
                 "MAX_us")
-        return line
+        return "%s%-35s %s" % (ids, "KVM_EXIT_REASON", "COUNT")
+
+    def vcpu_cell(self, tgid, tid):
+        vcpu = self.snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+        return "-" if vcpu == VCPU_ID_UNKNOWN else vcpu
+
+    def id_cells(self, group, tgid_of_tid):
+        if group is None:
+            return ""
+        tgid, tid = group if len(group) == 2 else (tgid_of_tid.get(group[0]),
+                                                   group[0])
+        return "".join(col.text(col.cell(self, tgid, tid))
+                       for col in self.columns())
 
     def report(self, snap, start, end):
-        out = self.out
-        if self.option("interval"):
-            print(file=out)
+        self.snap = snap
+        head = "\n" if self.option("interval") else ""
         if self.option("timestamp"):
-            print(time.strftime("%H:%M:%S", time.localtime(end)), file=out)
-        print(self.header(), file=out)
+            head += time.strftime("%H:%M:%S\n", time.localtime(end))
+        lines = [head + self.header() + "\n"]
         tgid_of_tid = {k[1]: k[0] for k in snap.counts}
-        latency = latency_rows(self.selection, snap) \
-            if self.option("latency") else {}
-        with_latency = self.option("latency")
-        cells_of, name_of, lines = {}, {}, []
+        latency = merge_by(self.selection.keep(snap.latency, snap.vcpu_ids),
+                           lambda tgid, tid, isa, code:
+                           (self.selection.group(tgid, tid), isa, code)) \
+            if self.option("latency") else None
+        cells_of, name_of = {}, {}
         for group, isa, code, count in report_rows(self.selection, snap,
                                                    self.option("top")):
             cells = cells_of.get(group)
             if cells is None:       # once per thread, not once per row
-                cells = cells_of[group] = "".join(
-                    c for _, c in self.columns(group, tgid_of_tid, snap))
+                cells = cells_of[group] = self.id_cells(group, tgid_of_tid)
             name = name_of.get((isa, code))
             if name is None:
                 name = name_of[(isa, code)] = self.names.name(isa, code)
             line = "%s%-35s %-8u" % (cells, name, count)
-            if with_latency:
+            if latency is not None:
                 lat = latency.get((group, isa, code))
-                times = ("%10.1f %10.1f %10.1f" % (
+                line += " " + ("%10.1f %10.1f %10.1f" % (
                     lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
                     if lat else "%10s %10s %10s" % ("-", "-", "-"))
-                line = "%s%-35s %-8u %s" % (cells, name, count, times)
             lines.append(line + "\n")
-        out.write("".join(lines))
-        out.flush()
+        self.write("".join(lines))
 
 
-def print_report(selection, snap, names, out=sys.stdout):
-    TextReport(selection, names, out=out).report(snap, None, time.time())
-
-
-def isa_name(isa):
-    return {ISA_VMX: "vmx", ISA_SVM: "svm"}.get(isa, str(isa))
-
-
-class RecordReport(TextReport):
+class RecordReport(Report):
     """--json and --csv: one record per (thread, reason), whatever the
     view, so that consumers can group as they like."""
 
@@ -1253,13 +1452,11 @@ class RecordReport(TextReport):
         self.header_done = False
 
     def records(self, snap):
-        counts = selected(self.selection, snap.counts, snap)
-        latency = selected(self.selection, snap.latency, snap)
-        rows = sorted(counts.items(), key=lambda kv: (kv[0][:2], -kv[1],
-                                                      kv[0][2:]))
-        rows = limit_per_group([(k[:2], k, n) for k, n in rows],
-                               self.option("top"))
-        for _, (tgid, tid, isa, code), count in rows:
+        keep = lambda table: self.selection.keep(table, snap.vcpu_ids)
+        latency = keep(snap.latency)
+        for (tgid, tid), isa, code, count in ordered_rows(
+                keep(snap.counts), lambda tgid, tid: (tgid, tid),
+                self.option("top")):
             vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
             record = {"pid": tgid, "tid": tid,
                       "vcpu_id": None if vcpu == VCPU_ID_UNKNOWN else vcpu,
@@ -1276,35 +1473,34 @@ class RecordReport(TextReport):
             yield record
 
     def report(self, snap, start, end):
-        import json
         if self.option("json"):
-            print(json.dumps({
+            self.write(json.dumps({
                 "context": self.selection.context,
                 "view": self.selection.view,
                 "probe": self.probe.kind,
                 "start": round(start, 6), "end": round(end, 6),
                 "cumulative": bool(self.option("cumulative")),
                 "rows": list(self.records(snap)),
-                "lost": sum(snap.lost)}), file=self.out)
-        else:
-            import csv
-            fields = ("end",) + self.FIELDS + (
-                self.LATENCY_FIELDS if self.option("latency") else ())
-            writer = csv.DictWriter(self.out, fields, lineterminator="\n")
-            if not self.header_done:
-                writer.writeheader()
-                self.header_done = True
-            for record in self.records(snap):
-                record["end"] = "%.6f" % end
-                writer.writerow(record)
-        self.out.flush()
+                "lost": sum(snap.lost)}) + "\n")
+            return
+        fields = ("end",) + self.FIELDS + (
+            self.LATENCY_FIELDS if self.option("latency") else ())
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fields, lineterminator="\n")
+        if not self.header_done:
+            writer.writeheader()
+            self.header_done = True
+        for record in self.records(snap):
+            record["end"] = "%.6f" % end
+            writer.writerow(record)
+        self.write(text.getvalue())
 
 
 def warn_lost(snap):
     for count, why in zip(snap.lost, LOST_REASONS):
         if count:
-            print("kvmexit: warning: %d exits were not counted: %s"
-                  % (count, why), file=sys.stderr)
+            emit("kvmexit: warning: %d exits were not counted: %s\n"
+                 % (count, why), sys.stderr)
 
 
 #
@@ -1313,10 +1509,9 @@ def warn_lost(snap):
 def first_line(selection, args):
     line = "Display kvm exit reasons and statistics for %s" % \
         selection.context
-    if args.comm and selection.view != "all":
-        pids = sorted({selection.tgid} if selection.tgid else
-                      {tgid_of(t) for t in selection.tids or ()} - {None})
-        line += " (%s)" % ", ".join(process_name(p) for p in pids)
+    if args.comm and selection.processes(tgid_of):
+        line += " (%s)" % ", ".join(process_name(p) for p in
+                                    selection.processes(tgid_of))
     if args.interval:
         line += " every %d secs" % args.interval
         return line + (", %d times." % args.count if args.count else
@@ -1351,7 +1546,7 @@ def trace(read, report, args):
                                     if period else None)
         now = time.time()
         if interrupted and not (args.json or args.csv or args.interval):
-            print()            # after the ^C, as bcc does
+            emit("\n")         # after the ^C, as bcc does
         snap = read()
         shown = snap if earlier is None or args.cumulative else \
             snap.minus(earlier)
@@ -1366,7 +1561,7 @@ def main(argv=None):
     args = parse_args(argv)
     if os.geteuid() != 0:
         raise Error("must be run as root (it loads a BPF program)")
-    bcc = import_bcc()
+    check_bcc()
     tp_dir = tracepoint_dir()
     if tp_dir is None:
         if not os.path.exists("/dev/kvm"):
@@ -1378,28 +1573,24 @@ def main(argv=None):
     vmms = vmm_processes()
     max_threads = args.max_threads or max(MIN_MAX_THREADS,
                                           2 * sum(vmms.values()))
-    ensure_kernel_headers(note=lambda s: print(s, file=sys.stderr))
+    check_kernel_headers()
     probe = choose_probe(args.probe, tp_dir)
-    names = kernel_reason_names(tp_dir)
+    check_vcpu_ids(selection, probe)
     layout = slot_layout()
     ncpus = possible_cpus()
+    check_table_memory(max_threads, layout, ncpus, args.latency)
+    names = kernel_reason_names(tp_dir)
 
-    b, probe = start_tracing(bcc, probe, selection, max_threads, layout,
-                             tp_dir, args.latency, args.debug)
+    b, probe = start_tracing(probe, selection, max_threads, layout,
+                             args.latency, args.debug)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
-    if selection.view == "vcpu" and selection.tids is None and \
-            probe.kind == "raw-old" and "-DKVM_VCPU_ID_OFF" not in \
-            " ".join(probe.cflags):
-        raise Error("PID %d has no thread named 'CPU %d/KVM', and this "
-                    "probe cannot see vCPU ids" % (selection.tgid,
-                                                   selection.vcpu))
 
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     machine = args.json or args.csv
-    print(first_line(selection, args), flush=True,
-          file=sys.stderr if machine else sys.stdout)
+    emit(first_line(selection, args) + "\n",
+         sys.stderr if machine else sys.stdout)
     if machine:
         output = RecordReport(selection, names, probe, args)
     else:
@@ -1412,16 +1603,58 @@ def main(argv=None):
     return 0
 
 
+def open_std_streams():
+    """Give a closed stdin, stdout or stderr /dev/null, so that no file the
+    tool opens (a BPF map, a temporary file) takes its number and receives
+    what bcc or clang write there.  Returns whether stdout was closed."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if fd in closed or getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "w", closefd=False))
+        # Names from /proc are any bytes: never fail to print one.
+        getattr(sys, name).reconfigure(errors="backslashreplace")
+    return 1 in closed
+
+
 def run():
     """The command: main() with errors as one 'kvmexit:' line."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        sys.exit(main())
+        if open_std_streams():
+            raise Error("standard output is closed: nothing to report to")
+        status = main()
+    except OutputError as e:
+        # A closed pipe (kvmexit | head -1) or a full disk: what was
+        # counted could not be shown, so say so.  Python flushes stdout
+        # again at exit; make that a no-op.
+        status, message = 1, "kvmexit: %s" % e
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
     except Error as e:
-        print("kvmexit: %s" % e, file=sys.stderr)
-        sys.exit(1)
+        status, message = 1, "kvmexit: %s" % e
     except KeyboardInterrupt:
-        sys.exit(130)
+        status, message = 130, None
+    except OSError as e:
+        # Not foreseen, but still one line: e.g. a map read failing.
+        status, message = 1, "kvmexit: %s" % e
+    else:
+        message = None
+    if message:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except OSError:
+            pass            # stderr is gone too; the status still tells
+    sys.exit(status)
 
 
 if __name__ == "__main__":

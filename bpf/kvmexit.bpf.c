@@ -8,10 +8,15 @@
 //   SVM_VCPU_OFF, SVM_VMCB_OFF, VMCB_EXIT_CODE_OFF      raw path on new
 //   VMX_VCPU_OFF, VMX_EXIT_REASON_OFF                   kernels (from BTF)
 //   KVM_VCPU_ID_OFF     offset of vcpu_id in struct kvm_vcpu (raw paths)
-//   FILTER_OUT(tgid, tid)   true for threads the user did not ask for
+//   FILTER_TGID         count this process only, or
+//   FILTER_TIDS         count the threads whose bits are set in tid_filter
+//                       (TID_WORDS u64 words: one bit per possible TID)
 //   MAX_THREADS, MAX_RARE   capacity of the two hash tables
 //   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
 //   LATENCY             also time each exit until the vCPU re-enters
+// and the numbers kvmexit.py shares with this file (shared_macros()):
+//   ISA_VMX, ISA_SVM, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_BUCKETS, NR_LOST and
+//   the LOST_* indexes of pcpu_lost.
 //
 // Layout: a vCPU thread tends to exit again on the CPU it last exited on,
 // so each CPU keeps the counters of the thread that exited there last in a
@@ -21,25 +26,12 @@
 // both: on each CPU the cache slot is newer than the hash entry of the same
 // thread.
 
-#define ISA_VMX 1
-#define ISA_SVM 2
-
 // Exit codes 0..DIRECT_SLOTS-1 count in the slot of the same number, and
 // HIGH_SLOTS more cover codes from 0x400 (SVM's NPF, AVIC, VMGEXIT).  The
 // layout follows the vendor module: VMX codes end below 96, SVM's main
 // ones below 0xb0.  Any other code (a VMX failed-entry flag, SVM_EXIT_ERR,
 // a code from a newer CPU) is rare and counted exactly in pcpu_rare_stat.
-#define HIGH_BASE 0x400
 #define NR_SLOTS (DIRECT_SLOTS + HIGH_SLOTS)
-
-// Why an exit could not be counted; the report prints any non-zero one.
-#define LOST_THREAD_TABLE_FULL 0
-#define LOST_RARE_TABLE_FULL 1
-#define LOST_REASON_UNREADABLE 2
-#define LOST_LATENCY_TABLE_FULL 3
-#define NR_LOST 4
-
-#define VCPU_ID_UNKNOWN 0xffffffff
 
 struct thread_counts {
     u32 vcpu_id;
@@ -162,7 +154,6 @@ static __always_inline void count_rare(u64 pid_tgid, struct exit_event *ev)
 #ifdef LATENCY
 // Exit handling time: from a thread's kvm_exit to its next kvm_entry.
 // Keyed by thread, so only that thread writes an entry: no atomics.
-#define LAT_BUCKETS 40          // log2(ns) up to ~18 minutes
 
 struct exit_start {
     u64 ts;                     // 0: no exit pending
@@ -238,11 +229,25 @@ static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 }
 #endif
 
+#ifdef FILTER_TIDS
+// A bitmap rather than a chain of comparisons: the same cost for one TID
+// or thousands, and no limit from the compiler.  An array lookup is
+// inlined by the verifier, so this is a few instructions.
+BPF_ARRAY(tid_filter, u64, TID_WORDS);
+#endif
+
 static __always_inline bool filtered_out(u64 pid_tgid)
 {
-    u32 tgid = pid_tgid >> 32, tid = pid_tgid;
+#if defined(FILTER_TGID)
+    return (u32)(pid_tgid >> 32) != FILTER_TGID;
+#elif defined(FILTER_TIDS)
+    u32 tid = pid_tgid, word = tid / 64;
+    u64 *bits = tid_filter.lookup(&word);
 
-    return FILTER_OUT(tgid, tid);
+    return !bits || !(*bits & (1ULL << (tid % 64)));
+#else
+    return false;
+#endif
 }
 
 static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)

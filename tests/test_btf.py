@@ -4,6 +4,7 @@ kvm-intel.ko), cross-checked with bpftool."""
 
 import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -46,9 +47,9 @@ def bpftool_member_bits(btf_dir, module, struct, member):
 def test_debian61_amd_offsets_match_bpftool(debian61):
     d = debian61["amd"]
     vmlinux = kvmexit.load_btf("vmlinux", btf_dir=d)
-    cflags, why = kvmexit.raw_reason_offsets(vmlinux, d)
-    assert cflags == ["-DSVM_VCPU_OFF=0", "-DSVM_VMCB_OFF=6552",
-                      "-DVMCB_EXIT_CODE_OFF=112", "-DKVM_VCPU_ID_OFF=36"]
+    offsets, why = kvmexit.raw_reason_offsets(vmlinux, d)
+    assert offsets == {"SVM_VCPU_OFF": 0, "SVM_VMCB_OFF": 6552,
+                       "VMCB_EXIT_CODE_OFF": 112, "KVM_VCPU_ID_OFF": 36}
     assert why == "BTF: vcpu_svm.vmcb at 6552, vmcb.control.exit_code at 112"
     assert bpftool_member_bits(d, "kvm_amd", "vcpu_svm", "vmcb") == 6552 * 8
     assert bpftool_member_bits(d, "kvm_amd", "vmcb_control_area",
@@ -59,9 +60,9 @@ def test_debian61_amd_offsets_match_bpftool(debian61):
 def test_debian61_intel_offsets_match_bpftool(debian61):
     d = debian61["intel"]
     vmlinux = kvmexit.load_btf("vmlinux", btf_dir=d)
-    cflags, why = kvmexit.raw_reason_offsets(vmlinux, d)
-    assert cflags == ["-DVMX_VCPU_OFF=0", "-DVMX_EXIT_REASON_OFF=7808",
-                      "-DKVM_VCPU_ID_OFF=36"]
+    offsets, why = kvmexit.raw_reason_offsets(vmlinux, d)
+    assert offsets == {"VMX_VCPU_OFF": 0, "VMX_EXIT_REASON_OFF": 7808,
+                       "KVM_VCPU_ID_OFF": 36}
     assert why == "BTF: vcpu_vmx.exit_reason at 7808"
     assert bpftool_member_bits(d, "kvm_intel", "vcpu_vmx",
                                "exit_reason") == 7808 * 8
@@ -74,18 +75,67 @@ def test_debian61_kvm_exit_prototype_is_in_kvm_module(debian61):
     assert kvm.tracepoint_params("kvm_exit") == 2      # (vcpu, isa)
 
 
-def test_debian61_amd_chooses_raw_intel_only_on_request(debian61):
+def test_debian61_chooses_raw_on_amd_and_intel(debian61):
     amd = kvmexit.choose_probe("auto", TP_DIR, debian61["amd"])
     assert (amd.kind, amd.why) == (
         "raw-new", "kvm_exit(vcpu, isa): BTF: vcpu_svm.vmcb at 6552, "
         "vmcb.control.exit_code at 112")
+    assert amd.sees_vcpu_ids
+    assert amd.fallback.kind == "tracepoint"
     intel = kvmexit.choose_probe("auto", TP_DIR, debian61["intel"])
-    assert intel.kind == "tracepoint"
-    assert intel.why == ("fallback, kvm_exit(vcpu, isa): BTF: "
-                         "vcpu_vmx.exit_reason at 7808")
+    assert (intel.kind, intel.why) == (
+        "raw-new", "kvm_exit(vcpu, isa): BTF: vcpu_vmx.exit_reason at 7808")
+    assert intel.macros() == ["-DPROBE_RAW_NEW", "-DVMX_VCPU_OFF=0",
+                              "-DVMX_EXIT_REASON_OFF=7808",
+                              "-DKVM_VCPU_ID_OFF=36"]
+
+
+def test_raw_asked_for_has_no_fallback(debian61):
+    # A raw probe the kernel refuses must not become the tracepoint
+    # silently when the user asked for raw.
     forced = kvmexit.choose_probe("raw", TP_DIR, debian61["intel"])
-    assert forced.kind == "raw-new"
-    assert "-DVMX_EXIT_REASON_OFF=7808" in forced.macros()
+    assert (forced.kind, forced.requested, forced.fallback) == (
+        "raw-new", "raw", None)
+    auto = kvmexit.choose_probe("auto", TP_DIR, debian61["intel"])
+    assert auto.fallback.why == "fallback, the raw tracepoint did not attach"
+
+
+def with_struct(data, name, base_strings):
+    """A copy of split BTF `data` with one more (empty) struct `name`."""
+    magic, version, flags, hdr_len, type_off, type_len, str_off, str_len = \
+        struct.unpack_from("<HBBIIIII", data)
+    types = data[hdr_len + type_off:hdr_len + type_off + type_len]
+    strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+    # A module's string offsets continue its base's.
+    types += struct.pack("<III", base_strings + len(strings),
+                         kvmexit.BTF_KIND_STRUCT << 24, 0)
+    strings += name.encode() + b"\0"
+    return struct.pack("<HBBIIIII", magic, version, flags, 24, 0, len(types),
+                       len(types), len(strings)) + types + strings
+
+
+def test_intel_kernel_that_can_run_tdx_guests_takes_the_tracepoint(
+        debian61, tmp_path):
+    # Linux 6.16+ with TDX: its vCPUs exit with isa VMX but are struct
+    # vcpu_tdx, where VMX offsets would read the wrong memory.
+    for name in ("vmlinux", "kvm", "kvm_intel"):
+        shutil.copy("%s/%s" % (debian61["intel"], name), tmp_path / name)
+    vmlinux = kvmexit.load_btf("vmlinux", btf_dir=str(tmp_path))
+    module = (tmp_path / "kvm_intel").read_bytes()
+    (tmp_path / "kvm_intel").write_bytes(
+        with_struct(module, "vcpu_tdx", len(vmlinux.strings)))
+    tdx = kvmexit.load_btf("kvm_intel", vmlinux, str(tmp_path))
+    assert tdx.named(kvmexit.BTF_KIND_STRUCT, "vcpu_tdx") is not None
+    assert tdx.offset("vcpu_vmx", "exit_reason") == 7808
+
+    probe = kvmexit.choose_probe("auto", TP_DIR, str(tmp_path))
+    assert (probe.kind, probe.why) == (
+        "tracepoint", "fallback, kvm_exit(vcpu, isa): BTF has vcpu_tdx: TDX "
+        "vCPUs also exit as VMX but are not vcpu_vmx")
+    with pytest.raises(kvmexit.Error, match="^--probe raw: cannot get the "
+                       "exit reason from the raw tracepoint here \\(kvm_exit"
+                       "\\(vcpu, isa\\): BTF has vcpu_tdx"):
+        kvmexit.choose_probe("raw", TP_DIR, str(tmp_path))
 
 
 def test_running_kernel_has_new_layout_and_no_vendor_btf():
@@ -109,10 +159,9 @@ def test_missing_btf_falls_back_to_tracepoint(tmp_path):
 
 
 def test_raw_new_program_with_debian61_offsets_loads_and_attaches(debian61):
-    bcc = kvmexit.import_bcc()
     probe = kvmexit.choose_probe("auto", TP_DIR, debian61["amd"])
-    b = kvmexit.load_program(bcc, probe, kvmexit.Selection("all threads",
-                                                           "all"), 64)
+    b = kvmexit.load_program(probe, kvmexit.Selection("all threads", "all"),
+                             64, kvmexit.SVM_LAYOUT)
     try:
         kvmexit.attach_raw(b)
         assert list(b.raw_tracepoint_fds) == [b"kvm_exit"]

@@ -16,6 +16,7 @@ import os
 import pytest
 
 import kvmexit
+from helpers import print_report
 import bpfrun
 
 SVM = kvmexit.ISA_SVM
@@ -28,7 +29,7 @@ RARE_FULL = 1
 
 @pytest.fixture
 def prog(bcc, cpus_0_1):
-    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "test"),
+    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
                              kvmexit.Selection("all threads", "all"),
                              MAX_THREADS, kvmexit.SVM_LAYOUT)
     b.fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
@@ -105,7 +106,7 @@ def test_the_report_shows_only_the_threads_that_fit(prog, threads):
         fire(t, prog.fd, [(0, 0x78, i + 1)])
     snap = snap_of(prog)
     out = io.StringIO()
-    kvmexit.print_report(kvmexit.Selection("all threads", "all"), snap,
+    print_report(kvmexit.Selection("all threads", "all"), snap,
                          kvmexit.ReasonNames(), out=out)
     rows = [r.split() for r in out.getvalue().splitlines()[1:]]
     assert sorted(int(r[1]) for r in rows) == \
@@ -151,7 +152,7 @@ def test_a_full_rare_table_is_counted_as_lost_and_warned(bcc, cpus_0_1,
                                                          threads, capsys,
                                                          monkeypatch):
     monkeypatch.setattr(kvmexit, "MAX_RARE", 8)
-    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "test"),
+    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
                              kvmexit.Selection("all threads", "all"),
                              MAX_THREADS, kvmexit.SVM_LAYOUT)
     try:

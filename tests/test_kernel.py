@@ -7,7 +7,7 @@ fires kvm_exit, so counting is checked with the raw program of old kernels
 BPF_PROG_TEST_RUN runs it in the kernel from threads of this process pinned
 to chosen CPUs (tests/bpfrun.py), each run one kvm_exit event with the
 exit reason and isa we choose.  Counts are then read back with
-kvmexit.snapshot() and printed with kvmexit.print_report()."""
+kvmexit.snapshot() and printed with print_report()."""
 
 import io
 import os
@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 
 import kvmexit
+from helpers import print_report
 from kvmexit_conftest import row, text_lines
 
 VMX, SVM = kvmexit.ISA_VMX, kvmexit.ISA_SVM
 PID = os.getpid()
 UNKNOWN = kvmexit.VCPU_ID_UNKNOWN
-TRACEPOINT = kvmexit.Probe("tracepoint", "test", ["-DTP_HAS_VCPU_ID"])
+TRACEPOINT = kvmexit.Probe("tracepoint", "test", tp_vcpu_id=True)
 RAW_OLD = kvmexit.Probe("raw-old", "test")
-RAW_NEW_SVM = kvmexit.Probe("raw-new", "test", [
-    "-DSVM_VCPU_OFF=0", "-DSVM_VMCB_OFF=5888", "-DVMCB_EXIT_CODE_OFF=112"])
-RAW_NEW_VMX = kvmexit.Probe("raw-new", "test", [
-    "-DVMX_VCPU_OFF=0", "-DVMX_EXIT_REASON_OFF=6400",
-    "-DKVM_VCPU_ID_OFF=160"])
+RAW_NEW_SVM = kvmexit.Probe("raw-new", "test", {
+    "SVM_VCPU_OFF": 0, "SVM_VMCB_OFF": 5888, "VMCB_EXIT_CODE_OFF": 112})
+RAW_NEW_VMX = kvmexit.Probe("raw-new", "test", {
+    "VMX_VCPU_OFF": 0, "VMX_EXIT_REASON_OFF": 6400, "KVM_VCPU_ID_OFF": 160})
 ALL = kvmexit.Selection("all threads", "all")
 
 
@@ -42,7 +42,7 @@ class Program:
                  layout=kvmexit.SVM_LAYOUT, max_threads=64):
         self.layout, self.selection = layout, selection
         self.ncpus = kvmexit.possible_cpus()
-        self.b = kvmexit.load_program(bcc, probe, selection, max_threads,
+        self.b = kvmexit.load_program(probe, selection, max_threads,
                                       layout)
         self.fd = self.b.load_func(b"raw_kvm_exit",
                                    bcc.BPF.RAW_TRACEPOINT).fd \
@@ -80,7 +80,7 @@ class Program:
 
     def report(self, snap, selection=None):
         out = io.StringIO()
-        kvmexit.print_report(selection or self.selection, snap,
+        print_report(selection or self.selection, snap,
                              kvmexit.ReasonNames(), out=out)
         return out.getvalue()
 
@@ -170,13 +170,14 @@ def test_raw_old_probe_loads_but_this_kernel_refuses_to_attach_it(bcc):
 
 
 def test_start_tracing_falls_back_to_the_tracepoint_if_raw_is_refused(bcc):
-    tp_dir = kvmexit.tracepoint_dir()
+    fallback = kvmexit.Probe("tracepoint", "fallback, the raw tracepoint "
+                             "did not attach", tp_vcpu_id=True)
     probe = kvmexit.Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, "
-                          "vcpu, isa) passes the exit reason")
-    b, chosen = kvmexit.start_tracing(bcc, probe, ALL, 64,
-                                      kvmexit.SVM_LAYOUT, tp_dir)
+                          "vcpu, isa) passes the exit reason",
+                          fallback=fallback)
+    b, chosen = kvmexit.start_tracing(probe, ALL, 64, kvmexit.SVM_LAYOUT)
     try:
-        assert chosen.kind == "tracepoint"
+        assert chosen is fallback
         assert chosen.why.startswith("fallback, the raw tracepoint did not "
                                      "attach (")
         assert list(b.tracepoint_fds) == [b"kvm:kvm_exit"]
@@ -186,10 +187,12 @@ def test_start_tracing_falls_back_to_the_tracepoint_if_raw_is_refused(bcc):
 
 
 def test_start_tracing_with_raw_asked_for_does_not_fall_back(bcc):
-    probe = kvmexit.Probe("raw-old", "asked for with --probe raw")
+    # What choose_probe() makes of --probe raw: a raw probe, no fallback.
+    probe = kvmexit.Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, "
+                          "vcpu, isa) passes the exit reason",
+                          requested="raw")
     with pytest.raises(kvmexit.Error) as exc:
-        kvmexit.start_tracing(bcc, probe, ALL, 64, kvmexit.SVM_LAYOUT,
-                              kvmexit.tracepoint_dir())
+        kvmexit.start_tracing(probe, ALL, 64, kvmexit.SVM_LAYOUT)
     assert str(exc.value).startswith("cannot attach the raw tracepoint: ")
 
 

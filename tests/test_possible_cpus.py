@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kvmexit
+from helpers import print_report
 
 SVM = kvmexit.ISA_SVM
 PID = 4242
@@ -153,7 +154,7 @@ def test_snapshot_reads_every_map_for_all_possible_cpus(sys_cpu,
     assert snap.lost[0] == 4
 
     out = io.StringIO()
-    kvmexit.print_report(kvmexit.Selection("all threads", "all"), snap,
+    print_report(kvmexit.Selection("all threads", "all"), snap,
                          kvmexit.ReasonNames(), out=out)
     assert [line.split()[-1] for line in out.getvalue().splitlines()[1:]] \
         == ["36", "3", "2", "10", "4"]
@@ -167,7 +168,7 @@ def test_read_percpu_sizes_its_buffer_for_the_possible_cpus(bcc, cpus_0_1,
     ncpus = kvmexit.possible_cpus()
     assert ncpus == len(get_possible_cpus())
     assert ncpus >= len(os.sched_getaffinity(0))
-    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "test"),
+    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
                              kvmexit.Selection("all threads", "all"), 16,
                              LAYOUT)
     try:

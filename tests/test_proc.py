@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import kvmexit
+from helpers import count_vcpus
 
 QEMU_PID = 5
 OTHER_QEMU_PID = 30
@@ -54,7 +55,7 @@ def select(proc, *argv):
 
 def selection_fields(sel):
     return (sel.context, sel.view, sel.tgid, sel.tids, sel.vcpu,
-            sel.filter_out())
+            sel.kernel_filter())
 
 
 #
@@ -98,7 +99,7 @@ def test_vcpu_1_is_cpu_1_kvm_not_cpu_10_kvm(proc):
     names = kvmexit.thread_names(5, proc.path)
     assert [names[t] for t in sel.tids] == ["CPU 1/KVM\n"]
     assert sel.tids == [vcpu_tid(proc.order, 1)]
-    assert sel.filter_out() == "(tid) != %d" % vcpu_tid(proc.order, 1)
+    assert sel.kernel_filter() == ["-DFILTER_TIDS"]
 
 
 def test_vcpu_thread_of_a_vcpu_qemu_does_not_have_is_none(proc):
@@ -128,13 +129,13 @@ def test_vcpu_fds_of_a_process_without_fd_dir_is_empty(proc):
 
 
 def test_count_vcpus_sums_the_vcpu_fds_of_all_processes(proc):
-    assert kvmexit.count_vcpus(proc.path) == 12 + 2
+    assert count_vcpus(proc.path) == 12 + 2
 
 
 def test_non_qemu_vcpu_is_selected_by_the_kernel_vcpu_id(proc):
     sel = select(proc, "-p", 40, "-v", 1)
     assert selection_fields(sel) == ("PID 40 VCPU 1", "vcpu", 40, None, 1,
-                                     "(tgid) != 40")
+                                     ["-DFILTER_TGID=40"])
 
 
 def test_non_qemu_vcpu_it_does_not_have_is_an_error(proc):
@@ -153,20 +154,20 @@ def test_qemu_thread_name_wins_over_the_vcpu_fds(proc):
 # Every view: context (the first line), view, filter
 #
 @pytest.mark.parametrize("argv,fields", [
-    ([], ("all threads", "all", None, None, None, "0")),
-    (["-p", 5], ("PID 5", "pid", 5, None, None, "(tgid) != 5")),
+    ([], ("all threads", "all", None, None, None, [])),
+    (["-p", 5], ("PID 5", "pid", 5, None, None, ["-DFILTER_TGID=5"])),
     (["-p", 5, "-a"], ("PID 5 and its all threads", "alltids", 5, None,
-                       None, "(tgid) != 5")),
-    (["-t", 7], ("TID 7", "tid", None, [7], None, "(tid) != 7")),
+                       None, ["-DFILTER_TGID=5"])),
+    (["-t", 7], ("TID 7", "tid", None, [7], None, ["-DFILTER_TIDS"])),
     (["-T", "7,8"], ("TIDS ['7', '8']", "tids", None, [7, 8], None,
-                     "(tid) != 7 && (tid) != 8")),
+                     ["-DFILTER_TIDS"])),
     (["-T", "8,7"], ("TIDS ['8', '7']", "tids", None, [8, 7], None,
-                     "(tid) != 8 && (tid) != 7")),
-    (["-t", 31], ("TID 31", "tid", None, [31], None, "(tid) != 31")),
-    (["-p", 5, "-t", 7], ("TID 7", "tid", None, [7], None, "(tid) != 7")),
+                     ["-DFILTER_TIDS"])),
+    (["-t", 31], ("TID 31", "tid", None, [31], None, ["-DFILTER_TIDS"])),
+    (["-p", 5, "-t", 7], ("TID 7", "tid", None, [7], None, ["-DFILTER_TIDS"])),
     (["-p", 5, "-T", "6,7"], ("TIDS ['6', '7']", "tids", None, [6, 7],
-                              None, "(tid) != 6 && (tid) != 7")),
-    (["-p", 5, 3], ("PID 5", "pid", 5, None, None, "(tgid) != 5")),
+                              None, ["-DFILTER_TIDS"])),
+    (["-p", 5, 3], ("PID 5", "pid", 5, None, None, ["-DFILTER_TGID=5"])),
 ])
 def test_selection_of_each_view(proc, argv, fields):
     assert selection_fields(select(proc, *argv)) == fields
@@ -175,39 +176,37 @@ def test_selection_of_each_view(proc, argv, fields):
 def test_selection_of_the_vcpu_view(proc):
     tid = vcpu_tid(proc.order, 1)
     assert selection_fields(select(proc, "-p", 5, "-v", 1)) == (
-        "PID 5 VCPU 1", "vcpu", None, [tid], 1, "(tid) != %d" % tid)
+        "PID 5 VCPU 1", "vcpu", None, [tid], 1, ["-DFILTER_TIDS"])
 
 
 def test_selection_of_vcpu_0(proc):
     tid = vcpu_tid(proc.order, 0)
     assert selection_fields(select(proc, "-p", 5, "-v", 0)) == (
-        "PID 5 VCPU 0", "vcpu", None, [tid], 0, "(tid) != %d" % tid)
+        "PID 5 VCPU 0", "vcpu", None, [tid], 0, ["-DFILTER_TIDS"])
 
 
 def test_hand_made_selection_contexts_and_filters():
     cases = [
-        (kvmexit.Selection("all threads", "all"), "0"),
-        (kvmexit.Selection("PID 5", "pid", tgid=5), "(tgid) != 5"),
+        (kvmexit.Selection("all threads", "all"), []),
+        (kvmexit.Selection("PID 5", "pid", tgid=5), ["-DFILTER_TGID=5"]),
         (kvmexit.Selection("PID 5 VCPU 1", "vcpu", tids=[9], vcpu=1),
-         "(tid) != 9"),
+         ["-DFILTER_TIDS"]),
         (kvmexit.Selection("PID 5 VCPU 1", "vcpu", tgid=5, vcpu=1),
-         "(tgid) != 5"),
+         ["-DFILTER_TGID=5"]),
         (kvmexit.Selection("PID 5 and its all threads", "alltids", tgid=5),
-         "(tgid) != 5"),
-        (kvmexit.Selection("TID 7", "tid", tids=[7]), "(tid) != 7"),
+         ["-DFILTER_TGID=5"]),
+        (kvmexit.Selection("TID 7", "tid", tids=[7]), ["-DFILTER_TIDS"]),
         (kvmexit.Selection("TIDS ['7', '8']", "tids", tids=[7, 8]),
-         "(tid) != 7 && (tid) != 8"),
+         ["-DFILTER_TIDS"]),
     ]
     for sel, expr in cases:
-        assert sel.filter_out() == expr, sel.context
+        assert sel.kernel_filter() == expr, sel.context
 
 
 def test_filter_is_built_from_integers_only():
     # A TID that is not an integer cannot reach the C source.
     with pytest.raises((ValueError, TypeError)):
-        kvmexit.Selection("x", "tids", tids=["7) || (1"]).filter_out()
-    with pytest.raises((ValueError, TypeError)):
-        kvmexit.Selection("x", "pid", tgid="5 || 1").filter_out()
+        kvmexit.Selection("x", "pid", tgid="5 || 1").kernel_filter()
 
 
 #
@@ -244,7 +243,7 @@ def test_real_proc_vcpu_1_picks_the_thread_named_cpu_1_kvm(named_threads):
                                                      "1"]))
     assert selection_fields(sel) == (
         "PID %d VCPU 1" % pid, "vcpu", None, [named_threads["CPU 1/KVM"]],
-        1, "(tid) != %d" % named_threads["CPU 1/KVM"])
+        1, ["-DFILTER_TIDS"])
 
 
 def test_real_proc_vcpu_fds_of_this_process(kvm_vcpus):
@@ -253,7 +252,7 @@ def test_real_proc_vcpu_fds_of_this_process(kvm_vcpus):
     sel = kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-v",
                                                      "3"]))
     assert selection_fields(sel) == ("PID %d VCPU 3" % pid, "vcpu", pid,
-                                     None, 3, "(tgid) != %d" % pid)
+                                     None, 3, ["-DFILTER_TGID=%d" % pid])
     with pytest.raises(kvmexit.Error) as exc:
         kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-v",
                                                    "1"]))
@@ -266,7 +265,7 @@ def test_real_proc_thread_of_this_process():
     sel = kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-t",
                                                      str(tid)]))
     assert selection_fields(sel) == ("TID %d" % tid, "tid", None, [tid],
-                                     None, "(tid) != %d" % tid)
+                                     None, ["-DFILTER_TIDS"])
 
 
 def test_real_proc_tid_of_another_process_is_refused():

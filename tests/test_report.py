@@ -12,6 +12,7 @@ import io
 import pytest
 
 import kvmexit
+from helpers import print_report
 
 VMX, SVM = kvmexit.ISA_VMX, kvmexit.ISA_SVM
 UNKNOWN = kvmexit.VCPU_ID_UNKNOWN
@@ -40,7 +41,7 @@ HOST_VCPUS = {(1000, 1001): 0, (200, 205): 1, (200, 203): 0}
 def report(selection, counts, vcpu_ids, names=None):
     out = io.StringIO()
     snap = kvmexit.Snapshot(dict(counts), dict(vcpu_ids), [0, 0, 0])
-    kvmexit.print_report(selection, snap, names or kvmexit.ReasonNames(),
+    print_report(selection, snap, names or kvmexit.ReasonNames(),
                          out=out)
     return out.getvalue()
 

@@ -35,9 +35,9 @@ def import_bcc():
     """bcc (and numpy), as kvmexit imports them at its start, before
     tracing: so the report's time does not include importing them."""
     try:
-        bcc = kvmexit.import_bcc()
-        kvmexit.ensure_kernel_headers(
-            note=lambda s: print(s, file=sys.stderr))
+        kvmexit.check_bcc()
+        kvmexit.check_kernel_headers()
+        bcc = kvmexit.bcc
     except kvmexit.Error as e:
         sys.exit("kvmexit: %s" % e)
     return bcc
@@ -58,7 +58,7 @@ def load_ours(bcc, max_threads, layout=kvmexit.SVM_LAYOUT,
     """kvmexit's program in the raw-old mode, loaded but not attached:
     (BPF object, program fd)."""
     selection = selection or kvmexit.Selection("all threads", "all")
-    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "bench"),
+    b = kvmexit.load_program(kvmexit.Probe("raw-old", "bench"),
                              selection, max_threads, layout)
     fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
     return b, fd

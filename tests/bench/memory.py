@@ -73,6 +73,7 @@ import sys
 import time
 
 import benchlib
+from helpers import count_vcpus  # noqa: E402
 from benchlib import kvmexit
 
 HTAB = 832
@@ -268,7 +269,7 @@ def fire_some(fd, name, threads):
 
 
 def check_ours(bcc, rows, loads, name, layout, cpus):
-    m = default_max_threads(kvmexit.count_vcpus())
+    m = default_max_threads(count_vcpus())
     load = Loaded("kvmexit %s, M = %d" % (name, m),
                   lambda: benchlib.load_ours(bcc, m, layout),
                   ours_percpu(layout, m))
@@ -299,7 +300,7 @@ def check_ours(bcc, rows, loads, name, layout, cpus):
 def check_ours_latency(bcc, rows, cpus):
     """SVM, M not a power of two, --latency: the maps that depend on M."""
     layout, m = kvmexit.SVM_LAYOUT, CHECK_ODD_M
-    b = kvmexit.load_program(bcc, kvmexit.Probe("raw-old", "bench"),
+    b = kvmexit.load_program(kvmexit.Probe("raw-old", "bench"),
                              kvmexit.Selection("all threads", "all"), m,
                              layout, latency=True)
     ok = True

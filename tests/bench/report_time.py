@@ -17,7 +17,7 @@ the same maps:
             (which copies every CPU's cache slot) to see whether that CPU
             caches the thread, then the count from the cache or the table;
             a line for each non-zero sum.
-  kvmexit   kvmexit.snapshot() + kvmexit.print_report(): every map read
+  kvmexit   kvmexit.snapshot() + print_report(): every map read
             once, all CPUs at once -- the thread and rare hashes whole
             with BPF_MAP_LOOKUP_BATCH (Linux 5.6+; one lookup per key on
             older kernels), the cache and lost arrays by key -- and
@@ -31,7 +31,7 @@ in a child process.  Synthetic per-CPU buffers of the real byte size
 (layout.words u64 per thread per CPU, SVM: 193 words = 1544 bytes, so
 4096 x 640 x 1544 B = 3.8 GiB) are fed through kvmexit.snapshot() itself,
 with kvmexit.read_percpu() replaced by a function that returns them, and
-kvmexit.print_report() to /dev/null.  The time the kernel would take to
+print_report() to /dev/null.  The time the kernel would take to
 copy those bytes out is not in it: it is estimated apart, from the
 copy-out rate of a 32 KiB-per-CPU map lookup measured here.
 """
@@ -46,6 +46,7 @@ import sys
 import time
 
 import benchlib
+from helpers import print_report  # noqa: E402
 from benchlib import kvmexit
 
 KS = (16, 64, 256, 1024)
@@ -105,7 +106,7 @@ def baseline_report(b, layout, ncpus, names, out):
 
 def kvmexit_report(b, layout, ncpus, names, selection, out):
     snap = kvmexit.snapshot(b, layout, ncpus)
-    kvmexit.print_report(selection, snap, names, out)
+    print_report(selection, snap, names, out)
     return snap
 
 
@@ -269,7 +270,7 @@ def model(ncpus, nthreads):
         for _ in range(3):
             t = time.perf_counter()
             snap = kvmexit.snapshot(FakeMaps(), layout, ncpus)
-            kvmexit.print_report(selection, snap, names, devnull)
+            print_report(selection, snap, names, devnull)
             times.append(time.perf_counter() - t)
     assert sum(snap.counts.values()) == total, "model: counts do not add up"
     assert len(snap.counts) == nthreads * per_thread
