@@ -50,7 +50,12 @@ POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 ISA_VMX, ISA_SVM = 1, 2                 # kvm_exit's isa argument
 VCPU_ID_UNKNOWN = 0xffffffff            # the probe cannot see vCPU ids
 HIGH_BASE = 0x400                       # first SVM code of the high slots
-LAT_BUCKETS = 40                        # log2(ns) up to ~18 minutes
+# The latency histogram (see latency_bucket()): LAT_SUB buckets per power
+# of two, times up to 2^LAT_MAX_LOG2 ns (about 69 s).
+LAT_SUB_BITS = 3
+LAT_SUB = 1 << LAT_SUB_BITS
+LAT_MAX_LOG2 = 36
+LAT_BUCKETS = (LAT_MAX_LOG2 - LAT_SUB_BITS + 1) * LAT_SUB
 # Why an exit could not be counted: the C macro of its pcpu_lost index, and
 # what the warning after the report says.
 LOST = (
@@ -67,7 +72,9 @@ LOST_REASONS = tuple(why for _, why in LOST)
 def shared_macros():
     values = {"ISA_VMX": ISA_VMX, "ISA_SVM": ISA_SVM,
               "VCPU_ID_UNKNOWN": VCPU_ID_UNKNOWN, "HIGH_BASE": HIGH_BASE,
-              "LAT_BUCKETS": LAT_BUCKETS, "NR_LOST": len(LOST)}
+              "LAT_SUB_BITS": LAT_SUB_BITS, "LAT_SUB": LAT_SUB,
+              "LAT_MAX_LOG2": LAT_MAX_LOG2, "LAT_BUCKETS": LAT_BUCKETS,
+              "NR_LOST": len(LOST)}
     values.update((macro, i) for i, (macro, _) in enumerate(LOST))
     return ["-D%s=%d" % item for item in values.items()]
 
@@ -289,7 +296,8 @@ def build_parser():
                          help="CSV rows, one per thread and reason")
     parser.add_argument("--latency", action="store_true",
                         help="also time each exit until its vCPU re-enters "
-                             "the guest: average, p99 and maximum")
+                             "the guest: average, p50, p90, p99 and "
+                             "maximum")
     parser.add_argument("--show-vcpu", action="store_true",
                         help="add a VCPU column (the kernel's vCPU id)")
     parser.add_argument("--comm", action="store_true",
@@ -1000,20 +1008,26 @@ def check_table_memory(max_threads, layout, ncpus, latency=False,
                        gib(available)))
 
 
-def program_cflags(probe, selection, max_threads, layout, latency=False):
+def program_cflags(probe, selection, max_threads, layout, latency=False,
+                   detail=False, test_entries=False):
+    """test_entries: also compile raw tracepoint entries that tests and
+    benchmarks run with BPF_PROG_TEST_RUN; never for tracing."""
     return shared_macros() + probe.macros() + layout.macros() + \
         selection.kernel_filter() + [
             "-DTID_WORDS=%d" % ((pid_max() + 63) // 64),
             "-DMAX_THREADS=%d" % max_threads,
             "-DMAX_RARE=%d" % MAX_RARE,
-        ] + (["-DLATENCY"] if latency else [])
+        ] + (["-DLATENCY"] if latency else []) + \
+        (detail_macros() if detail else []) + \
+        (["-DTEST_ENTRIES"] if test_entries else [])
 
 
 def load_program(probe, selection, max_threads, layout, latency=False,
-                 debug=False):
+                 debug=False, detail=False, test_entries=False):
     """Compile and load.  Tracepoint programs are attached by bcc as it
     loads them; raw ones by attach_raw()."""
-    cflags = program_cflags(probe, selection, max_threads, layout, latency)
+    cflags = program_cflags(probe, selection, max_threads, layout, latency,
+                            detail, test_entries)
     if debug:
         print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
     source = bpf_source().encode()
@@ -1298,9 +1312,37 @@ def report_rows(selection, snap, top=None):
                         selection.group, top)
 
 
+#
+# Exit handling times: a log-linear histogram, as bpf/kvmexit.bpf.c keeps it
+#
+PERCENTILES = (50, 90, 99)
+
+
+def latency_bucket(ns):
+    """The bucket of a time, as lat_bucket() in the BPF C computes it: one
+    per ns below 2 * LAT_SUB, then LAT_SUB equal buckets per power of two,
+    so that a bucket is at most 1/LAT_SUB of its lower bound wide."""
+    if ns < 2 * LAT_SUB:
+        return ns
+    log2 = ns.bit_length() - 1
+    if log2 >= LAT_MAX_LOG2:
+        return LAT_BUCKETS - 1
+    return (log2 - LAT_SUB_BITS + 1) * LAT_SUB + \
+        (ns >> (log2 - LAT_SUB_BITS)) - LAT_SUB
+
+
+def bucket_bounds(bucket):
+    """(lowest, highest) ns a bucket holds (the last one holds more)."""
+    if bucket < 2 * LAT_SUB:
+        return bucket, bucket
+    shift = bucket // LAT_SUB - 1
+    low = (bucket % LAT_SUB + LAT_SUB) << shift
+    return low, low + (1 << shift) - 1
+
+
 class Latency:
     """Exit handling times of one (thread, reason): count, sum, max and a
-    log2 histogram, as bpf/kvmexit.bpf.c keeps them."""
+    log-linear histogram, as bpf/kvmexit.bpf.c keeps them."""
 
     def __init__(self, count=0, total_ns=0, max_ns=0, hist=None):
         self.count, self.total_ns, self.max_ns = count, total_ns, max_ns
@@ -1327,15 +1369,211 @@ class Latency:
     def avg_ns(self):
         return self.total_ns / self.count if self.count else 0.0
 
-    def p99_ns(self):
-        """Upper bound of the log2 bucket holding the 99th percentile:
-        bucket b holds times in [2^(b-1), 2^b) ns (bcc's bpf_log2l)."""
+    def percentile_ns(self, percent):
+        """The nearest-rank percentile (the time of the ceil(percent% * n)-th
+        fastest exit), as the middle of the bucket that holds it: within
+        1/(2 * LAT_SUB) = 6.25% of the exact time.  Never above the
+        maximum, which is exact and then closer."""
+        rank = (sum(self.hist) * percent + 99) // 100
         seen = 0
         for bucket, n in enumerate(self.hist):
             seen += n
-            if n and seen * 100 >= self.count * 99:
-                return 1 << bucket
+            if n and seen >= rank:
+                low, high = bucket_bounds(bucket)
+                return min((low + high) // 2, self.max_ns)
         return 0
+
+    def percentiles_ns(self):
+        return [self.percentile_ns(p) for p in PERCENTILES]
+
+
+#
+# --detail: the sub-keys behind each exit reason (bpf/detail.h)
+#
+# name: number in struct detail_key's kind (passed to the C as
+# -DDETAIL_<NAME>).
+DETAIL_KINDS = {"port": 1, "msr": 2, "page": 3, "mmio": 4, "vector": 5,
+                "cr": 6, "hypercall": 7, "user": 8}
+DETAIL_KIND_NAMES = {n: k for k, n in DETAIL_KINDS.items()}
+MAX_DETAIL = 16384
+
+# Well-known MSRs (Intel SDM vol. 4, AMD APM vol. 2, KVM's and Hyper-V's
+# paravirtual ones), to name the MSR behind MSR exits.
+MSR_NAMES = {
+    0x10: "IA32_TSC", 0x11: "KVM_WALL_CLOCK", 0x12: "KVM_SYSTEM_TIME",
+    0x1b: "IA32_APIC_BASE", 0x3a: "IA32_FEATURE_CONTROL",
+    0x3b: "IA32_TSC_ADJUST", 0x48: "IA32_SPEC_CTRL", 0x49: "IA32_PRED_CMD",
+    0x8b: "IA32_BIOS_SIGN_ID", 0xe7: "IA32_MPERF", 0xe8: "IA32_APERF",
+    0xfe: "IA32_MTRRCAP", 0x10a: "IA32_ARCH_CAPABILITIES",
+    0x10b: "IA32_FLUSH_CMD", 0x174: "IA32_SYSENTER_CS",
+    0x175: "IA32_SYSENTER_ESP", 0x176: "IA32_SYSENTER_EIP",
+    0x179: "IA32_MCG_CAP", 0x17a: "IA32_MCG_STATUS",
+    0x1a0: "IA32_MISC_ENABLE", 0x1d9: "IA32_DEBUGCTL", 0x277: "IA32_PAT",
+    0x2ff: "IA32_MTRR_DEF_TYPE", 0x38d: "IA32_FIXED_CTR_CTRL",
+    0x38e: "IA32_PERF_GLOBAL_STATUS", 0x38f: "IA32_PERF_GLOBAL_CTRL",
+    0x390: "IA32_PERF_GLOBAL_OVF_CTRL", 0x6e0: "IA32_TSC_DEADLINE",
+    0xda0: "IA32_XSS",
+    **{0xc1 + i: "IA32_PMC%d" % i for i in range(8)},
+    **{0x186 + i: "IA32_PERFEVTSEL%d" % i for i in range(8)},
+    **{0x309 + i: "IA32_FIXED_CTR%d" % i for i in range(3)},
+    **{0x200 + 2 * i: "IA32_MTRR_PHYSBASE%d" % i for i in range(8)},
+    **{0x201 + 2 * i: "IA32_MTRR_PHYSMASK%d" % i for i in range(8)},
+    # x2APIC registers: 0x800 + the xAPIC MMIO offset / 16.
+    0x802: "X2APIC_ID", 0x803: "X2APIC_VERSION", 0x808: "X2APIC_TPR",
+    0x80a: "X2APIC_PPR", 0x80b: "X2APIC_EOI", 0x80d: "X2APIC_LDR",
+    0x80f: "X2APIC_SVR",
+    **{0x810 + i: "X2APIC_ISR%d" % i for i in range(8)},
+    **{0x818 + i: "X2APIC_TMR%d" % i for i in range(8)},
+    **{0x820 + i: "X2APIC_IRR%d" % i for i in range(8)},
+    0x828: "X2APIC_ESR", 0x82f: "X2APIC_LVT_CMCI", 0x830: "X2APIC_ICR",
+    0x832: "X2APIC_LVT_TIMER", 0x833: "X2APIC_LVT_THERMAL",
+    0x834: "X2APIC_LVT_PMI", 0x835: "X2APIC_LVT_LINT0",
+    0x836: "X2APIC_LVT_LINT1", 0x837: "X2APIC_LVT_ERROR",
+    0x838: "X2APIC_TMICT", 0x839: "X2APIC_TMCCT", 0x83e: "X2APIC_TDCR",
+    0x83f: "X2APIC_SELF_IPI",
+    0x40000000: "HV_GUEST_OS_ID", 0x40000001: "HV_HYPERCALL",
+    0x40000002: "HV_VP_INDEX", 0x40000020: "HV_TIME_REF_COUNT",
+    0x40000021: "HV_REFERENCE_TSC", 0x40000070: "HV_EOI",
+    0x40000071: "HV_ICR", 0x40000072: "HV_TPR",
+    **{0x400000b0 + 2 * i: "HV_STIMER%d_CONFIG" % i for i in range(4)},
+    **{0x400000b1 + 2 * i: "HV_STIMER%d_COUNT" % i for i in range(4)},
+    0x4b564d00: "KVM_WALL_CLOCK_NEW", 0x4b564d01: "KVM_SYSTEM_TIME_NEW",
+    0x4b564d02: "KVM_ASYNC_PF_EN", 0x4b564d03: "KVM_STEAL_TIME",
+    0x4b564d04: "KVM_PV_EOI_EN", 0x4b564d05: "KVM_POLL_CONTROL",
+    0x4b564d06: "KVM_ASYNC_PF_INT", 0x4b564d07: "KVM_ASYNC_PF_ACK",
+    0x4b564d08: "KVM_MIGRATION_CONTROL",
+    0xc0000080: "IA32_EFER", 0xc0000081: "STAR", 0xc0000082: "LSTAR",
+    0xc0000083: "CSTAR", 0xc0000084: "SYSCALL_MASK",
+    0xc0000100: "FS_BASE", 0xc0000101: "GS_BASE",
+    0xc0000102: "KERNEL_GS_BASE", 0xc0000103: "TSC_AUX",
+    **{0xc0010000 + i: "AMD_PERF_CTL%d" % i for i in range(4)},
+    **{0xc0010004 + i: "AMD_PERF_CTR%d" % i for i in range(4)},
+    0xc0010015: "AMD_HWCR", 0xc0010114: "AMD_VM_CR",
+    0xc0010117: "AMD_VM_HSAVE_PA", 0xc0011029: "AMD_DE_CFG",
+}
+
+# KVM_EXIT_* (uapi linux/kvm.h): why KVM_RUN returned to the VMM.
+KVM_EXITS = dict(enumerate((
+    "UNKNOWN", "EXCEPTION", "IO", "HYPERCALL", "DEBUG", "HLT", "MMIO",
+    "IRQ_WINDOW_OPEN", "SHUTDOWN", "FAIL_ENTRY", "INTR", "SET_TPR",
+    "TPR_ACCESS", "S390_SIEIC", "S390_RESET", "DCR", "NMI",
+    "INTERNAL_ERROR", "OSI", "PAPR_HCALL", "S390_UCONTROL", "WATCHDOG",
+    "S390_TSCH", "EPR", "SYSTEM_EVENT", "S390_STSI", "IOAPIC_EOI",
+    "HYPERV", "ARM_NISV", "X86_RDMSR", "X86_WRMSR", "DIRTY_RING_FULL",
+    "AP_RESET_HOLD", "X86_BUS_LOCK", "XEN", "RISCV_SBI", "RISCV_CSR",
+    "NOTIFY")))
+
+# KVM's own hypercalls (uapi linux/kvm_para.h, KVM_HC_*).
+KVM_HYPERCALLS = {1: "VAPIC_POLL_IRQ", 3: "FEATURES", 5: "KICK_CPU",
+                  9: "CLOCK_PAIRING", 10: "SEND_IPI", 11: "SCHED_YIELD",
+                  12: "MAP_GPA_RANGE"}
+
+# VMX's interruption types (bits 10:8 of the interruption information).
+VMX_EVENT_TYPES = {0: "external", 2: "nmi", 3: "exception",
+                   4: "soft-int", 5: "priv-soft-exc", 6: "soft-exc",
+                   7: "other"}
+VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
+MMIO_TYPES = {0: "unsatisfied-read", 1: "read", 2: "write",
+              3: "fast-write"}
+
+
+class Detail:
+    """One decoded sub-key: kind, key (port, MSR, address, vector, CR,
+    hypercall or KVM_EXIT_* number), the access (op), its size in bytes
+    and a name, where they apply."""
+
+    __slots__ = ("kind", "key", "op", "size", "name")
+
+    def __init__(self, kind, key, op=None, size=None, name=None):
+        self.kind, self.key, self.op = kind, key, op
+        self.size, self.name = size, name
+
+    def __eq__(self, other):
+        return self.fields() == other.fields()
+
+    def __repr__(self):
+        return "Detail%r" % (self.fields(),)
+
+    def fields(self):
+        return (self.kind, self.key, self.op, self.size, self.name)
+
+    def label(self):
+        key = LABEL_KEY[self.kind](self.key)
+        words = [key, self.op, self.size and "%dB" % self.size, self.name]
+        return " ".join(w for w in words if w)
+
+
+LABEL_KEY = {
+    "port": "port 0x%x".__mod__, "msr": "msr 0x%x".__mod__,
+    "page": "page 0x%x".__mod__, "mmio": "mmio 0x%x".__mod__,
+    "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
+    "hypercall": "hypercall %d".__mod__,
+    "user": lambda key: "to user space",
+}
+
+
+def decode_port(isa, code, key, attr):
+    if isa == ISA_SVM:
+        size = {1: 1, 2: 2, 4: 4}.get(attr >> 4 & 7)
+        into, string, rep = attr & 1, attr >> 2 & 1, attr >> 3 & 1
+    else:
+        size = (attr & 7) + 1
+        into, string, rep = attr >> 3 & 1, attr >> 4 & 1, attr >> 5 & 1
+    op = ("in" if into else "out") + ("s" if string else "")
+    return Detail("port", key, ("rep " if rep else "") + op, size)
+
+
+def decode_page(isa, code, key, attr):
+    if isa == ISA_SVM:        # the NPF error code
+        op = "write" if attr & 2 else "fetch" if attr & 0x10 else "read"
+        name = "reserved-bit" if attr & 8 else None if attr & 1 else \
+            "not-present"
+    else:                     # the EPT violation's exit qualification
+        op = "write" if attr & 2 else "fetch" if attr & 4 else "read"
+        name = None
+    return Detail("page", key, op, name=name)
+
+
+def decode_vector(isa, code, key, attr):
+    kind = "exception" if isa == ISA_SVM else \
+        VMX_EVENT_TYPES.get(attr, str(attr))
+    name = "#" + SVM_EXCEPTIONS[key] if key in SVM_EXCEPTIONS and \
+        kind in ("exception", "soft-exc") else None
+    return Detail("vector", key, kind, name=name)
+
+
+DECODE = {
+    "port": decode_port,
+    "msr": lambda isa, code, key, attr: Detail(
+        "msr", key, "write" if attr else "read", name=MSR_NAMES.get(key)),
+    "page": decode_page,
+    "mmio": lambda isa, code, key, attr: Detail(
+        "mmio", key, MMIO_TYPES.get(attr & 0xff, str(attr & 0xff)),
+        attr >> 8 or None),
+    "vector": decode_vector,
+    "cr": lambda isa, code, key, attr: Detail(
+        "cr", key, VMX_CR_ACCESS[attr & 3]),
+    "hypercall": lambda isa, code, key, attr: Detail(
+        "hypercall", key, name=KVM_HYPERCALLS.get(key)),
+    # With an errno (KVM_RUN failed, e.g. EINTR), the reason is stale.
+    "user": lambda isa, code, key, attr: Detail(
+        "user", key, name=("errno %s" % errno.errorcode.get(attr, attr))
+        if attr else "KVM_EXIT_" + KVM_EXITS.get(key, str(key))),
+}
+
+
+def decode_detail(isa, code, kind, key, attr):
+    """A Detail from a detail_counts key's fields."""
+    return DECODE[DETAIL_KIND_NAMES[kind]](isa, code, key, attr)
+
+
+def detail_macros():
+    """-DDETAIL and the kinds' numbers; bpf/detail.h is found beside
+    kvmexit.bpf.c (bcc compiles the source as if it were elsewhere)."""
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
+            "-I" + os.path.dirname(bpf_source())] + \
+        ["-DDETAIL_%s=%d" % (name.upper(), n)
+         for name, n in DETAIL_KINDS.items()]
 
 
 def process_name(pid, proc="/proc"):
@@ -1380,6 +1618,15 @@ class Report:
         emit(text, self.out)
 
 
+LATENCY_COLUMNS = ("AVG_us",) + tuple("P%d_us" % p for p in PERCENTILES) + \
+    ("MAX_us",)
+
+
+def latency_ns(lat):
+    """The latency columns of a row, in ns: average, percentiles, max."""
+    return [lat.avg_ns()] + lat.percentiles_ns() + [lat.max_ns]
+
+
 class TextReport(Report):
     """bcc's kvmexit output: a header, then '%-8u' ids, '%-35s' reason and
     '%-8u' count per row; the options add columns after bcc's."""
@@ -1391,9 +1638,9 @@ class TextReport(Report):
     def header(self):
         ids = "".join(col.header() for col in self.columns())
         if self.option("latency"):
-            return "%s%-35s %-8s %10s %10s %10s" % (
-                ids, "KVM_EXIT_REASON", "COUNT", "AVG_us", "P99_us",
-                "MAX_us")
+            return "%s%-35s %-8s %s" % (
+                ids, "KVM_EXIT_REASON", "COUNT", " ".join(
+                    "%10s" % c for c in LATENCY_COLUMNS))
         return "%s%-35s %s" % (ids, "KVM_EXIT_REASON", "COUNT")
 
     def vcpu_cell(self, tgid, tid):
@@ -1431,9 +1678,10 @@ class TextReport(Report):
             line = "%s%-35s %-8u" % (cells, name, count)
             if latency is not None:
                 lat = latency.get((group, isa, code))
-                line += " " + ("%10.1f %10.1f %10.1f" % (
-                    lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
-                    if lat else "%10s %10s %10s" % ("-", "-", "-"))
+                line += " " + " ".join(
+                    "%10.1f" % (ns / 1e3) for ns in latency_ns(lat)) \
+                    if lat else " " + " ".join(
+                        "%10s" % "-" for _ in LATENCY_COLUMNS)
             lines.append(line + "\n")
         self.write("".join(lines))
 
@@ -1444,7 +1692,8 @@ class RecordReport(Report):
 
     FIELDS = ("pid", "tid", "vcpu_id", "comm", "isa", "exit_code", "name",
               "count")
-    LATENCY_FIELDS = ("avg_ns", "p99_ns", "max_ns")
+    LATENCY_FIELDS = ("avg_ns",) + tuple(
+        "p%d_ns" % p for p in PERCENTILES) + ("max_ns",)
 
     def __init__(self, selection, names, probe, opts, out=None):
         super().__init__(selection, names, opts, out)
@@ -1467,9 +1716,11 @@ class RecordReport(Report):
                 # None (null, empty in CSV) where the vCPU never re-entered
                 # after such an exit, e.g. its last HLT.
                 lat = latency.get((tgid, tid, isa, code))
-                record.update(avg_ns=lat and round(lat.avg_ns()),
-                              p99_ns=lat and lat.p99_ns(),
-                              max_ns=lat and lat.max_ns)
+                times = latency_ns(lat) if lat else [None] * len(
+                    self.LATENCY_FIELDS)
+                if lat:
+                    times[0] = round(times[0])
+                record.update(zip(self.LATENCY_FIELDS, times))
             yield record
 
     def report(self, snap, start, end):

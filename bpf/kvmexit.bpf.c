@@ -14,9 +14,11 @@
 //   MAX_THREADS, MAX_RARE   capacity of the two hash tables
 //   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
 //   LATENCY             also time each exit until the vCPU re-enters
+//   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
+//                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
-//   ISA_VMX, ISA_SVM, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_BUCKETS, NR_LOST and
-//   the LOST_* indexes of pcpu_lost.
+//   ISA_VMX, ISA_SVM, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_SUB_BITS, LAT_SUB,
+//   LAT_MAX_LOG2, LAT_BUCKETS, NR_LOST and the LOST_* indexes of pcpu_lost.
 //
 // Layout: a vCPU thread tends to exit again on the CPU it last exited on,
 // so each CPU keeps the counters of the thread that exited there last in a
@@ -171,11 +173,13 @@ struct latency {
     u64 count;
     u64 total_ns;
     u64 max_ns;
-    u64 log2_hist[LAT_BUCKETS];
+    u64 hist[LAT_BUCKETS];      // log-linear: see lat_bucket()
 };
 
 BPF_HASH(pending_exit, u64, struct exit_start, MAX_THREADS);
 BPF_HASH(exit_latency, struct latency_key, struct latency, MAX_THREADS * 8);
+// All zeroes, never written: a new entry's start (too big for the stack).
+BPF_ARRAY(blank_latency, struct latency, 1);
 
 static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 {
@@ -185,26 +189,58 @@ static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
     pending_exit.update(&pid_tgid, &start);
 }
 
+// Log-linear buckets: one per ns below 2 * LAT_SUB, then LAT_SUB equal
+// buckets per power of two, each at most 1/LAT_SUB of its lower bound wide;
+// times from 2^LAT_MAX_LOG2 ns on share the last one.  kvmexit.py's
+// latency_bucket() is the same function.
+static __always_inline u32 lat_bucket(u64 ns)
+{
+    u32 log2;
+
+    if (ns < 2 * LAT_SUB)
+        return ns;
+    log2 = bpf_log2l(ns) - 1;
+    if (log2 >= LAT_MAX_LOG2)
+        return LAT_BUCKETS - 1;
+    return (log2 - LAT_SUB_BITS + 1) * LAT_SUB +
+           (ns >> (log2 - LAT_SUB_BITS)) - LAT_SUB;
+}
+
 static __always_inline void record_latency(struct latency *lat, u64 ns)
 {
-    u32 bucket = bpf_log2l(ns);
+    u32 bucket = lat_bucket(ns);
 
     lat->count++;
     lat->total_ns += ns;
     if (ns > lat->max_ns)
         lat->max_ns = ns;
-    if (bucket >= LAT_BUCKETS)
-        bucket = LAT_BUCKETS - 1;
     // As in count_exit(): keep the bound where 6.1's verifier can see it.
     asm volatile("" : "+r"(bucket));
     if (bucket < LAT_BUCKETS)
-        lat->log2_hist[bucket]++;
+        lat->hist[bucket]++;
+}
+
+static __always_inline void add_latency(struct latency_key *key, u64 ns)
+{
+    struct latency *lat, *blank;
+    int zero = 0;
+
+    lat = exit_latency.lookup(key);
+    if (!lat) {
+        blank = blank_latency.lookup(&zero);
+        if (!blank)
+            return;
+        lat = exit_latency.lookup_or_try_init(key, blank);
+    }
+    if (lat)
+        record_latency(lat, ns);
+    else
+        count_lost(LOST_LATENCY_TABLE_FULL);
 }
 
 TRACEPOINT_PROBE(kvm, kvm_entry)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct latency zero = {}, *lat;
     struct exit_start *start;
     struct latency_key key;
     u64 now = bpf_ktime_get_ns();
@@ -215,14 +251,24 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
     key.pid_tgid = pid_tgid;
     key.isa = start->isa;
     key.code = start->code;
-    lat = exit_latency.lookup_or_try_init(&key, &zero);
-    if (lat)
-        record_latency(lat, now - start->ts);
-    else
-        count_lost(LOST_LATENCY_TABLE_FULL);
+    add_latency(&key, now - start->ts);
     start->ts = 0;
     return 0;
 }
+
+#ifdef TEST_ENTRIES
+// For BPF_PROG_TEST_RUN (kvm_entry cannot be test-run): record a handling
+// time of ctx->args[2] ns for exit code args[0] of isa args[1], as
+// kvm_entry would.
+int test_exit_latency(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct latency_key key = {.pid_tgid = bpf_get_current_pid_tgid(),
+                              .isa = ctx->args[1], .code = ctx->args[0]};
+
+    add_latency(&key, ctx->args[2]);
+    return 0;
+}
+#endif
 #else
 static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 {
