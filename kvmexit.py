@@ -298,6 +298,11 @@ def build_parser():
                         help="also time each exit until its vCPU re-enters "
                              "the guest: average, p50, p90, p99 and "
                              "maximum")
+    parser.add_argument("--detail", action="store_true",
+                        help="under each reason, what caused it: port, MSR, "
+                             "page, MMIO address, vector, CR, hypercall, "
+                             "and the returns to user space (uses the "
+                             "regular tracepoint)")
     parser.add_argument("--show-vcpu", action="store_true",
                         help="add a VCPU column (the kernel's vCPU id)")
     parser.add_argument("--comm", action="store_true",
@@ -850,14 +855,21 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
         "or vmlinux in %s" % btf_dir
 
 
-def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
+def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False):
     """Raw tracepoint where the kernel's BTF shows how to get the exit
-    reason from it, the regular tracepoint otherwise."""
+    reason from it, the regular tracepoint otherwise.  --detail takes the
+    tracepoint: its fields hold the exit information the kernel read for
+    it, which a raw probe runs too early to find."""
     tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
     tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
                                    requested=requested)
     if requested == "tracepoint":
         return tracepoint("asked for with --probe tracepoint")
+    if detail:
+        if requested == "raw":
+            raise Error("--detail reads the fields of the kvm_exit "
+                        "tracepoint: use it without --probe raw")
+        return tracepoint("--detail reads the tracepoint's exit information")
     fallback = None if requested == "raw" else tracepoint(
         "fallback, the raw tracepoint did not attach")
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
@@ -970,7 +982,7 @@ def pid_max():
 HASH_ELEM_OVERHEAD = 64
 
 
-def table_memory(max_threads, layout, ncpus, latency=False):
+def table_memory(max_threads, layout, ncpus, latency=False, detail=False):
     """Kernel memory of the preallocated counter tables, in bytes: per
     thread, one counter block per possible CPU (see tests/bench/memory.py
     for the exact formulas this follows)."""
@@ -980,6 +992,10 @@ def table_memory(max_threads, layout, ncpus, latency=False):
         # pending_exit and exit_latency (8 entries per thread).
         total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
             8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
+    if detail:
+        # detail_counts, exit_now and detail_lost (the DETAIL section of bpf/kvmexit.bpf.c).
+        total += MAX_DETAIL * (32 + 8 + HASH_ELEM_OVERHEAD) + \
+            max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + 8 * ncpus
     return total
 
 
@@ -993,12 +1009,12 @@ def gib(n):
         "%.1f MiB" % (n / 2 ** 20)
 
 
-def check_table_memory(max_threads, layout, ncpus, latency=False,
+def check_table_memory(max_threads, layout, ncpus, latency=False, detail=False,
                        meminfo="/proc/meminfo"):
     """Refuse tables that would take more than half of the memory available
     now, before any is created: the kernel allocates them whole, outside
     cgroup v1 limits, and on a hypervisor the OOM killer may pick a VM."""
-    need = table_memory(max_threads, layout, ncpus, latency)
+    need = table_memory(max_threads, layout, ncpus, latency, detail)
     available = mem_available(meminfo)
     if available is not None and need > available // 2:
         raise Error("the counter tables would take %s of kernel memory "
@@ -1066,10 +1082,11 @@ def attach_raw(b):
 
 
 def start_tracing(probe, selection, max_threads, layout, latency=False,
-                  debug=False):
+                  debug=False, detail=False):
     """Load and attach; a raw probe the kernel refuses falls back to the
     regular tracepoint, unless raw was asked for."""
-    b = load_program(probe, selection, max_threads, layout, latency, debug)
+    b = load_program(probe, selection, max_threads, layout, latency, debug,
+                     detail)
     if probe.raw:
         try:
             attach_raw(b)
@@ -1081,7 +1098,7 @@ def start_tracing(probe, selection, max_threads, layout, latency=False,
             probe.why += " (%s)" % e
             check_vcpu_ids(selection, probe)
             b = load_program(probe, selection, max_threads, layout, latency,
-                             debug)
+                             debug, detail)
     return b, probe
 
 
@@ -1185,14 +1202,19 @@ def merge_thread_counts(keys, values, cache_keys, cache_values):
 
 class Snapshot:
     """Counts since tracing began: {(tgid, tid, isa, code): count}, each
-    thread's vCPU id, the exits that could not be counted, and with
-    --latency {(tgid, tid, isa, code): Latency}."""
+    thread's vCPU id, the exits that could not be counted, with --latency
+    {(tgid, tid, isa, code): Latency}, and with --detail
+    {(tgid, tid, isa, code, kind, key, attr): count} and the sub-keys that
+    could not be counted."""
 
-    def __init__(self, counts, vcpu_ids, lost, latency=None):
+    def __init__(self, counts, vcpu_ids, lost, latency=None, detail=None,
+                 detail_lost=0):
         self.counts = counts
         self.vcpu_ids = vcpu_ids
         self.lost = lost
         self.latency = latency or {}
+        self.detail = detail or {}
+        self.detail_lost = detail_lost
 
     def minus(self, earlier):
         """The counts of the interval since an earlier snapshot."""
@@ -1202,9 +1224,13 @@ class Snapshot:
         latency = {k: v.since(earlier.latency[k])
                    if k in earlier.latency else v
                    for k, v in self.latency.items()}
+        detail = {k: v - earlier.detail.get(k, 0)
+                  for k, v in self.detail.items()}
         return Snapshot({k: v for k, v in counts.items() if v},
                         self.vcpu_ids, lost,
-                        {k: v for k, v in latency.items() if v.count})
+                        {k: v for k, v in latency.items() if v.count},
+                        {k: v for k, v in detail.items() if v},
+                        self.detail_lost - earlier.detail_lost)
 
 
 def thread_counts(keys, values, cache_keys, cache_values, layout):
@@ -1241,7 +1267,7 @@ def read_latency(b):
     return latency
 
 
-def snapshot(b, layout, ncpus, latency=False):
+def snapshot(b, layout, ncpus, latency=False, detail=False):
     """Read every map once and sum it up."""
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
@@ -1263,8 +1289,11 @@ def snapshot(b, layout, ncpus, latency=False):
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
     _, lost = read_percpu(b[b"pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
-    return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
+    snap = Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
                     read_latency(b) if latency else None)
+    if detail:
+        snap.detail, snap.detail_lost = read_detail(b, ncpus)
+    return snap
 
 
 #
@@ -1388,7 +1417,7 @@ class Latency:
 
 
 #
-# --detail: the sub-keys behind each exit reason (bpf/detail.h)
+# --detail: the sub-keys behind each exit reason (the DETAIL section of bpf/kvmexit.bpf.c)
 #
 # name: number in struct detail_key's kind (passed to the C as
 # -DDETAIL_<NAME>).
@@ -1491,6 +1520,9 @@ class Detail:
     def __eq__(self, other):
         return self.fields() == other.fields()
 
+    def __hash__(self):
+        return hash(self.fields())
+
     def __repr__(self):
         return "Detail%r" % (self.fields(),)
 
@@ -1567,11 +1599,47 @@ def decode_detail(isa, code, kind, key, attr):
     return DECODE[DETAIL_KIND_NAMES[kind]](isa, code, key, attr)
 
 
+DETAIL_KEY = struct.Struct("<QIIQII")   # struct detail_key
+
+
+def read_detail(b, ncpus):
+    """({(tgid, tid, isa, code, kind, key, attr): count}, sub-keys lost)
+    from the DETAIL section of bpf/kvmexit.bpf.c's tables."""
+    keys, values = read_percpu(b[b"detail_counts"], DETAIL_KEY.size, 1, 1)
+    detail = {}
+    for key, value in zip(keys, values[:, 0, 0].tolist()):
+        pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
+        detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind, sub,
+                attr)] = value
+    _, lost = read_percpu(b[b"detail_lost"], 4, 1, ncpus,
+                          keys=[(0).to_bytes(4, "little")])
+    return detail, int(lost.sum())
+
+
+def detail_rows(detail, group, top=None):
+    """{(group, isa, code): [(Detail, count)]}: each reason's sub-keys, by
+    count, largest first (then by kind, key and access); at most `top`.
+    group(tgid, tid) as for ordered_rows()."""
+    merged = merge_by(detail, lambda tgid, tid, isa, code, kind, key, attr:
+                      (group(tgid, tid), isa, code, kind, key, attr))
+    rows = {}
+    for (g, isa, code, kind, key, attr), n in sorted(
+            merged.items(), key=lambda kv: (-kv[1], kv[0][3:])):
+        subs = rows.setdefault((g, isa, code), [])
+        if not top or len(subs) < top:
+            subs.append((decode_detail(isa, code, kind, key, attr), n))
+    return rows
+
+
+def detail_record(detail, count):
+    """A sub-key as --json gives it."""
+    return {"kind": detail.kind, "key": detail.key, "op": detail.op,
+            "size": detail.size, "name": detail.name, "count": count}
+
+
 def detail_macros():
-    """-DDETAIL and the kinds' numbers; bpf/detail.h is found beside
-    kvmexit.bpf.c (bcc compiles the source as if it were elsewhere)."""
-    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
-            "-I" + os.path.dirname(bpf_source())] + \
+    """-DDETAIL, its table's room and the kinds' numbers."""
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()]
 
@@ -1666,6 +1734,9 @@ class TextReport(Report):
                            lambda tgid, tid, isa, code:
                            (self.selection.group(tgid, tid), isa, code)) \
             if self.option("latency") else None
+        subs = detail_rows(self.selection.keep(snap.detail, snap.vcpu_ids),
+                           self.selection.group, self.option("top")) \
+            if self.option("detail") else {}
         cells_of, name_of = {}, {}
         for group, isa, code, count in report_rows(self.selection, snap,
                                                    self.option("top")):
@@ -1683,6 +1754,10 @@ class TextReport(Report):
                     if lat else " " + " ".join(
                         "%10s" % "-" for _ in LATENCY_COLUMNS)
             lines.append(line + "\n")
+            # Under its reason, indented, in the reason's and count's columns.
+            lines.extend("%s  %-33s %-8u\n" % (" " * len(cells),
+                                                detail.label(), n)
+                         for detail, n in subs.get((group, isa, code), ()))
         self.write("".join(lines))
 
 
@@ -1694,6 +1769,10 @@ class RecordReport(Report):
               "count")
     LATENCY_FIELDS = ("avg_ns",) + tuple(
         "p%d_ns" % p for p in PERCENTILES) + ("max_ns",)
+    # --csv --detail: a reason's row is followed by one row per sub-key,
+    # with the same ids, the sub-key's count, and these filled in.
+    DETAIL_FIELDS = ("detail_kind", "detail_key", "detail_op",
+                     "detail_size", "detail_name")
 
     def __init__(self, selection, names, probe, opts, out=None):
         super().__init__(selection, names, opts, out)
@@ -1703,6 +1782,9 @@ class RecordReport(Report):
     def records(self, snap):
         keep = lambda table: self.selection.keep(table, snap.vcpu_ids)
         latency = keep(snap.latency)
+        subs = detail_rows(keep(snap.detail), lambda tgid, tid: (tgid, tid),
+                           self.option("top")) \
+            if self.option("detail") else {}
         for (tgid, tid), isa, code, count in ordered_rows(
                 keep(snap.counts), lambda tgid, tid: (tgid, tid),
                 self.option("top")):
@@ -1721,6 +1803,9 @@ class RecordReport(Report):
                 if lat:
                     times[0] = round(times[0])
                 record.update(zip(self.LATENCY_FIELDS, times))
+            if self.option("detail"):
+                record["detail"] = [detail_record(d, n) for d, n in
+                                    subs.get(((tgid, tid), isa, code), ())]
             yield record
 
     def report(self, snap, start, end):
@@ -1732,10 +1817,13 @@ class RecordReport(Report):
                 "start": round(start, 6), "end": round(end, 6),
                 "cumulative": bool(self.option("cumulative")),
                 "rows": list(self.records(snap)),
-                "lost": sum(snap.lost)}) + "\n")
+                "lost": sum(snap.lost),
+                **({"detail_lost": snap.detail_lost}
+                   if self.option("detail") else {})}) + "\n")
             return
         fields = ("end",) + self.FIELDS + (
-            self.LATENCY_FIELDS if self.option("latency") else ())
+            self.LATENCY_FIELDS if self.option("latency") else ()) + (
+            self.DETAIL_FIELDS if self.option("detail") else ())
         text = io.StringIO()
         writer = csv.DictWriter(text, fields, lineterminator="\n")
         if not self.header_done:
@@ -1743,8 +1831,19 @@ class RecordReport(Report):
             self.header_done = True
         for record in self.records(snap):
             record["end"] = "%.6f" % end
+            details = record.pop("detail", ())
             writer.writerow(record)
+            for sub in details:
+                writer.writerow(self.csv_detail_row(record, sub))
         self.write(text.getvalue())
+
+
+    def csv_detail_row(self, record, sub):
+        row = {k: record[k] for k in ("end",) + self.FIELDS}
+        row["count"] = sub["count"]
+        row.update(("detail_" + k, sub[k])
+                   for k in ("kind", "key", "op", "size", "name"))
+        return row
 
 
 def warn_lost(snap):
@@ -1752,6 +1851,10 @@ def warn_lost(snap):
         if count:
             emit("kvmexit: warning: %d exits were not counted: %s\n"
                  % (count, why), sys.stderr)
+    if snap.detail_lost:
+        emit("kvmexit: warning: %d --detail sub-keys were not counted: the "
+             "detail table was full (their exits are counted)\n"
+             % snap.detail_lost, sys.stderr)
 
 
 #
@@ -1825,15 +1928,15 @@ def main(argv=None):
     max_threads = args.max_threads or max(MIN_MAX_THREADS,
                                           2 * sum(vmms.values()))
     check_kernel_headers()
-    probe = choose_probe(args.probe, tp_dir)
+    probe = choose_probe(args.probe, tp_dir, detail=args.detail)
     check_vcpu_ids(selection, probe)
     layout = slot_layout()
     ncpus = possible_cpus()
-    check_table_memory(max_threads, layout, ncpus, args.latency)
+    check_table_memory(max_threads, layout, ncpus, args.latency, args.detail)
     names = kernel_reason_names(tp_dir)
 
     b, probe = start_tracing(probe, selection, max_threads, layout,
-                             args.latency, args.debug)
+                             args.latency, args.debug, args.detail)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
@@ -1849,8 +1952,8 @@ def main(argv=None):
     if args.comm or machine:
         # Named now: a VM that ends before the report keeps its name.
         output.comms.update((pid, process_name(pid)) for pid in vmms)
-    trace(lambda: snapshot(b, layout, ncpus, args.latency), output.report,
-          args)
+    trace(lambda: snapshot(b, layout, ncpus, args.latency, args.detail),
+          output.report, args)
     return 0
 
 
