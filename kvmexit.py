@@ -1502,8 +1502,10 @@ VMX_EVENT_TYPES = {0: "external", 2: "nmi", 3: "exception",
                    4: "soft-int", 5: "priv-soft-exc", 6: "soft-exc",
                    7: "other"}
 VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
-MMIO_TYPES = {0: "unsatisfied-read", 1: "read", 2: "write",
-              3: "fast-write"}
+# kvm_mmio's types (its "unsatisfied-read": a read KVM sends out to user
+# space; "read" is then its completion), and a write on KVM's fast MMIO
+# bus (kvm_fast_mmio: ioeventfd).
+MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write", 3: "fast-write"}
 
 
 class Detail:
@@ -1558,8 +1560,8 @@ def decode_port(isa, code, key, attr):
 def decode_page(isa, code, key, attr):
     if isa == ISA_SVM:        # the NPF error code
         op = "write" if attr & 2 else "fetch" if attr & 0x10 else "read"
-        name = "reserved-bit" if attr & 8 else None if attr & 1 else \
-            "not-present"
+        # RSVD: KVM marks MMIO pages so; not present: a first touch.
+        name = "rsvd" if attr & 8 else None if attr & 1 else "not-present"
     else:                     # the EPT violation's exit qualification
         op = "write" if attr & 2 else "fetch" if attr & 4 else "read"
         name = None

@@ -171,8 +171,8 @@ def test_svm_npf_pages_and_exception_vectors(prog, threads):
                 *repeat(3, exit_(SVM_EXCP_UD)))
     snap = prog.snap()
     assert mine(snap, t.tid) == {
-        Detail("page", 0xfee00000, "write", name="reserved-bit"): 4,
-        Detail("page", 0xfee00000, "read", name="reserved-bit"): 1,
+        Detail("page", 0xfee00000, "write", name="rsvd"): 4,
+        Detail("page", 0xfee00000, "read", name="rsvd"): 1,
         Detail("page", 0x7000, "fetch", name="not-present"): 2,
         Detail("vector", 6, "exception", name="#UD"): 3}
 
@@ -203,7 +203,7 @@ def test_msrs_hypercalls_and_mmio_count_under_the_exit_being_handled(
     npf = mine(snap, t.tid, code=SVM_NPF)
     assert {d: n for d, n in npf.items() if d.kind == "mmio"} == {
         Detail("mmio", 0xd0000004, "write", 4): 1,
-        Detail("mmio", 0xd0000008, "unsatisfied-read", 2): 1,
+        Detail("mmio", 0xd0000008, "unsat-read", 2): 1,
         Detail("mmio", 0xd0000008, "read", 2): 1,
         Detail("mmio", 0xfeb00010, "fast-write"): 1}
 
