@@ -23,12 +23,27 @@ steps "do KIND (on KEY) COUNT times", then HLT:
                                                   -KVM_ENOSYS
         mmio-write:GPA[/SIZE]  mov [GPA], al|ax|eax -> KVM_EXIT_MMIO
         mmio-read:GPA[/SIZE]   mov al|ax|eax, [GPA] -> KVM_EXIT_MMIO
+        exc:1               icebp: #DB intercepted, KVM re-injects it into
+                                                  the guest (IVT handler);
+                                                  QEMU's emulator makes it a
+                                                  #UD instead
         exc:3               int3 under KVM_SET_GUEST_DEBUG -> #BP
                                                   intercepted, KVM_EXIT_DEBUG
-        exc:6               ud2: #UD intercepted, KVM re-injects it and the
-                                                  guest's IVT handler skips it
+                                                  (not under QEMU's emulator:
+                                                  its SVM takes int3 for a
+                                                  software interrupt)
+        exc:6               ud2: #UD intercepted, KVM fails to emulate it
+                                                  and re-injects it; the
+                                                  guest's IVT handler skips
+                                                  it
         cr4:COUNT           as --cr4
     hlt                                         -> HLT, to user space
+
+Exit codes follow the CPU (--isa): SVM's, or VMX's, where CR4 round trips
+make no exit (a read never does, nor a write that changes nothing KVM
+owns), MMIO pages take EPT_VIOLATION first and EPT_MISCONFIG after, and
+exceptions are EXCEPTION_NMI with the vector in intr_info.  The VMX side is
+written from the SDM and KVM's code, not run here (the lab is AMD).
 
 The report has, per vCPU, what the kernel's tracepoints must count for its
 thread: "expected_events" {tracepoint: [{field: value, ..., "count": n}]}
@@ -226,11 +241,28 @@ ENCODING = {
     "rdmsr": "0f32", "wrmsr": "0f30", "cpuid": "0fa2",
     "vmmcall": "0f01d9", "vmcall": "0f01c1",
     "mov eax, cr4": "0f20e0", "mov cr4, eax": "0f22e0",
-    "int3": "cc", "ud2": "0f0b", "hlt": "f4",
-    # #UD handler: the pushed IP points at the ud2; step it over and return.
-    "push bp": "55", "mov bp, sp": "89e5", "add word [bp+2], 2": "83460202",
-    "pop bp": "5d", "iret": "cf",
+    "int3": "cc", "icebp": "f1", "ud2": "0f0b", "hlt": "f4",
 }
+
+# The guest's handler of the exceptions KVM re-injects (#DB, #UD).  The
+# pushed IP points at a ud2 (a fault) and, depending on who delivers it, at
+# or after an icebp (a trap): skip the instruction only if IP is still on
+# it.  SI and BP are restored; no step uses them otherwise.
+EXCEPTION_HANDLER = bytes.fromhex(
+    "55"            # push bp
+    "89e5"          # mov  bp, sp
+    "56"            # push si
+    "8b7602"        # mov  si, [bp+2]          ; the return IP
+    "2e803cf1"      # cmp  byte [cs:si], 0xf1  ; icebp?
+    "7505"          # jne  not_icebp
+    "ff4602"        # inc  word [bp+2]
+    "eb0b"          # jmp  done
+    "2e813c0f0b"    # not_icebp: cmp word [cs:si], 0x0b0f   ; ud2?
+    "7504"          # jne  done
+    "83460202"      # add  word [bp+2], 2
+    "5e"            # done: pop si
+    "5d"            # pop  bp
+    "cf")           # iret
 ACC = {1: "al", 2: "ax", 4: "eax"}     # the accumulator of each size
 
 
@@ -243,8 +275,7 @@ def imm(value, size):
 
 
 GUEST_MEM_SIZE = 0x10000
-UD_VECTOR = 6
-UD_HANDLER = 0x500
+HANDLER = 0x500                # EXCEPTION_HANDLER, for REINJECTED vectors
 STRAY_HANDLER = 0x540          # any other vector: stop, so it shows
 CODE_ADDR = 0x1000             # vCPU 0's program; the next ones follow it
 STACK_TOP = 0xff00             # vCPU i's stack below STACK_TOP - i * 0x100
@@ -268,11 +299,12 @@ TIMED_CODE = bytes.fromhex(
 
 # --- the steps a vCPU can take, as data ---------------------------------------
 
-# MSRs that KVM intercepts and answers itself on SVM and VMX alike, without
-# an in-kernel LAPIC (reads of TSC_DEADLINE then give 0 and writes are
-# dropped) and without #GP when a guest writes back the value it holds.
-# Others: not in KVM's pass-through lists, so every access exits.  Any other
-# index is taken as one KVM does not know: it goes to user space.
+# MSRs that KVM answers itself on SVM and VMX alike: none is in either
+# vendor's pass-through list, so every access exits; no in-kernel LAPIC is
+# needed (reads of TSC_DEADLINE then give 0 and writes are dropped), and
+# writing back the value an MSR holds raises no #GP.  Any other index is
+# taken as one KVM does not know: its accesses go to user space
+# (KVM_CAP_X86_USER_SPACE_MSR); user space checks that they did.
 KERNEL_MSRS = {0x1b: "IA32_APICBASE", 0x1a0: "IA32_MISC_ENABLE",
                0x6e0: "IA32_TSC_DEADLINE"}
 
@@ -282,20 +314,23 @@ KERNEL_MSRS = {0x1b: "IA32_APICBASE", 0x1a0: "IA32_MISC_ENABLE",
 ACTING_HYPERCALLS = {5: "KICK_CPU", 9: "CLOCK_PAIRING", 10: "SEND_IPI",
                      11: "SCHED_YIELD", 12: "MAP_GPA_RANGE"}
 
-# Exceptions KVM intercepts in a real-mode guest: #BP only under guest debug
+# Exceptions KVM intercepts in a real-mode guest, and the instruction that
+# raises each: #DB always (KVM re-injects it), #BP only under guest debug
 # (it then exits to user space, which skips the int3), #UD always (KVM tries
-# to emulate, fails, re-injects it; our IVT handler skips the ud2).
-EXCEPTIONS = {3: "int3", 6: "ud2"}
+# to emulate, fails, re-injects it).
+EXCEPTIONS = {1: "icebp", 3: "int3", 6: "ud2"}
+REINJECTED = (1, 6)             # handled by the guest's EXCEPTION_HANDLER
 
-# VMX intr_info of an exception exit: valid (bit 31), type << 8, vector.
-VMX_SOFT_EXCEPTION, VMX_HARD_EXCEPTION = 6, 3
-VMX_EXCEPTION_TYPE = {3: VMX_SOFT_EXCEPTION, 6: VMX_HARD_EXCEPTION}
+# VMX intr_info of an exception exit: valid (bit 31), type << 8, vector;
+# icebp's #DB is a "privileged software exception", int3's #BP a software
+# exception, #UD a hardware one.
+VMX_EXCEPTION_TYPE = {1: 5, 3: 6, 6: 3}
 
-# SVM IOIO exit info 1 (AMD APM vol. 2, "IOIO intercept"): IN, operand size
-# bit, 16-bit address size, port in 31:16.
+# SVM IOIO exit info 1 (AMD APM vol. 2, "IOIO intercept"): IN in bit 0,
+# operand size bit, port in 31:16.  Its address-size bits (9:7) are left
+# out: QEMU's emulated SVM (the lab) leaves them 0 for IN/OUT.
 SVM_IOIO_IN = 1 << 0
 SVM_IOIO_SIZE = {1: 1 << 4, 2: 1 << 5, 4: 1 << 6}
-SVM_IOIO_A16 = 1 << 7
 # VMX exit qualification of I/O (SDM "Exit Qualification for I/O
 # Instructions"): size - 1, IN in bit 3, port in 31:16.
 VMX_IO_IN = 1 << 3
@@ -350,6 +385,8 @@ def parse_sized(text, bits, what):
 class PortIo:
     """out/in: each one a KVM_EXIT_IO (no in-kernel device on any port)."""
 
+    needs_key = True
+
     def __init__(self, direction):
         self.direction = direction
 
@@ -366,7 +403,7 @@ class PortIo:
     def expect(self, key, n, isa, e):
         port, size, is_in = key["port"], key["size"], self.direction == "in"
         if isa == "svm":
-            info1 = (port << 16 | SVM_IOIO_SIZE[size] | SVM_IOIO_A16 |
+            info1 = (port << 16 | SVM_IOIO_SIZE[size] |
                      (SVM_IOIO_IN if is_in else 0))
             e.add("kvm_exit", n, exit_reason=EXIT_CODES["svm"]["IOIO"],
                   info1=info1)
@@ -384,6 +421,8 @@ class PortIo:
 
 class Msr:
     """rdmsr/wrmsr: in KVM for KERNEL_MSRS, else a user-space MSR exit."""
+
+    needs_key = True
 
     def __init__(self, write):
         self.write = write
@@ -426,6 +465,8 @@ class Msr:
 
 
 class Cpuid:
+    needs_key = True
+
     def parse(self, key):
         return {"leaf": parse_number(key, 32, "leaf")}
 
@@ -443,6 +484,8 @@ class Cpuid:
 
 
 class Hypercall:
+    needs_key = True
+
     def parse(self, key):
         nr = parse_number(key, 32, "hypercall number")
         if nr in ACTING_HYPERCALLS:
@@ -474,6 +517,8 @@ class Mmio:
     faults differently (NPF with the reserved-bit error, EPT_MISCONFIG).
     Each page therefore belongs to one vCPU (checked), so that its first
     access is known."""
+
+    needs_key = True
 
     def __init__(self, write):
         self.write = write
@@ -525,6 +570,8 @@ class Mmio:
 
 
 class Vector:
+    needs_key = True
+
     def parse(self, key):
         vector = parse_number(key, 8, "vector")
         if vector not in EXCEPTIONS:
@@ -544,16 +591,20 @@ class Vector:
             e.add("kvm_exit", n,
                   exit_reason=EXIT_CODES["vmx"]["EXCEPTION_NMI"],
                   intr_info=1 << 31 | VMX_EXCEPTION_TYPE[v] << 8 | v)
-        if v == 3:
-            e.user(KVM_EXIT_DEBUG, n)
+        if v in REINJECTED:
+            # Once each; an exit while the guest takes one (NPF on the IVT,
+            # a host interrupt) injects it again, with reinjected=1.
+            e.add("kvm_inj_exception", n, exception=v, reinjected=0)
         else:
-            e.add("kvm_inj_exception", n, exception=v)
+            e.user(KVM_EXIT_DEBUG, n)
 
     def user_key(self, key):
         return "exc:3" if key["vector"] == 3 else None
 
 
 class Cr4:
+    needs_key = False
+
     def parse(self, key):
         if key:
             raise ValueError("cr4 takes no key: cr4:COUNT")
@@ -592,6 +643,8 @@ def parse_step(text):
     key, _, count = rest.rpartition(":")
     if not count:
         raise ValueError(f"{text!r} has no COUNT")
+    if not key and KINDS[kind].needs_key:
+        raise ValueError(f"{kind} needs a key: {kind}:KEY:COUNT")
     return where, Step(kind, KINDS[kind].parse(key), parse_number(
         count, 32, "count"), f"{kind}:{key}" if key else kind)
 
@@ -702,22 +755,23 @@ class Vm:
                 ctypes.c_char.from_buffer(self.mem)))
         ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
         self.next_code = CODE_ADDR
-        self._install_ud_handler()
+        self._install_handlers()
         if user_msrs:
             self._enable_user_msrs()
 
-    def _install_ud_handler(self):
-        """Real-mode IVT: #UD skips the ud2, any other vector halts.
+    def _install_handlers(self):
+        """Real-mode IVT: #DB and #UD skip their instruction, any other
+        vector halts.
 
         A vector nobody asked for (an int3 that was not intercepted, say)
         then ends the program early, which the user-space counts show."""
-        handler = asm("push bp", "mov bp, sp", "add word [bp+2], 2",
-                      "pop bp", "iret")
-        self.mem[UD_HANDLER:UD_HANDLER + len(handler)] = handler
-        self.mem[STRAY_HANDLER] = asm("hlt")[0]
+        end = HANDLER + len(EXCEPTION_HANDLER)
+        self.mem[HANDLER:end] = EXCEPTION_HANDLER
+        self.mem[STRAY_HANDLER:STRAY_HANDLER + 1] = asm("hlt")
         for vector in range(256):
-            target = UD_HANDLER if vector == UD_VECTOR else STRAY_HANDLER
-            self.mem[vector * 4:vector * 4 + 4] = struct.pack("<HH", target, 0)
+            target = HANDLER if vector in REINJECTED else STRAY_HANDLER
+            self.mem[vector * 4:vector * 4 + 4] = struct.pack("<HH", target,
+                                                              0)
 
     def _enable_user_msrs(self):
         if ioctl(self.kvm, KVM_CHECK_EXTENSION,
