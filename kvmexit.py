@@ -15,6 +15,7 @@
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
     import argparse
+    import collections
     import csv
     import ctypes
     import errno
@@ -1004,7 +1005,7 @@ def table_memory(max_threads, layout, ncpus, latency=False, detail=False):
         total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
             8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
     if detail:
-        # detail_counts, exit_now and detail_lost (the DETAIL section of bpf/kvmexit.bpf.c).
+        # detail_counts, exit_now and detail_lost (kvmexit.bpf.c's DETAIL).
         total += MAX_DETAIL * (32 + 8 + HASH_ELEM_OVERHEAD) + \
             max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + 8 * ncpus
     return total
@@ -1425,7 +1426,8 @@ class Latency:
 
 
 #
-# --detail: the sub-keys behind each exit reason (the DETAIL section of bpf/kvmexit.bpf.c)
+# --detail: the sub-keys behind each exit reason, as the DETAIL section of
+# bpf/kvmexit.bpf.c counts them
 #
 # name: number in struct detail_key's kind (passed to the C as
 # -DDETAIL_<NAME>).
@@ -1516,28 +1518,13 @@ VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
 MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write", 3: "fast-write"}
 
 
-class Detail:
+class Detail(collections.namedtuple("Detail", "kind key op size name",
+                                    defaults=(None, None, None))):
     """One decoded sub-key: kind, key (port, MSR, address, vector, CR,
     hypercall or KVM_EXIT_* number), the access (op), its size in bytes
     and a name, where they apply."""
 
-    __slots__ = ("kind", "key", "op", "size", "name")
-
-    def __init__(self, kind, key, op=None, size=None, name=None):
-        self.kind, self.key, self.op = kind, key, op
-        self.size, self.name = size, name
-
-    def __eq__(self, other):
-        return self.fields() == other.fields()
-
-    def __hash__(self):
-        return hash(self.fields())
-
-    def __repr__(self):
-        return "Detail%r" % (self.fields(),)
-
-    def fields(self):
-        return (self.kind, self.key, self.op, self.size, self.name)
+    __slots__ = ()
 
     def label(self):
         key = LABEL_KEY[self.kind](self.key)

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """kvmexit --detail on a guest of chosen exits, and the kernel's own counts.
 
-    tests/lab/run --outdir OUT -- /usr/bin/python3 tests/lab/detail_scenario.py OUT
+    tests/lab/run --outdir OUT -- \
+        /usr/bin/python3 tests/lab/detail_scenario.py OUT
 
 Runs inside the lab (tests/lab/run), from the repository's top directory:
   1. starts a guest (tests/lab/guest.py) whose two vCPUs write and read
