@@ -11,6 +11,7 @@ import pytest
 
 import kvmexit
 from kvmexit import Detail
+from kvmexit_conftest import assert_one_error_line, first_line, run_tool
 
 SVM, VMX = kvmexit.ISA_SVM, kvmexit.ISA_VMX
 IOIO, MSR, HLT, NPF = 0x7b, 0x7c, 0x78, 0x400
@@ -213,3 +214,23 @@ def test_detail_tables_are_counted_in_the_memory_check():
     assert kvmexit.table_memory(1024, layout, 2, detail=True) - plain == \
         kvmexit.MAX_DETAIL * (40 + kvmexit.HASH_ELEM_OVERHEAD) + \
         1024 * (24 + kvmexit.HASH_ELEM_OVERHEAD) + 16
+
+
+#
+# The command
+#
+def test_command_with_detail_traces_and_reports(bcc):
+    result = run_tool(["--detail", "--json", "1"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [first_line("all threads", 1)]
+    report = json.loads(result.stdout)
+    # This host's KVM fires no kvm_exit: an empty report, on the tracepoint.
+    assert (report["probe"], report["rows"], report["lost"],
+            report["detail_lost"]) == ("tracepoint", [], 0, 0)
+
+
+def test_command_refuses_detail_with_probe_raw(bcc):
+    assert_one_error_line(
+        run_tool(["--detail", "--probe", "raw", "1"]),
+        "kvmexit: --detail reads the fields of the kvm_exit tracepoint: use "
+        "it without --probe raw")
