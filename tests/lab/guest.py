@@ -220,7 +220,7 @@ EXIT_CODES = {
 }
 SVM_EXIT_CODES = EXIT_CODES["svm"]     # the report's historical name
 
-# --- real-mode machine code ----------------------------------------------------
+# --- real-mode machine code -------------------------------------------------
 
 # 16-bit encodings (checked with GNU as, .code16).  0x66 makes an operand
 # 32-bit, 0x67 an address; imm16/imm32/addr32 follow little-endian.
@@ -297,7 +297,7 @@ TIMED_CODE = bytes.fromhex(
     "ee"        # io: out dx, al
     "ebeb")     # jmp  top
 
-# --- the steps a vCPU can take, as data ---------------------------------------
+# --- the steps a vCPU can take, as data -------------------------------------
 
 # MSRs that KVM answers itself on SVM and VMX alike: none is in either
 # vendor's pass-through list, so every access exits; no in-kernel LAPIC is
