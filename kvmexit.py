@@ -1634,11 +1634,15 @@ def detail_record(detail, count):
             "size": detail.size, "name": detail.name, "count": count}
 
 
-def detail_macros():
-    """-DDETAIL, its table's room and the kinds' numbers."""
+def detail_macros(tp_dir=None):
+    """-DDETAIL, its table's room and the kinds' numbers; and whether
+    kvm_exit has intr_info (older kernels' tracepoint has not)."""
+    tp_dir = tp_dir or tracepoint_dir()
+    intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
     return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
-         for name, n in DETAIL_KINDS.items()]
+         for name, n in DETAIL_KINDS.items()] + \
+        (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
 def process_name(pid, proc="/proc"):

@@ -347,6 +347,7 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
+//   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
 // for BPF_PROG_TEST_RUN.
 //
@@ -625,9 +626,11 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 #ifdef TP_HAS_VCPU_ID
     ev.vcpu_id = args->vcpu_id;
 #endif
-#ifdef DETAIL
+#if defined(DETAIL) && defined(TP_HAS_INTR_INFO)
     detail_exit(pid_tgid, ev.isa, ev.code, args->info1, args->info2,
                 args->intr_info);
+#elif defined(DETAIL)
+    detail_exit(pid_tgid, ev.isa, ev.code, args->info1, args->info2, 0);
 #endif
     return count_exit(pid_tgid, &ev);
 }

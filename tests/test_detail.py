@@ -28,6 +28,14 @@ def test_kinds_are_one_table_shared_with_the_c():
     assert len(set(K.values())) == len(K)
 
 
+def test_intr_info_only_where_the_tracepoint_has_it(tmp_path):
+    for fields, macro in (("field:u64 info2;\nfield:u32 intr_info;\n", True),
+                          ("field:u64 info2;\n", False)):
+        (tmp_path / "format").write_text(fields)
+        assert ("-DTP_HAS_INTR_INFO" in kvmexit.detail_macros(
+            str(tmp_path))) == macro
+
+
 @pytest.mark.parametrize("isa, attr, label", [
     (SVM, 0x10, "port 0x70 out 1B"),
     (SVM, 0x21, "port 0x70 in 2B"),
