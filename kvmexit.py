@@ -16,6 +16,7 @@
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
     import argparse
+    import collections
     import csv
     import ctypes
     import errno
@@ -60,7 +61,12 @@ POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 ISA_VMX, ISA_SVM = 1, 2                 # kvm_exit's isa argument
 VCPU_ID_UNKNOWN = 0xffffffff            # the probe cannot see vCPU ids
 HIGH_BASE = 0x400                       # first SVM code of the high slots
-LAT_BUCKETS = 40                        # log2(ns) up to ~18 minutes
+# The latency histogram (see latency_bucket()): LAT_SUB buckets per power
+# of two, times up to 2^LAT_MAX_LOG2 ns (about 69 s).
+LAT_SUB_BITS = 3
+LAT_SUB = 1 << LAT_SUB_BITS
+LAT_MAX_LOG2 = 36
+LAT_BUCKETS = (LAT_MAX_LOG2 - LAT_SUB_BITS + 1) * LAT_SUB
 # Why an exit could not be counted: the C macro of its pcpu_lost index, and
 # what the warning after the report says.
 LOST = (
@@ -80,7 +86,9 @@ LOST_REASONS = tuple(why for _, why in LOST)
 def shared_macros():
     values = {"ISA_VMX": ISA_VMX, "ISA_SVM": ISA_SVM,
               "VCPU_ID_UNKNOWN": VCPU_ID_UNKNOWN, "HIGH_BASE": HIGH_BASE,
-              "LAT_BUCKETS": LAT_BUCKETS, "NR_LOST": len(LOST)}
+              "LAT_SUB_BITS": LAT_SUB_BITS, "LAT_SUB": LAT_SUB,
+              "LAT_MAX_LOG2": LAT_MAX_LOG2, "LAT_BUCKETS": LAT_BUCKETS,
+              "NR_LOST": len(LOST)}
     values.update((macro, i) for i, (macro, _) in enumerate(LOST))
     return ["-D%s=%d" % item for item in values.items()]
 
@@ -302,7 +310,13 @@ def build_parser():
                          help="CSV rows, one per thread and reason")
     parser.add_argument("--latency", action="store_true",
                         help="also time each exit until its vCPU re-enters "
-                             "the guest: average, p99 and maximum")
+                             "the guest: average, p50, p90, p99 and "
+                             "maximum")
+    parser.add_argument("--detail", action="store_true",
+                        help="under each reason, what caused it: port, MSR, "
+                             "page, MMIO address, vector, CR, hypercall, "
+                             "and the returns to user space (uses the "
+                             "regular tracepoint)")
     parser.add_argument("--show-vcpu", action="store_true",
                         help="add a VCPU column (the kernel's vCPU id)")
     parser.add_argument("--comm", action="store_true",
@@ -883,14 +897,21 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
         "or vmlinux in %s" % btf_dir
 
 
-def choose_probe(requested, tp_dir, btf_dir=BTF_DIR):
+def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False):
     """Raw tracepoint where the kernel's BTF shows how to get the exit
-    reason from it, the regular tracepoint otherwise."""
+    reason from it, the regular tracepoint otherwise.  --detail takes the
+    tracepoint: its fields hold the exit information the kernel read for
+    it, which a raw probe runs too early to find."""
     tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
     tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
                                    requested=requested)
     if requested == "tracepoint":
         return tracepoint("asked for with --probe tracepoint")
+    if detail:
+        if requested == "raw":
+            raise Error("--detail reads the fields of the kvm_exit "
+                        "tracepoint: use it without --probe raw")
+        return tracepoint("--detail reads the tracepoint's exit information")
     fallback = None if requested == "raw" else tracepoint(
         "fallback, the raw tracepoint did not attach")
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
@@ -1003,7 +1024,7 @@ def pid_max():
 HASH_ELEM_OVERHEAD = 64
 
 
-def table_memory(max_threads, layout, ncpus, latency=False):
+def table_memory(max_threads, layout, ncpus, latency=False, detail=False):
     """Kernel memory of the preallocated counter tables, in bytes: per
     thread, one counter block per possible CPU (see tests/bench/memory.py
     for the exact formulas this follows)."""
@@ -1013,6 +1034,10 @@ def table_memory(max_threads, layout, ncpus, latency=False):
         # pending_exit and exit_latency (8 entries per thread).
         total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
             8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
+    if detail:
+        # detail_counts, exit_now and detail_lost (kvmexit.bpf.c's DETAIL).
+        total += MAX_DETAIL * (32 + 8 + HASH_ELEM_OVERHEAD) + \
+            max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + 8 * ncpus
     return total
 
 
@@ -1026,12 +1051,12 @@ def gib(n):
         "%.1f MiB" % (n / 2 ** 20)
 
 
-def check_table_memory(max_threads, layout, ncpus, latency=False,
+def check_table_memory(max_threads, layout, ncpus, latency=False, detail=False,
                        meminfo="/proc/meminfo"):
     """Refuse tables that would take more than half of the memory available
     now, before any is created: the kernel allocates them whole, outside
     cgroup v1 limits, and on a hypervisor the OOM killer may pick a VM."""
-    need = table_memory(max_threads, layout, ncpus, latency)
+    need = table_memory(max_threads, layout, ncpus, latency, detail)
     available = mem_available(meminfo)
     if available is not None and need > available // 2:
         raise Error("the counter tables would take %s of kernel memory "
@@ -1041,20 +1066,26 @@ def check_table_memory(max_threads, layout, ncpus, latency=False,
                        gib(available)))
 
 
-def program_cflags(probe, selection, max_threads, layout, latency=False):
+def program_cflags(probe, selection, max_threads, layout, latency=False,
+                   detail=False, test_entries=False):
+    """test_entries: also compile raw tracepoint entries that tests and
+    benchmarks run with BPF_PROG_TEST_RUN; never for tracing."""
     return shared_macros() + probe.macros() + layout.macros() + \
         selection.kernel_filter() + [
             "-DTID_WORDS=%d" % ((pid_max() + 63) // 64),
             "-DMAX_THREADS=%d" % max_threads,
             "-DMAX_RARE=%d" % MAX_RARE,
-        ] + (["-DLATENCY"] if latency else [])
+        ] + (["-DLATENCY"] if latency else []) + \
+        (detail_macros() if detail else []) + \
+        (["-DTEST_ENTRIES"] if test_entries else [])
 
 
 def load_program(probe, selection, max_threads, layout, latency=False,
-                 debug=False):
+                 debug=False, detail=False, test_entries=False):
     """Compile and load.  Tracepoint programs are attached by bcc as it
     loads them; raw ones by attach_raw()."""
-    cflags = program_cflags(probe, selection, max_threads, layout, latency)
+    cflags = program_cflags(probe, selection, max_threads, layout, latency,
+                            detail, test_entries)
     if debug:
         print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
     source = bpf_source().encode()
@@ -1090,10 +1121,11 @@ def attach_raw(b):
 
 
 def start_tracing(probe, selection, max_threads, layout, latency=False,
-                  debug=False):
+                  debug=False, detail=False):
     """Load and attach; a raw probe the kernel refuses falls back to the
     regular tracepoint, unless raw was asked for."""
-    b = load_program(probe, selection, max_threads, layout, latency, debug)
+    b = load_program(probe, selection, max_threads, layout, latency, debug,
+                     detail)
     if probe.raw:
         try:
             attach_raw(b)
@@ -1105,7 +1137,7 @@ def start_tracing(probe, selection, max_threads, layout, latency=False,
             probe.why += " (%s)" % e
             check_vcpu_ids(selection, probe)
             b = load_program(probe, selection, max_threads, layout, latency,
-                             debug)
+                             debug, detail)
     return b, probe
 
 
@@ -1209,14 +1241,19 @@ def merge_thread_counts(keys, values, cache_keys, cache_values):
 
 class Snapshot:
     """Counts since tracing began: {(tgid, tid, isa, code): count}, each
-    thread's vCPU id, the exits that could not be counted, and with
-    --latency {(tgid, tid, isa, code): Latency}."""
+    thread's vCPU id, the exits that could not be counted, with --latency
+    {(tgid, tid, isa, code): Latency}, and with --detail
+    {(tgid, tid, isa, code, kind, key, attr): count} and the sub-keys that
+    could not be counted."""
 
-    def __init__(self, counts, vcpu_ids, lost, latency=None):
+    def __init__(self, counts, vcpu_ids, lost, latency=None, detail=None,
+                 detail_lost=0):
         self.counts = counts
         self.vcpu_ids = vcpu_ids
         self.lost = lost
         self.latency = latency or {}
+        self.detail = detail or {}
+        self.detail_lost = detail_lost
 
     def minus(self, earlier):
         """The counts of the interval since an earlier snapshot."""
@@ -1226,9 +1263,13 @@ class Snapshot:
         latency = {k: v.since(earlier.latency[k])
                    if k in earlier.latency else v
                    for k, v in self.latency.items()}
+        detail = {k: v - earlier.detail.get(k, 0)
+                  for k, v in self.detail.items()}
         return Snapshot({k: v for k, v in counts.items() if v},
                         self.vcpu_ids, lost,
-                        {k: v for k, v in latency.items() if v.count})
+                        {k: v for k, v in latency.items() if v.count},
+                        {k: v for k, v in detail.items() if v},
+                        self.detail_lost - earlier.detail_lost)
 
 
 def thread_counts(keys, values, cache_keys, cache_values, layout):
@@ -1265,7 +1306,7 @@ def read_latency(b):
     return latency
 
 
-def snapshot(b, layout, ncpus, latency=False):
+def snapshot(b, layout, ncpus, latency=False, detail=False):
     """Read every map once and sum it up."""
     # The cache first: see merge_thread_counts().
     zero = (0).to_bytes(4, "little")
@@ -1287,8 +1328,11 @@ def snapshot(b, layout, ncpus, latency=False):
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
     _, lost = read_percpu(b[b"pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
-    return Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
+    snap = Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
                     read_latency(b) if latency else None)
+    if detail:
+        snap.detail, snap.detail_lost = read_detail(b, ncpus)
+    return snap
 
 
 #
@@ -1308,12 +1352,13 @@ def pid_tgid_of(key):
 class ThreadTables:
     """The loaded program's tables, as retirement reads and prunes them."""
 
-    def __init__(self, b, layout, ncpus, latency=False):
+    def __init__(self, b, layout, ncpus, latency=False, detail=False):
         self.b, self.layout, self.ncpus = b, layout, ncpus
-        self.latency = latency
+        self.latency, self.detail = latency, detail
 
     def snapshot(self):
-        return snapshot(self.b, self.layout, self.ncpus, self.latency)
+        return snapshot(self.b, self.layout, self.ncpus, self.latency,
+                        self.detail)
 
     def cached_threads(self):
         """The pid_tgid each CPU's cache slot holds (0: none)."""
@@ -1366,6 +1411,17 @@ class ThreadTables:
         self.delete(b"exit_latency", keys)
         return latency
 
+    def take_detail(self, keys):
+        _, values = read_percpu(self.b[b"detail_counts"], DETAIL_KEY.size,
+                                1, 1, keys=keys)
+        detail = {}
+        for key, value in zip(keys, values[:, 0, 0].tolist()):
+            pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
+            detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind,
+                    sub, attr)] = value
+        self.delete(b"detail_counts", keys)
+        return detail
+
 
 class Ledger:
     """Final counts of threads that have exited, moved out of the kernel's
@@ -1394,6 +1450,7 @@ class Ledger:
         self.counts = {}        # (tgid, tid, isa, code): count
         self.vcpu_ids = {}      # (tgid, tid): vcpu id
         self.latency = {}       # (tgid, tid, isa, code): Latency
+        self.detail = {}        # (tgid, tid, isa, code, kind, key, attr)
         self.gone_since = {}    # tgid: when its process was first missed
         self.tgids = set()      # processes seen in the tables
 
@@ -1444,6 +1501,10 @@ class Ledger:
                 add_counts(self.latency, tables.take_latency(latency))
             tables.delete(b"pending_exit", dead(tables.keys(b"pending_exit",
                                                             8)))
+        if tables.detail:
+            detail = dead(tables.keys(b"detail_counts", DETAIL_KEY.size))
+            if detail:
+                add_counts(self.detail, tables.take_detail(detail))
         self.tgids = set(tids)
         return len(gone)
 
@@ -1455,13 +1516,17 @@ class Ledger:
             self._retire(tables)
             snap = tables.snapshot()
             counts, latency = dict(snap.counts), dict(snap.latency)
+            detail = dict(snap.detail)
             add_counts(counts, self.counts)
             add_counts(latency, self.latency)
+            add_counts(detail, self.detail)
             merged = Snapshot(counts, {**self.vcpu_ids, **snap.vcpu_ids},
-                              snap.lost, latency)
-            merged.retired = (set(self.counts), set(self.latency))
+                              snap.lost, latency, detail, snap.detail_lost)
+            merged.retired = (set(self.counts), set(self.latency),
+                              set(self.detail))
             if take:
                 self.counts, self.latency, self.vcpu_ids = {}, {}, {}
+                self.detail = {}
             return merged
 
     def forget_gone(self, keep):
@@ -1471,7 +1536,8 @@ class Ledger:
         with self.lock:
             now = self.clock()
             for tgid in {k[0] for k in self.counts} | \
-                    {k[0] for k in self.latency}:
+                    {k[0] for k in self.latency} | \
+                    {k[0] for k in self.detail}:
                 if os.path.exists("%s/%d" % (self.proc, tgid)):
                     self.gone_since.pop(tgid, None)
                 else:
@@ -1483,6 +1549,7 @@ class Ledger:
                                       if k[0] not in expired}
                 self.counts = drop(self.counts)
                 self.latency = drop(self.latency)
+                self.detail = drop(self.detail)
                 self.vcpu_ids = drop(self.vcpu_ids)
                 for tgid in expired:
                     del self.gone_since[tgid]
@@ -1490,7 +1557,8 @@ class Ledger:
 
     def size(self):
         """Entries held: what grows with the VMs that came and went."""
-        return len(self.counts) + len(self.latency) + len(self.vcpu_ids)
+        return len(self.counts) + len(self.latency) + len(self.detail) + \
+            len(self.vcpu_ids)
 
 
 def add_counts(table, more):
@@ -1502,11 +1570,13 @@ def add_counts(table, more):
 def without_retired(snap):
     """An interval report has shown the retired counts: the next interval
     starts from zero for their keys (a reused TID is a new thread)."""
-    counts, latency = snap.retired
+    counts, latency, detail = snap.retired
     for k in counts:
         snap.counts.pop(k, None)
     for k in latency:
         snap.latency.pop(k, None)
+    for k in detail:
+        snap.detail.pop(k, None)
     return snap
 
 
@@ -1555,9 +1625,37 @@ def report_rows(selection, snap, top=None):
                         selection.group, top)
 
 
+#
+# Exit handling times: a log-linear histogram, as bpf/kvmexit.bpf.c keeps it
+#
+PERCENTILES = (50, 90, 99)
+
+
+def latency_bucket(ns):
+    """The bucket of a time, as lat_bucket() in the BPF C computes it: one
+    per ns below 2 * LAT_SUB, then LAT_SUB equal buckets per power of two,
+    so that a bucket is at most 1/LAT_SUB of its lower bound wide."""
+    if ns < 2 * LAT_SUB:
+        return ns
+    log2 = ns.bit_length() - 1
+    if log2 >= LAT_MAX_LOG2:
+        return LAT_BUCKETS - 1
+    return (log2 - LAT_SUB_BITS + 1) * LAT_SUB + \
+        (ns >> (log2 - LAT_SUB_BITS)) - LAT_SUB
+
+
+def bucket_bounds(bucket):
+    """(lowest, highest) ns a bucket holds (the last one holds more)."""
+    if bucket < 2 * LAT_SUB:
+        return bucket, bucket
+    shift = bucket // LAT_SUB - 1
+    low = (bucket % LAT_SUB + LAT_SUB) << shift
+    return low, low + (1 << shift) - 1
+
+
 class Latency:
     """Exit handling times of one (thread, reason): count, sum, max and a
-    log2 histogram, as bpf/kvmexit.bpf.c keeps them."""
+    log-linear histogram, as bpf/kvmexit.bpf.c keeps them."""
 
     def __init__(self, count=0, total_ns=0, max_ns=0, hist=None):
         self.count, self.total_ns, self.max_ns = count, total_ns, max_ns
@@ -1584,15 +1682,242 @@ class Latency:
     def avg_ns(self):
         return self.total_ns / self.count if self.count else 0.0
 
-    def p99_ns(self):
-        """Upper bound of the log2 bucket holding the 99th percentile:
-        bucket b holds times in [2^(b-1), 2^b) ns (bcc's bpf_log2l)."""
+    def percentile_ns(self, percent):
+        """The nearest-rank percentile (the time of the ceil(percent% * n)-th
+        fastest exit), as the middle of the bucket that holds it: within
+        1/(2 * LAT_SUB) = 6.25% of the exact time.  Never above the
+        maximum, which is exact and then closer."""
+        rank = (sum(self.hist) * percent + 99) // 100
         seen = 0
         for bucket, n in enumerate(self.hist):
             seen += n
-            if n and seen * 100 >= self.count * 99:
-                return 1 << bucket
+            if n and seen >= rank:
+                low, high = bucket_bounds(bucket)
+                return min((low + high) // 2, self.max_ns)
         return 0
+
+    def percentiles_ns(self):
+        return [self.percentile_ns(p) for p in PERCENTILES]
+
+
+#
+# --detail: the sub-keys behind each exit reason, as the DETAIL section of
+# bpf/kvmexit.bpf.c counts them
+#
+# name: number in struct detail_key's kind (passed to the C as
+# -DDETAIL_<NAME>).
+DETAIL_KINDS = {"port": 1, "msr": 2, "page": 3, "mmio": 4, "vector": 5,
+                "cr": 6, "hypercall": 7, "user": 8}
+DETAIL_KIND_NAMES = {n: k for k, n in DETAIL_KINDS.items()}
+MAX_DETAIL = 16384
+
+# Well-known MSRs (Intel SDM vol. 4, AMD APM vol. 2, KVM's and Hyper-V's
+# paravirtual ones), to name the MSR behind MSR exits.
+MSR_NAMES = {
+    0x10: "IA32_TSC", 0x11: "KVM_WALL_CLOCK", 0x12: "KVM_SYSTEM_TIME",
+    0x1b: "IA32_APIC_BASE", 0x3a: "IA32_FEATURE_CONTROL",
+    0x3b: "IA32_TSC_ADJUST", 0x48: "IA32_SPEC_CTRL", 0x49: "IA32_PRED_CMD",
+    0x8b: "IA32_BIOS_SIGN_ID", 0xe7: "IA32_MPERF", 0xe8: "IA32_APERF",
+    0xfe: "IA32_MTRRCAP", 0x10a: "IA32_ARCH_CAPABILITIES",
+    0x10b: "IA32_FLUSH_CMD", 0x174: "IA32_SYSENTER_CS",
+    0x175: "IA32_SYSENTER_ESP", 0x176: "IA32_SYSENTER_EIP",
+    0x179: "IA32_MCG_CAP", 0x17a: "IA32_MCG_STATUS",
+    0x1a0: "IA32_MISC_ENABLE", 0x1d9: "IA32_DEBUGCTL", 0x277: "IA32_PAT",
+    0x2ff: "IA32_MTRR_DEF_TYPE", 0x38d: "IA32_FIXED_CTR_CTRL",
+    0x38e: "IA32_PERF_GLOBAL_STATUS", 0x38f: "IA32_PERF_GLOBAL_CTRL",
+    0x390: "IA32_PERF_GLOBAL_OVF_CTRL", 0x6e0: "IA32_TSC_DEADLINE",
+    0xda0: "IA32_XSS",
+    **{0xc1 + i: "IA32_PMC%d" % i for i in range(8)},
+    **{0x186 + i: "IA32_PERFEVTSEL%d" % i for i in range(8)},
+    **{0x309 + i: "IA32_FIXED_CTR%d" % i for i in range(3)},
+    **{0x200 + 2 * i: "IA32_MTRR_PHYSBASE%d" % i for i in range(8)},
+    **{0x201 + 2 * i: "IA32_MTRR_PHYSMASK%d" % i for i in range(8)},
+    # x2APIC registers: 0x800 + the xAPIC MMIO offset / 16.
+    0x802: "X2APIC_ID", 0x803: "X2APIC_VERSION", 0x808: "X2APIC_TPR",
+    0x80a: "X2APIC_PPR", 0x80b: "X2APIC_EOI", 0x80d: "X2APIC_LDR",
+    0x80f: "X2APIC_SVR",
+    **{0x810 + i: "X2APIC_ISR%d" % i for i in range(8)},
+    **{0x818 + i: "X2APIC_TMR%d" % i for i in range(8)},
+    **{0x820 + i: "X2APIC_IRR%d" % i for i in range(8)},
+    0x828: "X2APIC_ESR", 0x82f: "X2APIC_LVT_CMCI", 0x830: "X2APIC_ICR",
+    0x832: "X2APIC_LVT_TIMER", 0x833: "X2APIC_LVT_THERMAL",
+    0x834: "X2APIC_LVT_PMI", 0x835: "X2APIC_LVT_LINT0",
+    0x836: "X2APIC_LVT_LINT1", 0x837: "X2APIC_LVT_ERROR",
+    0x838: "X2APIC_TMICT", 0x839: "X2APIC_TMCCT", 0x83e: "X2APIC_TDCR",
+    0x83f: "X2APIC_SELF_IPI",
+    0x40000000: "HV_GUEST_OS_ID", 0x40000001: "HV_HYPERCALL",
+    0x40000002: "HV_VP_INDEX", 0x40000020: "HV_TIME_REF_COUNT",
+    0x40000021: "HV_REFERENCE_TSC", 0x40000070: "HV_EOI",
+    0x40000071: "HV_ICR", 0x40000072: "HV_TPR",
+    **{0x400000b0 + 2 * i: "HV_STIMER%d_CONFIG" % i for i in range(4)},
+    **{0x400000b1 + 2 * i: "HV_STIMER%d_COUNT" % i for i in range(4)},
+    0x4b564d00: "KVM_WALL_CLOCK_NEW", 0x4b564d01: "KVM_SYSTEM_TIME_NEW",
+    0x4b564d02: "KVM_ASYNC_PF_EN", 0x4b564d03: "KVM_STEAL_TIME",
+    0x4b564d04: "KVM_PV_EOI_EN", 0x4b564d05: "KVM_POLL_CONTROL",
+    0x4b564d06: "KVM_ASYNC_PF_INT", 0x4b564d07: "KVM_ASYNC_PF_ACK",
+    0x4b564d08: "KVM_MIGRATION_CONTROL",
+    0xc0000080: "IA32_EFER", 0xc0000081: "STAR", 0xc0000082: "LSTAR",
+    0xc0000083: "CSTAR", 0xc0000084: "SYSCALL_MASK",
+    0xc0000100: "FS_BASE", 0xc0000101: "GS_BASE",
+    0xc0000102: "KERNEL_GS_BASE", 0xc0000103: "TSC_AUX",
+    **{0xc0010000 + i: "AMD_PERF_CTL%d" % i for i in range(4)},
+    **{0xc0010004 + i: "AMD_PERF_CTR%d" % i for i in range(4)},
+    0xc0010015: "AMD_HWCR", 0xc0010114: "AMD_VM_CR",
+    0xc0010117: "AMD_VM_HSAVE_PA", 0xc0011029: "AMD_DE_CFG",
+}
+
+# KVM_EXIT_* (uapi linux/kvm.h): why KVM_RUN returned to the VMM.
+KVM_EXITS = dict(enumerate((
+    "UNKNOWN", "EXCEPTION", "IO", "HYPERCALL", "DEBUG", "HLT", "MMIO",
+    "IRQ_WINDOW_OPEN", "SHUTDOWN", "FAIL_ENTRY", "INTR", "SET_TPR",
+    "TPR_ACCESS", "S390_SIEIC", "S390_RESET", "DCR", "NMI",
+    "INTERNAL_ERROR", "OSI", "PAPR_HCALL", "S390_UCONTROL", "WATCHDOG",
+    "S390_TSCH", "EPR", "SYSTEM_EVENT", "S390_STSI", "IOAPIC_EOI",
+    "HYPERV", "ARM_NISV", "X86_RDMSR", "X86_WRMSR", "DIRTY_RING_FULL",
+    "AP_RESET_HOLD", "X86_BUS_LOCK", "XEN", "RISCV_SBI", "RISCV_CSR",
+    "NOTIFY")))
+
+# KVM's own hypercalls (uapi linux/kvm_para.h, KVM_HC_*).
+KVM_HYPERCALLS = {1: "VAPIC_POLL_IRQ", 3: "FEATURES", 5: "KICK_CPU",
+                  9: "CLOCK_PAIRING", 10: "SEND_IPI", 11: "SCHED_YIELD",
+                  12: "MAP_GPA_RANGE"}
+
+# VMX's interruption types (bits 10:8 of the interruption information).
+VMX_EVENT_TYPES = {0: "external", 2: "nmi", 3: "exception",
+                   4: "soft-int", 5: "priv-soft-exc", 6: "soft-exc",
+                   7: "other"}
+VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
+# kvm_mmio's types (its "unsatisfied-read": a read KVM sends out to user
+# space; "read" is then its completion), and a write on KVM's fast MMIO
+# bus (kvm_fast_mmio: ioeventfd).
+MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write", 3: "fast-write"}
+
+
+class Detail(collections.namedtuple("Detail", "kind key op size name",
+                                    defaults=(None, None, None))):
+    """One decoded sub-key: kind, key (port, MSR, address, vector, CR,
+    hypercall or KVM_EXIT_* number), the access (op), its size in bytes
+    and a name, where they apply."""
+
+    __slots__ = ()
+
+    def label(self):
+        key = LABEL_KEY[self.kind](self.key)
+        words = [key, self.op, self.size and "%dB" % self.size, self.name]
+        return " ".join(w for w in words if w)
+
+
+LABEL_KEY = {
+    "port": "port 0x%x".__mod__, "msr": "msr 0x%x".__mod__,
+    "page": "page 0x%x".__mod__, "mmio": "mmio 0x%x".__mod__,
+    "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
+    "hypercall": "hypercall %d".__mod__,
+    "user": lambda key: "to user space",
+}
+
+
+def decode_port(isa, code, key, attr):
+    if isa == ISA_SVM:
+        size = {1: 1, 2: 2, 4: 4}.get(attr >> 4 & 7)
+        into, string, rep = attr & 1, attr >> 2 & 1, attr >> 3 & 1
+    else:
+        size = (attr & 7) + 1
+        into, string, rep = attr >> 3 & 1, attr >> 4 & 1, attr >> 5 & 1
+    op = ("in" if into else "out") + ("s" if string else "")
+    return Detail("port", key, ("rep " if rep else "") + op, size)
+
+
+def decode_page(isa, code, key, attr):
+    if isa == ISA_SVM:        # the NPF error code
+        op = "write" if attr & 2 else "fetch" if attr & 0x10 else "read"
+        # RSVD: KVM marks MMIO pages so; not present: a first touch.
+        name = "rsvd" if attr & 8 else None if attr & 1 else "not-present"
+    else:                     # the EPT violation's exit qualification
+        op = "write" if attr & 2 else "fetch" if attr & 4 else "read"
+        name = None
+    return Detail("page", key, op, name=name)
+
+
+def decode_vector(isa, code, key, attr):
+    kind = "exception" if isa == ISA_SVM else \
+        VMX_EVENT_TYPES.get(attr, str(attr))
+    name = "#" + SVM_EXCEPTIONS[key] if key in SVM_EXCEPTIONS and \
+        kind in ("exception", "soft-exc") else None
+    return Detail("vector", key, kind, name=name)
+
+
+DECODE = {
+    "port": decode_port,
+    "msr": lambda isa, code, key, attr: Detail(
+        "msr", key, "write" if attr else "read", name=MSR_NAMES.get(key)),
+    "page": decode_page,
+    "mmio": lambda isa, code, key, attr: Detail(
+        "mmio", key, MMIO_TYPES.get(attr & 0xff, str(attr & 0xff)),
+        attr >> 8 or None),
+    "vector": decode_vector,
+    "cr": lambda isa, code, key, attr: Detail(
+        "cr", key, VMX_CR_ACCESS[attr & 3]),
+    "hypercall": lambda isa, code, key, attr: Detail(
+        "hypercall", key, name=KVM_HYPERCALLS.get(key)),
+    # With an errno (KVM_RUN failed, e.g. EINTR), the reason is stale.
+    "user": lambda isa, code, key, attr: Detail(
+        "user", key, name=("errno %s" % errno.errorcode.get(attr, attr))
+        if attr else "KVM_EXIT_" + KVM_EXITS.get(key, str(key))),
+}
+
+
+def decode_detail(isa, code, kind, key, attr):
+    """A Detail from a detail_counts key's fields."""
+    return DECODE[DETAIL_KIND_NAMES[kind]](isa, code, key, attr)
+
+
+DETAIL_KEY = struct.Struct("<QIIQII")   # struct detail_key
+
+
+def read_detail(b, ncpus):
+    """({(tgid, tid, isa, code, kind, key, attr): count}, sub-keys lost)
+    from the DETAIL section of bpf/kvmexit.bpf.c's tables."""
+    keys, values = read_percpu(b[b"detail_counts"], DETAIL_KEY.size, 1, 1)
+    detail = {}
+    for key, value in zip(keys, values[:, 0, 0].tolist()):
+        pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
+        detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind, sub,
+                attr)] = value
+    _, lost = read_percpu(b[b"detail_lost"], 4, 1, ncpus,
+                          keys=[(0).to_bytes(4, "little")])
+    return detail, int(lost.sum())
+
+
+def detail_rows(detail, group, top=None):
+    """{(group, isa, code): [(Detail, count)]}: each reason's sub-keys, by
+    count, largest first (then by kind, key and access); at most `top`.
+    group(tgid, tid) as for ordered_rows()."""
+    merged = merge_by(detail, lambda tgid, tid, isa, code, kind, key, attr:
+                      (group(tgid, tid), isa, code, kind, key, attr))
+    rows = {}
+    for (g, isa, code, kind, key, attr), n in sorted(
+            merged.items(), key=lambda kv: (-kv[1], kv[0][3:])):
+        subs = rows.setdefault((g, isa, code), [])
+        if not top or len(subs) < top:
+            subs.append((decode_detail(isa, code, kind, key, attr), n))
+    return rows
+
+
+def detail_record(detail, count):
+    """A sub-key as --json gives it."""
+    return {"kind": detail.kind, "key": detail.key, "op": detail.op,
+            "size": detail.size, "name": detail.name, "count": count}
+
+
+def detail_macros(tp_dir=None):
+    """-DDETAIL, its table's room and the kinds' numbers; and whether
+    kvm_exit has intr_info (older kernels' tracepoint has not)."""
+    tp_dir = tp_dir or tracepoint_dir()
+    intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
+        ["-DDETAIL_%s=%d" % (name.upper(), n)
+         for name, n in DETAIL_KINDS.items()] + \
+        (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
 def process_name(pid, proc="/proc"):
@@ -1637,6 +1962,15 @@ class Report:
         emit(text, self.out)
 
 
+LATENCY_COLUMNS = ("AVG_us",) + tuple("P%d_us" % p for p in PERCENTILES) + \
+    ("MAX_us",)
+
+
+def latency_ns(lat):
+    """The latency columns of a row, in ns: average, percentiles, max."""
+    return [lat.avg_ns()] + lat.percentiles_ns() + [lat.max_ns]
+
+
 class TextReport(Report):
     """bcc's kvmexit output: a header, then '%-8u' ids, '%-35s' reason and
     '%-8u' count per row; the options add columns after bcc's."""
@@ -1648,9 +1982,9 @@ class TextReport(Report):
     def header(self):
         ids = "".join(col.header() for col in self.columns())
         if self.option("latency"):
-            return "%s%-35s %-8s %10s %10s %10s" % (
-                ids, "KVM_EXIT_REASON", "COUNT", "AVG_us", "P99_us",
-                "MAX_us")
+            return "%s%-35s %-8s %s" % (
+                ids, "KVM_EXIT_REASON", "COUNT", " ".join(
+                    "%10s" % c for c in LATENCY_COLUMNS))
         return "%s%-35s %s" % (ids, "KVM_EXIT_REASON", "COUNT")
 
     def vcpu_cell(self, tgid, tid):
@@ -1676,6 +2010,9 @@ class TextReport(Report):
                            lambda tgid, tid, isa, code:
                            (self.selection.group(tgid, tid), isa, code)) \
             if self.option("latency") else None
+        subs = detail_rows(self.selection.keep(snap.detail, snap.vcpu_ids),
+                           self.selection.group, self.option("top")) \
+            if self.option("detail") else {}
         cells_of, name_of = {}, {}
         for group, isa, code, count in report_rows(self.selection, snap,
                                                    self.option("top")):
@@ -1688,10 +2025,15 @@ class TextReport(Report):
             line = "%s%-35s %-8u" % (cells, name, count)
             if latency is not None:
                 lat = latency.get((group, isa, code))
-                line += " " + ("%10.1f %10.1f %10.1f" % (
-                    lat.avg_ns() / 1e3, lat.p99_ns() / 1e3, lat.max_ns / 1e3)
-                    if lat else "%10s %10s %10s" % ("-", "-", "-"))
+                line += " " + " ".join(
+                    "%10.1f" % (ns / 1e3) for ns in latency_ns(lat)) \
+                    if lat else " " + " ".join(
+                        "%10s" % "-" for _ in LATENCY_COLUMNS)
             lines.append(line + "\n")
+            # Under its reason, indented, in the reason's and count's columns.
+            lines.extend("%s  %-33s %-8u\n" % (" " * len(cells),
+                                                detail.label(), n)
+                         for detail, n in subs.get((group, isa, code), ()))
         self.write("".join(lines))
 
 
@@ -1701,7 +2043,12 @@ class RecordReport(Report):
 
     FIELDS = ("pid", "tid", "vcpu_id", "comm", "isa", "exit_code", "name",
               "count")
-    LATENCY_FIELDS = ("avg_ns", "p99_ns", "max_ns")
+    LATENCY_FIELDS = ("avg_ns",) + tuple(
+        "p%d_ns" % p for p in PERCENTILES) + ("max_ns",)
+    # --csv --detail: a reason's row is followed by one row per sub-key,
+    # with the same ids, the sub-key's count, and these filled in.
+    DETAIL_FIELDS = ("detail_kind", "detail_key", "detail_op",
+                     "detail_size", "detail_name")
 
     def __init__(self, selection, names, probe, opts, out=None):
         super().__init__(selection, names, opts, out)
@@ -1711,6 +2058,9 @@ class RecordReport(Report):
     def records(self, snap):
         keep = lambda table: self.selection.keep(table, snap.vcpu_ids)
         latency = keep(snap.latency)
+        subs = detail_rows(keep(snap.detail), lambda tgid, tid: (tgid, tid),
+                           self.option("top")) \
+            if self.option("detail") else {}
         for (tgid, tid), isa, code, count in ordered_rows(
                 keep(snap.counts), lambda tgid, tid: (tgid, tid),
                 self.option("top")):
@@ -1724,9 +2074,14 @@ class RecordReport(Report):
                 # None (null, empty in CSV) where the vCPU never re-entered
                 # after such an exit, e.g. its last HLT.
                 lat = latency.get((tgid, tid, isa, code))
-                record.update(avg_ns=lat and round(lat.avg_ns()),
-                              p99_ns=lat and lat.p99_ns(),
-                              max_ns=lat and lat.max_ns)
+                times = latency_ns(lat) if lat else [None] * len(
+                    self.LATENCY_FIELDS)
+                if lat:
+                    times[0] = round(times[0])
+                record.update(zip(self.LATENCY_FIELDS, times))
+            if self.option("detail"):
+                record["detail"] = [detail_record(d, n) for d, n in
+                                    subs.get(((tgid, tid), isa, code), ())]
             yield record
 
     def report(self, snap, start, end):
@@ -1738,10 +2093,13 @@ class RecordReport(Report):
                 "start": round(start, 6), "end": round(end, 6),
                 "cumulative": bool(self.option("cumulative")),
                 "rows": list(self.records(snap)),
-                "lost": sum(snap.lost)}) + "\n")
+                "lost": sum(snap.lost),
+                **({"detail_lost": snap.detail_lost}
+                   if self.option("detail") else {})}) + "\n")
             return
         fields = ("end",) + self.FIELDS + (
-            self.LATENCY_FIELDS if self.option("latency") else ())
+            self.LATENCY_FIELDS if self.option("latency") else ()) + (
+            self.DETAIL_FIELDS if self.option("detail") else ())
         text = io.StringIO()
         writer = csv.DictWriter(text, fields, lineterminator="\n")
         if not self.header_done:
@@ -1749,8 +2107,19 @@ class RecordReport(Report):
             self.header_done = True
         for record in self.records(snap):
             record["end"] = "%.6f" % end
+            details = record.pop("detail", ())
             writer.writerow(record)
+            for sub in details:
+                writer.writerow(self.csv_detail_row(record, sub))
         self.write(text.getvalue())
+
+
+    def csv_detail_row(self, record, sub):
+        row = {k: record[k] for k in ("end",) + self.FIELDS}
+        row["count"] = sub["count"]
+        row.update(("detail_" + k, sub[k])
+                   for k in ("kind", "key", "op", "size", "name"))
+        return row
 
 
 def warn_lost(snap):
@@ -1758,6 +2127,10 @@ def warn_lost(snap):
         if count:
             emit("kvmexit: warning: %d exits were not counted: %s\n"
                  % (count, why), sys.stderr)
+    if snap.detail_lost:
+        emit("kvmexit: warning: %d --detail sub-keys were not counted: the "
+             "detail table was full (their exits are counted)\n"
+             % snap.detail_lost, sys.stderr)
 
 
 #
@@ -1765,9 +2138,9 @@ def warn_lost(snap):
 #
 VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
 DEFAULT_KEEP_GONE = 300
-# Histogram edges, as log2(ns): every other edge of the in-kernel
-# histogram (its bucket b holds [2^(b-1), 2^b) ns), from 256 ns to ~17 s,
-# so the cumulative count below each edge is exact.
+# Histogram edges, as log2(ns): every other power of two from 256 ns to
+# ~17 s.  Each is where a bucket of the in-kernel log-linear histogram
+# begins, so the count below each edge is exact.
 LATENCY_EDGES = tuple(range(8, 35, 2))
 # Options that shape a printed report, which --prometheus does not print:
 # (argparse dest, how the user spells it).
@@ -1844,13 +2217,8 @@ class VmNames:
 
 def histogram_buckets(lat):
     """[(le in seconds, count below it)] at LATENCY_EDGES, then +Inf."""
-    below, seen = [], 0
-    hist = lat.hist + [0] * (LATENCY_EDGES[-1] + 1 - len(lat.hist))
-    for bucket, n in enumerate(hist[:LATENCY_EDGES[-1] + 1]):
-        seen += n
-        if bucket in LATENCY_EDGES:
-            below.append((str(2 ** bucket / 1e9), seen))
-    return below + [("+Inf", lat.count)]
+    return [(str(2 ** edge / 1e9), sum(lat.hist[:latency_bucket(1 << edge)]))
+            for edge in LATENCY_EDGES] + [("+Inf", lat.count)]
 
 
 class Exporter:
@@ -2091,21 +2459,21 @@ def main(argv=None):
     max_threads = args.max_threads or max(MIN_MAX_THREADS,
                                           2 * sum(vmms.values()))
     check_kernel_headers()
-    probe = choose_probe(args.probe, tp_dir)
+    probe = choose_probe(args.probe, tp_dir, detail=args.detail)
     check_vcpu_ids(selection, probe)
     layout = slot_layout()
     ncpus = possible_cpus()
-    check_table_memory(max_threads, layout, ncpus, args.latency)
+    check_table_memory(max_threads, layout, ncpus, args.latency, args.detail)
     names = kernel_reason_names(tp_dir)
     if args.prometheus:
         server = listen(args.prometheus)    # a port in use: before loading
 
     b, probe = start_tracing(probe, selection, max_threads, layout,
-                             args.latency, args.debug)
+                             args.latency, args.debug, args.detail)
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
-    tables = ThreadTables(b, layout, ncpus, args.latency)
+    tables = ThreadTables(b, layout, ncpus, args.latency, args.detail)
     ledger = Ledger()
 
     # Blocked before any thread starts: only the main thread takes them.

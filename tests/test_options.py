@@ -15,17 +15,22 @@ NAMES = kvmexit.ReasonNames()
 IOIO, HLT, READ_CR4, NPF = 0x7b, 0x78, 0x04, 0x400
 
 
+def lat(*times):
+    """The Latency the kernel keeps for exits handled in these times."""
+    hist = [0] * kvmexit.LAT_BUCKETS
+    for t in times:
+        hist[kvmexit.latency_bucket(t)] += 1
+    return kvmexit.Latency(len(times), sum(times), max(times), hist)
+
+
 def snap():
     """Two threads of PID 5 (vCPUs 0 and 1) and one of PID 9 (vCPU id
     unknown)."""
     counts = {(5, 6, 2, IOIO): 10, (5, 6, 2, HLT): 1, (5, 6, 2, READ_CR4): 4,
               (5, 7, 2, IOIO): 3, (5, 7, 2, NPF): 3, (9, 10, 2, IOIO): 2}
-    latency = {(5, 6, 2, IOIO): kvmexit.Latency(10, 50000, 9000,
-                                                [0] * 12 + [9, 1]),
-               (5, 6, 2, READ_CR4): kvmexit.Latency(4, 800, 300,
-                                                    [0] * 8 + [2, 2]),
-               (5, 7, 2, IOIO): kvmexit.Latency(3, 3000, 2000,
-                                                [0] * 10 + [2, 1])}
+    latency = {(5, 6, 2, IOIO): lat(*[4000] * 4 + [5000] * 5 + [9000]),
+               (5, 6, 2, READ_CR4): lat(100, 200, 200, 300),
+               (5, 7, 2, IOIO): lat(400, 600, 2000)}
     return kvmexit.Snapshot(counts, {(5, 6): 0, (5, 7): 1,
                                      (9, 10): kvmexit.VCPU_ID_UNKNOWN},
                             [0, 0, 0, 0], latency)
@@ -65,44 +70,50 @@ def test_option_misuse_is_a_usage_error(argv, error, capsys):
 
 
 def test_latency_columns_in_microseconds_and_dash_when_unmeasured():
+    # IOIO of PID 5: 13 exits in 400, 600, 2000, 4 x 4000, 5 x 5000 and
+    # 9000 ns.  P50 is the 7th (4000 ns, bucket [3840, 4095]), P90 the 12th
+    # (5000, [4608, 5119]), P99 the 13th (9000, [8192, 9215]): each shown
+    # as its bucket's middle.  READ_CR4: 100, 200, 200, 300 ns; P90 and P99
+    # are the 4th, whose bucket's middle (303) is above the maximum.
     assert text(PID5, latency=True) == [
-        "KVM_EXIT_REASON                     COUNT        AVG_us     P99_us"
-        "     MAX_us",
-        "IOIO                                13              4.1        8.2"
-        "        9.0",
-        "READ_CR4                            4               0.2        0.5"
-        "        0.3",
+        "KVM_EXIT_REASON                     COUNT        AVG_us     P50_us"
+        "     P90_us     P99_us     MAX_us",
+        "IOIO                                13              4.1        4.0"
+        "        4.9        8.7        9.0",
+        "READ_CR4                            4               0.2        0.2"
+        "        0.3        0.3        0.3",
         "NPF                                 3                 -          -"
-        "          -",
+        "          -          -          -",
         "HLT                                 1                 -          -"
-        "          -",
+        "          -          -          -",
     ]
 
 
-def test_latency_p99_is_the_upper_bound_of_the_99th_percentile_bucket():
-    # bcc's bpf_log2l: bucket b holds [2^(b-1), 2^b) ns.
-    assert kvmexit.Latency(100, 0, 0, [0] * 5 + [98, 1, 1]).p99_ns() == 64
-    assert kvmexit.Latency(100, 0, 0, [0] * 5 + [99, 1]).p99_ns() == 32
-    assert kvmexit.Latency().p99_ns() == 0
-    merged = kvmexit.Latency(2, 10, 7, [0, 2]) + kvmexit.Latency(
-        1, 30, 30, [0, 0, 0, 1])
-    assert (merged.count, merged.total_ns, merged.max_ns, merged.hist) == \
-        (3, 40, 30, [0, 2, 0, 1])
+def test_latency_percentiles_are_bucket_middles_capped_by_the_maximum():
+    ioio = snap().latency[(5, 6, 2, IOIO)]
+    assert ioio.percentiles_ns() == [(4608 + 5119) // 2, (4608 + 5119) // 2,
+                                     (8192 + 9215) // 2]
+    assert kvmexit.Latency().percentile_ns(99) == 0
+    merged = ioio + lat(400, 600, 2000)
+    assert (merged.count, merged.total_ns, merged.max_ns) == (13, 53000, 9000)
+    assert merged.hist == [a + b for a, b in zip(
+        ioio.hist, lat(400, 600, 2000).hist)]
 
 
 def test_interval_counts_are_differences_and_max_stays_cumulative():
     earlier = kvmexit.Snapshot(
         {(5, 6, 2, IOIO): 4, (5, 6, 2, HLT): 1}, {}, [1, 0, 0, 0],
-        {(5, 6, 2, IOIO): kvmexit.Latency(4, 4000, 9000, [0] * 12 + [4])})
+        {(5, 6, 2, IOIO): lat(4000, 4000, 4000, 4000)})
     now = snap()
     now.lost = [3, 0, 0, 0]
     later = now.minus(earlier)
     assert later.counts[(5, 6, 2, IOIO)] == 6
     assert (5, 6, 2, HLT) not in later.counts
     assert later.lost == [2, 0, 0, 0]
-    lat = later.latency[(5, 6, 2, IOIO)]
-    assert (lat.count, lat.total_ns, lat.max_ns, lat.hist[12:]) == \
-        (6, 46000, 9000, [5, 1])
+    interval = later.latency[(5, 6, 2, IOIO)]
+    assert (interval.count, interval.total_ns, interval.max_ns) == \
+        (6, 34000, 9000)
+    assert interval.hist == lat(*[5000] * 5 + [9000]).hist
 
 
 def test_show_vcpu_and_comm_columns_in_the_all_view():
@@ -159,7 +170,8 @@ def test_json_schema_one_object_per_report():
     assert report["rows"][0] == {
         "pid": 5, "tid": 6, "vcpu_id": 0, "comm": "qemu-system-x86",
         "isa": "svm", "exit_code": IOIO, "name": "IOIO", "count": 10,
-        "avg_ns": 5000, "p99_ns": 8192, "max_ns": 9000}
+        "avg_ns": 5000, "p50_ns": 4863, "p90_ns": 4863, "p99_ns": 8703,
+        "max_ns": 9000}
     assert report["rows"][2]["name"] == "HLT"
     assert report["rows"][2]["avg_ns"] is None
     assert report["rows"][-1]["vcpu_id"] is None

@@ -27,7 +27,9 @@ at start), so 1024 on hosts with up to 512 vCPUs:
   blank_counts    array, 1 entry          = ARRAY + V
   With --latency, two more maps, not per-CPU, so not multiplied by C:
   pending_exit    hash, M entries, u64 key, 16 B value
-  exit_latency    hash, 8 M entries, 16 B key, 344 B value
+  exit_latency    hash, 8 M entries, 16 B key, 2200 B value (count, sum,
+                  max and LAT_BUCKETS = 272 log-linear buckets)
+  (and blank_latency, an array of one such value: a new entry's zeroes)
                   each, with N entries, K-byte keys, V-byte values:
                   = HTAB + 16 x pow2(N) + 32 x C + (N + C) x (48 + K + V)
                     + 8 x C     (a preallocated plain hash keeps one spare

@@ -7,12 +7,14 @@
 (as root; boots the lab, about 3 minutes.)  Inside the lab a guest
 (tests/lab/guest.py, throughput mode) loops "10 CR4 round trips, one port
 write" on one vCPU for a few seconds: 21 exits a loop, 20 handled in KVM
-and one in user space.  Its exit rate is measured
-with no tracer, with kvmexit on the raw tracepoint (the default on AMD),
-and with kvmexit on the regular tracepoint, in alternating rounds of the
-same boot; the table gives the median rate of each and its ratio to no
-tracer.  The lab runs under QEMU's emulator, so the absolute rates are an
-emulated CPU's; the ratios are the result.
+and one in user space.  Its exit rate is measured with no tracer, with
+kvmexit on the raw tracepoint (the default on AMD), on the regular
+tracepoint, and with --detail (the regular tracepoint, the last exit kept
+per thread, a port sub-key and a kvm_userspace_exit event per port
+write), in alternating rounds of the same boot; the table gives the
+median rate of each and its ratio to no tracer.  The lab runs under
+QEMU's emulator, so the absolute rates are an emulated CPU's; the ratios
+are the result.
 """
 
 import argparse
@@ -31,7 +33,8 @@ LAB = os.path.join(REPO, "tests", "lab")
 PYTHON = "/usr/bin/python3"
 SETUPS = {"no tracer": None,
           "kvmexit, raw tracepoint": ["--probe", "raw"],
-          "kvmexit, tracepoint": ["--probe", "tracepoint"]}
+          "kvmexit, tracepoint": ["--probe", "tracepoint"],
+          "kvmexit --detail": ["--detail"]}
 
 
 def guest_rate(seconds, out):

@@ -1,0 +1,301 @@
+"""--detail's in-kernel half (bpf/detail.h), run in the kernel.
+
+The program is the --detail one: the regular kvm_exit tracepoint and KVM's
+other tracepoints, which bcc attaches as it loads them (this host never
+fires them).  Regular tracepoint programs cannot be test-run, so it is
+built with -DTEST_ENTRIES, which adds raw tracepoint entries taking the
+tracepoints' fields as ctx->args and running the same code:
+  test_kvm_exit(exit_reason, isa, info1, info2, intr_info, vcpu_id)
+  test_kvm_msr(write, ecx)            test_kvm_hypercall(nr)
+  test_kvm_mmio(type, len, gpa)       test_kvm_fast_mmio(gpa)
+  test_kvm_page_fault(address, error_code)
+  test_kvm_userspace_exit(reason, errno)
+BPF_PROG_TEST_RUN runs them from threads of this process pinned to a CPU
+(tests/bpfrun.py), with exit information encoded as the CPUs encode it
+(AMD APM vol. 2, Intel SDM vol. 3C); the sub-counts read back must be
+exact and decoded as the CPU meant them."""
+
+import argparse
+import io
+import os
+
+import pytest
+
+import bpfrun
+import kvmexit
+
+VMX, SVM = kvmexit.ISA_VMX, kvmexit.ISA_SVM
+PID = os.getpid()
+KINDS = kvmexit.DETAIL_KINDS
+Detail = kvmexit.Detail
+
+# SVM exit codes and EXITINFO1 bits of IOIO.
+SVM_IOIO, SVM_MSR, SVM_HLT, SVM_NPF, SVM_VMMCALL = 0x7b, 0x7c, 0x78, 0x400, \
+    0x81
+SVM_EXCP_UD = 0x46
+SVM_IN, SVM_SZ8, SVM_SZ16, SVM_SZ32, SVM_REP, SVM_STR = 1, 0x10, 0x20, \
+    0x40, 0x8, 0x4
+# VMX exit reasons.
+VMX_EXC_NMI, VMX_EXT_INTR, VMX_CR, VMX_IO, VMX_EPT = 0, 1, 28, 30, 48
+VMX_VALID = 0x80000000
+ENTRIES = ("test_kvm_exit", "test_kvm_msr", "test_kvm_hypercall",
+           "test_kvm_mmio", "test_kvm_fast_mmio", "test_kvm_page_fault",
+           "test_kvm_userspace_exit")
+TRACEPOINT = kvmexit.Probe("tracepoint", "test", tp_vcpu_id=True)
+ALL = kvmexit.Selection("all threads", "all")
+
+
+class DetailProgram:
+    def __init__(self, bcc, selection=ALL, max_detail=None, monkeypatch=None):
+        if max_detail:
+            monkeypatch.setattr(kvmexit, "MAX_DETAIL", max_detail)
+        self.ncpus = kvmexit.possible_cpus()
+        self.b = kvmexit.load_program(TRACEPOINT, selection, 64,
+                                      kvmexit.SVM_LAYOUT, detail=True,
+                                      test_entries=True)
+        self.fd = {name[len("test_"):]: self.b.load_func(
+            name.encode(), bcc.BPF.RAW_TRACEPOINT).fd for name in ENTRIES}
+
+    def events(self, thread, *events):
+        """Run (entry, args) events in order from `thread`, on CPU 0."""
+        failed = []
+
+        def job():
+            os.sched_setaffinity(0, {0})
+            try:
+                for entry, args in events:
+                    bpfrun.test_run(self.fd[entry],
+                                    [a & (1 << 64) - 1 for a in args])
+            except Exception as e:      # raised here, not in the thread
+                failed.append(e)
+        thread.call(job)
+        if failed:
+            raise failed[0]
+
+    def snap(self):
+        return kvmexit.snapshot(self.b, kvmexit.SVM_LAYOUT, self.ncpus,
+                                detail=True)
+
+    def close(self):
+        self.b.cleanup()
+
+
+def exit_(code, isa=SVM, info1=0, info2=0, intr_info=0, vcpu=0):
+    return ("kvm_exit", (code, isa, info1, info2, intr_info, vcpu))
+
+
+def repeat(n, *events):
+    return list(events) * n
+
+
+def mine(snap, tid, isa=SVM, code=None):
+    """{Detail: count} of one thread (and one reason)."""
+    return {kvmexit.decode_detail(i, c, kind, key, attr): n
+            for (tgid, t, i, c, kind, key, attr), n in snap.detail.items()
+            if (tgid, t, i) == (PID, tid, isa) and code in (None, c)}
+
+
+@pytest.fixture(scope="module")
+def prog(bcc, cpus_0_1):
+    p = DetailProgram(bcc)
+    yield p
+    p.close()
+
+
+def test_detail_attaches_to_kvm_tracepoints(prog):
+    assert sorted(prog.b.tracepoint_fds) == sorted(
+        b"kvm:" + name.encode() for name in (
+            "kvm_exit", "kvm_msr", "kvm_hypercall", "kvm_mmio",
+            "kvm_fast_mmio", "kvm_page_fault", "kvm_userspace_exit"))
+
+
+def test_default_program_has_no_detail(bcc, cpus_0_1):
+    b = kvmexit.load_program(TRACEPOINT, ALL, 64, kvmexit.SVM_LAYOUT)
+    try:
+        assert list(b.tracepoint_fds) == [b"kvm:kvm_exit"]
+        with pytest.raises(KeyError):
+            b[b"detail_counts"]
+    finally:
+        b.cleanup()
+
+
+def test_svm_ports_by_direction_and_size(prog, threads):
+    t = threads()
+    port = lambda p, bits: exit_(SVM_IOIO, info1=p << 16 | bits)
+    prog.events(t, *repeat(7, port(0x70, SVM_SZ8)),
+                *repeat(3, port(0x71, SVM_IN | SVM_SZ8)),
+                *repeat(2, port(0xcfc, SVM_IN | SVM_SZ32)),
+                port(0x1f0, SVM_IN | SVM_SZ16 | SVM_REP | SVM_STR))
+    snap = prog.snap()
+    assert snap.counts[(PID, t.tid, SVM, SVM_IOIO)] == 13
+    assert mine(snap, t.tid) == {
+        Detail("port", 0x70, "out", 1): 7, Detail("port", 0x71, "in", 1): 3,
+        Detail("port", 0xcfc, "in", 4): 2,
+        Detail("port", 0x1f0, "rep ins", 2): 1}
+
+
+def test_vmx_ports_crs_and_vectors(prog, threads):
+    t = threads()
+    io = lambda p, size, into: exit_(VMX_IO, VMX,
+                                     info1=p << 16 | into << 3 | size - 1)
+    cr = lambda n, access: exit_(VMX_CR, VMX, info1=access << 4 | 3 << 8 | n)
+    event = lambda code, vector, kind, valid=VMX_VALID: exit_(
+        code, VMX, intr_info=valid | kind << 8 | vector)
+    prog.events(t, *repeat(5, io(0x3f8, 1, 0)), *repeat(4, io(0x3fd, 1, 1)),
+                io(0xcf8, 4, 0), *repeat(6, cr(4, 0)), *repeat(2, cr(3, 1)),
+                cr(0, 2), cr(0, 3),
+                *repeat(3, event(VMX_EXC_NMI, 14, 3)),
+                event(VMX_EXC_NMI, 2, 2), event(VMX_EXC_NMI, 3, 6),
+                *repeat(8, event(VMX_EXT_INTR, 0xec, 0)),
+                # No valid vector: counted as an exit, with no sub-key.
+                event(VMX_EXT_INTR, 0, 0, valid=0))
+    snap = prog.snap()
+    assert snap.counts[(PID, t.tid, VMX, VMX_EXT_INTR)] == 9
+    assert mine(snap, t.tid, VMX) == {
+        Detail("port", 0x3f8, "out", 1): 5, Detail("port", 0x3fd, "in", 1): 4,
+        Detail("port", 0xcf8, "out", 4): 1,
+        Detail("cr", 4, "write"): 6, Detail("cr", 3, "read"): 2,
+        Detail("cr", 0, "clts"): 1, Detail("cr", 0, "lmsw"): 1,
+        Detail("vector", 14, "exception", name="#PF"): 3,
+        Detail("vector", 2, "nmi"): 1,
+        Detail("vector", 3, "soft-exc", name="#BP"): 1,
+        Detail("vector", 0xec, "external"): 8}
+
+
+def test_svm_npf_pages_and_exception_vectors(prog, threads):
+    t = threads()
+    npf = lambda gpa, err: exit_(SVM_NPF, info1=err, info2=gpa)
+    prog.events(t, *repeat(4, npf(0xfee00300, 0x0f)),     # P W U RSVD
+                npf(0xfee00ff0, 0x0d),                       # P U RSVD
+                *repeat(2, npf(0x7000, 0x14)),               # fetch, not P
+                *repeat(3, exit_(SVM_EXCP_UD)))
+    snap = prog.snap()
+    assert mine(snap, t.tid) == {
+        Detail("page", 0xfee00000, "write", name="rsvd"): 4,
+        Detail("page", 0xfee00000, "read", name="rsvd"): 1,
+        Detail("page", 0x7000, "fetch", name="not-present"): 2,
+        Detail("vector", 6, "exception", name="#UD"): 3}
+
+
+def test_msrs_hypercalls_and_mmio_count_under_the_exit_being_handled(
+        prog, threads):
+    t = threads()
+    prog.events(t, *repeat(5, exit_(SVM_MSR, info1=1),
+                           ("kvm_msr", (1, 0x6e0))),
+                *repeat(3, exit_(SVM_MSR), ("kvm_msr", (0, 0x1b))),
+                exit_(SVM_MSR, info1=1), ("kvm_msr", (1, 0x4b564d99)),
+                *repeat(2, exit_(SVM_VMMCALL), ("kvm_hypercall", (5,))),
+                # An MMIO write and a read that user space completes.
+                exit_(SVM_NPF, info1=0xf, info2=0xd0000000),
+                ("kvm_mmio", (2, 4, 0xd0000004)),
+                exit_(SVM_NPF, info1=0xd, info2=0xd0000000),
+                ("kvm_mmio", (0, 2, 0xd0000008)),
+                ("kvm_mmio", (1, 2, 0xd0000008)),
+                exit_(SVM_NPF, info1=0xf, info2=0xfeb00000),
+                ("kvm_fast_mmio", (0xfeb00010,)))
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_MSR) == {
+        Detail("msr", 0x6e0, "write", name="IA32_TSC_DEADLINE"): 5,
+        Detail("msr", 0x1b, "read", name="IA32_APIC_BASE"): 3,
+        Detail("msr", 0x4b564d99, "write"): 1}
+    assert mine(snap, t.tid, code=SVM_VMMCALL) == {
+        Detail("hypercall", 5, name="KICK_CPU"): 2}
+    npf = mine(snap, t.tid, code=SVM_NPF)
+    assert {d: n for d, n in npf.items() if d.kind == "mmio"} == {
+        Detail("mmio", 0xd0000004, "write", 4): 1,
+        Detail("mmio", 0xd0000008, "unsat-read", 2): 1,
+        Detail("mmio", 0xd0000008, "read", 2): 1,
+        Detail("mmio", 0xfeb00010, "fast-write"): 1}
+
+
+def test_user_space_exits_count_once_per_exit(prog, threads):
+    t = threads()
+    user = lambda reason, err=0: ("kvm_userspace_exit", (reason, err))
+    prog.events(t, *repeat(4, exit_(SVM_IOIO, info1=0xf4 << 16), user(2)),
+                # KVM_RUN again, a signal before entering: no exit of its
+                # own, not the port write's.
+                user(10, -4),
+                exit_(SVM_HLT), user(10, -4))
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_IOIO) == {
+        Detail("port", 0xf4, "out", None): 4,
+        Detail("user", 2, name="KVM_EXIT_IO"): 4}
+    assert mine(snap, t.tid, code=SVM_HLT) == {
+        Detail("user", 10, name="errno EINTR"): 1}
+
+
+def test_events_of_threads_without_exits_are_not_counted(prog, threads):
+    t = threads()
+    prog.events(t, ("kvm_msr", (1, 0x830)), ("kvm_hypercall", (1,)),
+                ("kvm_userspace_exit", (2, 0)), ("kvm_mmio", (2, 4, 0x1000)))
+    assert mine(prog.snap(), t.tid) == {}
+
+
+def test_page_faults_count_for_vmx_ept_violations_only(prog, threads):
+    vmx, svm = threads(2)
+    prog.events(vmx, *repeat(3, exit_(VMX_EPT, VMX, info1=0x182),
+                             ("kvm_page_fault", (0xfebf1234, 0x182))),
+                exit_(VMX_EPT, VMX), ("kvm_page_fault", (0x9000, 0x184)))
+    # SVM's NPF has its address in kvm_exit's fields: not counted twice.
+    prog.events(svm, exit_(SVM_NPF, info1=0x6, info2=0x5000),
+                ("kvm_page_fault", (0x5000, 0x6)))
+    assert mine(prog.snap(), vmx.tid, VMX) == {
+        Detail("page", 0xfebf1000, "write"): 3,
+        Detail("page", 0x9000, "fetch"): 1}
+    assert mine(prog.snap(), svm.tid) == {
+        Detail("page", 0x5000, "write", name="not-present"): 1}
+
+
+def test_filtered_out_threads_leave_no_detail(bcc, cpus_0_1, threads):
+    other = kvmexit.Selection("PID 1", "pid", tgid=1)
+    p = DetailProgram(bcc, other)
+    try:
+        t = threads()
+        p.events(t, exit_(SVM_IOIO, info1=0x70 << 16),
+                 exit_(SVM_MSR), ("kvm_msr", (1, 0x6e0)))
+        snap = p.snap()
+        assert (snap.counts, snap.detail) == ({}, {})
+    finally:
+        p.close()
+
+
+def test_a_full_detail_table_loses_sub_keys_not_exits(bcc, cpus_0_1,
+                                                      threads, monkeypatch):
+    p = DetailProgram(bcc, max_detail=4, monkeypatch=monkeypatch)
+    try:
+        t = threads()
+        p.events(t, *[exit_(SVM_IOIO, info1=port << 16)
+                      for port in range(0x80, 0x86) for _ in range(2)])
+        snap = p.snap()
+        assert snap.counts[(PID, t.tid, SVM, SVM_IOIO)] == 12
+        assert sum(mine(snap, t.tid).values()) == 8
+        assert len(snap.detail) == 4
+        assert snap.detail_lost == 4
+        assert snap.lost == [0] * len(kvmexit.LOST)
+    finally:
+        p.close()
+
+
+def test_text_report_shows_sub_keys_under_their_reason(prog, threads):
+    t = threads()
+    prog.events(t, *repeat(3, exit_(SVM_MSR, info1=1),
+                           ("kvm_msr", (1, 0x830))),
+                exit_(SVM_MSR, info1=1), ("kvm_msr", (1, 0x80b)),
+                *repeat(2, exit_(SVM_IOIO, info1=0x510 << 16 | SVM_SZ8)))
+    snap = prog.snap()
+    # As the kernel's TID filter would have it.
+    snap.counts = {k: n for k, n in snap.counts.items() if k[1] == t.tid}
+    snap.detail = {k: n for k, n in snap.detail.items() if k[1] == t.tid}
+    out = io.StringIO()
+    tid_only = kvmexit.Selection("TID %d" % t.tid, "tid", tids=[t.tid])
+    kvmexit.TextReport(tid_only, kvmexit.ReasonNames(),
+                       argparse.Namespace(detail=True), out).report(
+        snap, 0, 0)
+    assert out.getvalue().splitlines() == [
+        "KVM_EXIT_REASON                     COUNT",
+        "MSR                                 4       ",
+        "  msr 0x830 write X2APIC_ICR        3       ",
+        "  msr 0x80b write X2APIC_EOI        1       ",
+        "IOIO                                2       ",
+        "  port 0x510 out 1B                 2       ",
+    ]
