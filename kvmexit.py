@@ -398,12 +398,19 @@ class Selection:
         the process is counted, and the report keeps that vCPU's rows."""
         return self.view == "vcpu" and self.tids is None
 
+    # Longer TID lists go to a bitmap: a chain of 12,500 comparisons crashed
+    # clang, and a chain costs ~2 ns less per exit than the bitmap's lookup
+    # (tests/bench/filter_cost.py), so short lists keep it.
+    CHAIN_MAX_TIDS = 4096
+
     def kernel_filter(self):
-        """The C macros of the in-kernel filter, from integers only.  TIDs
-        go into a bitmap map after loading (fill_tid_filter): a list of any
-        length costs one array lookup per exit."""
-        if self.tids is not None:
+        """The C macros of the in-kernel filter, from integers only (the
+        TIDs of a bitmap are set after loading, by fill_tid_filter)."""
+        if self.tids is not None and len(self.tids) > self.CHAIN_MAX_TIDS:
             return ["-DFILTER_TIDS"]
+        if self.tids is not None:
+            return ["-DFILTER_TID_NOT_IN(tid)=(%s)" % " && ".join(
+                "(tid) != %d" % int(t) for t in self.tids)]
         if self.tgid is not None:
             return ["-DFILTER_TGID=%d" % int(self.tgid)]
         return []
@@ -475,7 +482,11 @@ def thread_names(pid, proc="/proc"):
     """{tid: comm} for the threads of a process."""
     names = {}
     task = "%s/%d/task" % (proc, pid)
-    for entry in os.listdir(task):
+    try:
+        entries = os.listdir(task)
+    except OSError:
+        return names            # the process exited meanwhile
+    for entry in entries:
         try:
             names[int(entry)] = read_text("%s/%s/comm" % (task, entry))
         except (OSError, ValueError):
@@ -924,7 +935,7 @@ def bpf_source():
     symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
     here = os.path.dirname(os.path.realpath(__file__))
     # Installed, the module is in PREFIX/lib/python3*/*-packages.
-    prefix = os.path.join(here, "..", "..", "..")
+    prefix = os.path.normpath(os.path.join(here, "..", "..", ".."))
     for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
                  os.path.join(prefix, "share", "kvmexit", "kvmexit.bpf.c"),
                  "/usr/local/share/kvmexit/kvmexit.bpf.c",
@@ -1058,10 +1069,7 @@ def load_program(probe, selection, max_threads, layout, latency=False,
         raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
     if debug:
         sys.stderr.write(err.text)
-    if selection.tids is not None:
-        if debug:
-            print("kvmexit: tid_filter: %s" % ",".join(
-                map(str, selection.tids)), file=sys.stderr)
+    if "-DFILTER_TIDS" in selection.kernel_filter():
         fill_tid_filter(b, selection.tids)
     return b
 
@@ -2162,19 +2170,17 @@ def run():
         status = main()
     except OutputError as e:
         # A closed pipe (kvmexit | head -1) or a full disk: what was
-        # counted could not be shown, so say so.  Python flushes stdout
-        # again at exit; make that a no-op.
+        # counted could not be shown, so say so.
         status, message = 1, "kvmexit: %s" % e
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
     except Error as e:
         status, message = 1, "kvmexit: %s" % e
     except KeyboardInterrupt:
         status, message = 130, None
     except OSError as e:
-        # Not foreseen, but still one line: e.g. a map read failing.
-        status, message = 1, "kvmexit: %s" % e
+        # Not foreseen, but still one line: e.g. -h > /dev/full.
+        status = 1
+        message = "kvmexit: %s%s" % (e.strerror or e, ": %s" % e.filename
+                                     if e.filename else "")
     else:
         message = None
     if message:
@@ -2182,6 +2188,15 @@ def run():
             print(message, file=sys.stderr, flush=True)
         except OSError:
             pass            # stderr is gone too; the status still tells
+    if status:
+        # Python flushes stdout once more at exit: where that failed before
+        # it would fail again, with a message of its own.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
+        except OSError:
+            pass            # no /dev/null (e.g. /dev hidden): nothing left
     sys.exit(status)
 
 

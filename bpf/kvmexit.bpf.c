@@ -9,6 +9,7 @@
 //   VMX_VCPU_OFF, VMX_EXIT_REASON_OFF                   kernels (from BTF)
 //   KVM_VCPU_ID_OFF     offset of vcpu_id in struct kvm_vcpu (raw paths)
 //   FILTER_TGID         count this process only, or
+//   FILTER_TID_NOT_IN(tid)  true for TIDs not in a short list, or
 //   FILTER_TIDS         count the threads whose bits are set in tid_filter
 //                       (TID_WORDS u64 words: one bit per possible TID)
 //   MAX_THREADS, MAX_RARE   capacity of the two hash tables
@@ -249,9 +250,9 @@ static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 #endif
 
 #ifdef FILTER_TIDS
-// A bitmap rather than a chain of comparisons: the same cost for one TID
-// or thousands, and no limit from the compiler.  An array lookup is
-// inlined by the verifier, so this is a few instructions.
+// For lists too long to compile as a chain of comparisons (clang crashed
+// on 12,500): the same cost for any length.  The verifier inlines an
+// array lookup, so this is a few instructions.
 BPF_ARRAY(tid_filter, u64, TID_WORDS);
 #endif
 
@@ -259,6 +260,10 @@ static __always_inline bool filtered_out(u64 pid_tgid)
 {
 #if defined(FILTER_TGID)
     return (u32)(pid_tgid >> 32) != FILTER_TGID;
+#elif defined(FILTER_TID_NOT_IN)
+    u32 tid = pid_tgid;
+
+    return FILTER_TID_NOT_IN(tid);
 #elif defined(FILTER_TIDS)
     u32 tid = pid_tgid, word = tid / 64;
     u64 *bits = tid_filter.lookup(&word);

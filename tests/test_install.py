@@ -1,6 +1,7 @@
-"""Packaging: setup.cfg's install, the man page, and kvmexit dropped into
-bcc's tools directory."""
+"""Packaging: pip and pipx installs into venvs that see Debian's bcc, the
+man page, and kvmexit dropped into bcc's tools directory."""
 
+import configparser
 import glob
 import os
 import re
@@ -10,11 +11,22 @@ import subprocess
 import pytest
 
 import kvmexit
+from kvmexit_conftest import HEADER_COLLAPSED, SYSTEM_PYTHON, first_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(REPO, "man", "man8", "kvmexit.8")
+BPF_SOURCE = os.path.join(REPO, "bpf", "kvmexit.bpf.c")
 BCC_TOOLS = "/usr/share/bcc/tools"
+SETUP_CFG = configparser.ConfigParser()
+SETUP_CFG.read(os.path.join(REPO, "setup.cfg"))
+VERSION = SETUP_CFG["metadata"]["version"]
 FIRST = "Display kvm exit reasons and statistics for "
+# Debian's wheels of pip, setuptools and wheel (python3-*-whl): a build
+# from them needs no index at all.
+DEBIAN_WHEELS = "/usr/share/python-wheels"
+# Debian 12's pipx (1.1.0) leaves man pages inside its venvs, where man
+# does not look; .ci/install puts a newer one from PyPI here.
+PIPX = os.environ.get("KVMEXIT_PIPX", "/opt/kvmexit-pipx/bin/pipx")
 # The man page's (and bcc's) eight example command lines.
 EXAMPLES = ["kvmexit", "kvmexit 6", "kvmexit -p 1273795 5",
             "kvmexit -p 1273795 5 -a", "kvmexit -p 1273795 -v 0",
@@ -58,31 +70,105 @@ def test_man_page_documents_every_option_and_example():
         assert section in text
 
 
-def test_setup_cfg_installs_command_man_page_and_bpf_source(tmp_path):
+#
+# pip and pipx, each into its own venv that sees Debian's bcc and numpy
+#
+@pytest.fixture
+def source(tmp_path):
+    """A copy of the checkout: pip builds in the tree it is given and
+    leaves build/ and kvmexit.egg-info/ there."""
     src = tmp_path / "src"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
         ".git", "__pycache__", "build", "*.egg-info"))
-    root = tmp_path / "root"
-    proc = run(["/usr/bin/python3", "-c", "import setuptools; "
-                "setuptools.setup()", "install", "--root", str(root),
-                "--prefix", "/usr/local"], cwd=src)
+    return src
+
+
+def clean_env(tmp_path, bindir, **extra):
+    """This environment with `bindir` first on PATH, less what could find
+    an installed kvmexit without its install: PYTHONPATH (a checkout) and
+    MANPATH (man must derive it from PATH).  pip's cache goes to tmp_path,
+    so that a test leaves nothing outside it."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "MANPATH", "VIRTUAL_ENV")}
+    env.update(PATH=str(bindir) + os.pathsep + os.environ["PATH"],
+               PIP_CACHE_DIR=str(tmp_path / "pip-cache"), **extra)
+    return env
+
+
+def assert_installed(venv, env):
+    """kvmexit installed into `venv` is whole and found: the command on
+    PATH runs under the venv's interpreter, man finds the page, and the
+    module reads the BPF source installed beside it."""
+    venv = os.path.realpath(venv)
+    command = shutil.which("kvmexit", path=env["PATH"])
+    # With pipx, PATH has a link to the command in the venv.
+    assert os.path.realpath(command) == os.path.join(venv, "bin", "kvmexit")
+    with open(command) as f:
+        # pip may add options, e.g. "#!VENV/bin/python -E".
+        interpreter = f.readline()[2:].split()[0]
+    assert os.path.dirname(interpreter) == os.path.join(venv, "bin")
+    proc = run(["kvmexit", "-h"], cwd="/", env=env)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    assert proc.stdout.startswith("usage: kvmexit [-h] ")
+
+    page = os.path.join(venv, "share", "man", "man8", "kvmexit.8")
+    with open(page, "rb") as installed, open(MAN, "rb") as shipped:
+        assert installed.read() == shipped.read()
+    proc = run(["man", "-w", "kvmexit"], cwd="/", env=env)
     assert proc.returncode == 0, proc.stderr
-    prefix = root / "usr" / "local"
-    assert (prefix / "share" / "man" / "man8" / "kvmexit.8").read_text() == \
-        open(MAN).read()
-    assert (prefix / "share" / "kvmexit" / "kvmexit.bpf.c").read_text() == \
-        open(os.path.join(REPO, "bpf", "kvmexit.bpf.c")).read()
-    site = glob.glob(str(prefix / "lib" / "python3*" / "*-packages"))
-    assert len(site) == 1 and os.path.exists(site[0] + "/kvmexit.py")
-    command = prefix / "bin" / "kvmexit"
-    assert open(command).readline() == "#!/usr/bin/python3\n"
-    # Run from elsewhere, so that the copy in the source tree is no help.
-    proc = run([str(command), "-p", "1", "1"], cwd="/",
-               env=dict(os.environ, PYTHONPATH=site[0]))
+    # bcc's own page (kvmexit-bpfcc.8) is also indexed as kvmexit: the
+    # installed one must come first.
+    assert os.path.realpath(proc.stdout.strip()) == page
+
+    # From the venv's interpreter, away from the checkout.
+    proc = run([interpreter, "-c", "import kvmexit; "
+                "print(kvmexit.__file__); print(kvmexit.bpf_source())"],
+               cwd="/", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [
-        FIRST + "PID 1 after sleeping 1 secs.",
-        "KVM_EXIT_REASON" + " " * 21 + "COUNT"]
+    module, bpf_source = proc.stdout.splitlines()
+    assert glob.glob(os.path.join(venv, "lib", "python3*", "site-packages",
+                                  "kvmexit.py")) == [module]
+    source = os.path.join(venv, "share", "kvmexit", "kvmexit.bpf.c")
+    assert os.path.realpath(bpf_source) == source
+    with open(source, "rb") as installed, open(BPF_SOURCE, "rb") as shipped:
+        assert installed.read() == shipped.read()
+
+    # A real run: bcc and numpy come from Debian, through the venv.
+    proc = run(["kvmexit", "-p", "1", "1"], cwd="/", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [first_line("PID 1", 1),
+                                        HEADER_COLLAPSED]
+
+
+def test_pip_install_into_venv_with_system_site_packages(tmp_path, source):
+    venv = tmp_path / "venv"
+    env = clean_env(tmp_path, venv / "bin")
+    proc = run([SYSTEM_PYTHON, "-m", "venv", "--system-site-packages",
+                str(venv)], env=env)
+    assert proc.returncode == 0, proc.stderr
+    # Build isolation on, with Debian's setuptools and wheel: no index.
+    proc = run([str(venv / "bin" / "pip"), "install", "--no-index",
+                "--find-links", DEBIAN_WHEELS, "."], cwd=source, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Successfully installed kvmexit-%s" % VERSION in proc.stdout
+    assert_installed(venv, env)
+
+
+def test_pipx_install_with_system_site_packages(tmp_path, source):
+    # pipx's default layout, ~/.local/{bin,share/man}, moved to tmp_path:
+    # man derives share/man from bin on PATH, so MANPATH stays unset.
+    bindir = tmp_path / "bin"
+    env = clean_env(tmp_path, bindir, PIPX_HOME=str(tmp_path / "pipx"),
+                    PIPX_BIN_DIR=str(bindir),
+                    PIPX_MAN_DIR=str(tmp_path / "share" / "man"))
+    proc = run([PIPX, "install", "--python", SYSTEM_PYTHON,
+                "--system-site-packages", "."], cwd=source, env=env)
+    assert proc.returncode == 0, proc.stderr
+    venv = tmp_path / "pipx" / "venvs" / "kvmexit"
+    link = tmp_path / "share" / "man" / "man8" / "kvmexit.8"
+    assert os.path.realpath(link) == os.path.realpath(
+        venv / "share" / "man" / "man8" / "kvmexit.8")
+    assert_installed(venv, env)
 
 
 @pytest.fixture

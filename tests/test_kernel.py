@@ -468,6 +468,44 @@ def test_tids_filter_counts_the_listed_threads_only(fresh, threads):
         row(c.tid, "0x9999", 1))
 
 
+def test_tids_filter_of_12500_tids_around_the_listed_ones(fresh, threads):
+    # 12,500 TIDs made clang crash when they were a chain of comparisons;
+    # in the bitmap they cost one lookup.  The list holds a and c and every
+    # TID near b (same 64-bit word, neighbours), but not b itself.
+    a, b, c = threads(3)
+    limit = kvmexit.pid_max()
+    near = [t for t in range(b.tid - 70, b.tid + 71)
+            if 0 < t < limit and t != b.tid]
+    others = [t for t in range(1, limit) if t not in (a.tid, b.tid, c.tid)
+              and abs(t - b.tid) > 70][:12500 - 2 - len(near)]
+    tids = [a.tid, c.tid] + near + others
+    assert len(tids) == 12500 and b.tid not in tids
+    sel = kvmexit.Selection("TIDS (12500)", "tids", tids=tids)
+    assert sel.kernel_filter() == ["-DFILTER_TIDS"]
+    prog = fresh(selection=sel)
+    fire_all(prog, a, b, c)
+    snap = prog.snap()
+    assert snap.counts == {
+        (PID, t, SVM, code): n for t in (a.tid, c.tid)
+        for code, n in ((0x7b, 3), (0x78, 2), (0x9999, 1))}
+    assert_nothing_but(prog, snap, a.tid, c.tid)
+
+
+def test_tid_filter_bitmap_has_one_bit_per_listed_tid(fresh, threads):
+    a = threads()
+    many = kvmexit.Selection.CHAIN_MAX_TIDS + 1
+    tids = [1, 63, 64, 65, a.tid] + [t for t in range(1000, 1000 + many)
+                                     if t != a.tid][:many - 5]
+    prog = fresh(selection=kvmexit.Selection("x", "tids", tids=tids))
+    words = {k.value: v.value for k, v in prog.b[b"tid_filter"].items()
+             if v.value}
+    want = {}
+    for t in tids:
+        want[t // 64] = want.get(t // 64, 0) | 1 << (t % 64)
+    assert words == want
+    assert len(prog.b[b"tid_filter"]) == (kvmexit.pid_max() + 63) // 64
+
+
 def test_vcpu_filter_of_a_qemu_vcpu_thread(fresh, threads):
     a, b = threads(2)
     sel = kvmexit.Selection("PID %d VCPU 1" % PID, "vcpu", tids=[a.tid],

@@ -14,6 +14,19 @@ import pytest
 import kvmexit
 from helpers import count_vcpus
 
+
+def filter_expr(sel):
+    """The in-kernel filter as a C condition on (tgid, tid): what
+    kernel_filter()'s macros make of it."""
+    macros = sel.kernel_filter()
+    if not macros:
+        return "0"
+    name, _, value = macros[0][2:].partition("=")
+    if name == "FILTER_TGID":
+        return "(tgid) != %s" % value
+    assert name == "FILTER_TID_NOT_IN(tid)", macros
+    return value[1:-1]
+
 QEMU_PID = 5
 OTHER_QEMU_PID = 30
 VMM_PID = 40
@@ -55,7 +68,7 @@ def select(proc, *argv):
 
 def selection_fields(sel):
     return (sel.context, sel.view, sel.tgid, sel.tids, sel.vcpu,
-            sel.kernel_filter())
+            filter_expr(sel))
 
 
 #
@@ -99,7 +112,7 @@ def test_vcpu_1_is_cpu_1_kvm_not_cpu_10_kvm(proc):
     names = kvmexit.thread_names(5, proc.path)
     assert [names[t] for t in sel.tids] == ["CPU 1/KVM\n"]
     assert sel.tids == [vcpu_tid(proc.order, 1)]
-    assert sel.kernel_filter() == ["-DFILTER_TIDS"]
+    assert filter_expr(sel) == "(tid) != %d" % vcpu_tid(proc.order, 1)
 
 
 def test_vcpu_thread_of_a_vcpu_qemu_does_not_have_is_none(proc):
@@ -135,7 +148,7 @@ def test_count_vcpus_sums_the_vcpu_fds_of_all_processes(proc):
 def test_non_qemu_vcpu_is_selected_by_the_kernel_vcpu_id(proc):
     sel = select(proc, "-p", 40, "-v", 1)
     assert selection_fields(sel) == ("PID 40 VCPU 1", "vcpu", 40, None, 1,
-                                     ["-DFILTER_TGID=40"])
+                                     "(tgid) != 40")
 
 
 def test_non_qemu_vcpu_it_does_not_have_is_an_error(proc):
@@ -154,20 +167,20 @@ def test_qemu_thread_name_wins_over_the_vcpu_fds(proc):
 # Every view: context (the first line), view, filter
 #
 @pytest.mark.parametrize("argv,fields", [
-    ([], ("all threads", "all", None, None, None, [])),
-    (["-p", 5], ("PID 5", "pid", 5, None, None, ["-DFILTER_TGID=5"])),
+    ([], ("all threads", "all", None, None, None, "0")),
+    (["-p", 5], ("PID 5", "pid", 5, None, None, "(tgid) != 5")),
     (["-p", 5, "-a"], ("PID 5 and its all threads", "alltids", 5, None,
-                       None, ["-DFILTER_TGID=5"])),
-    (["-t", 7], ("TID 7", "tid", None, [7], None, ["-DFILTER_TIDS"])),
+                       None, "(tgid) != 5")),
+    (["-t", 7], ("TID 7", "tid", None, [7], None, "(tid) != 7")),
     (["-T", "7,8"], ("TIDS ['7', '8']", "tids", None, [7, 8], None,
-                     ["-DFILTER_TIDS"])),
+                     "(tid) != 7 && (tid) != 8")),
     (["-T", "8,7"], ("TIDS ['8', '7']", "tids", None, [8, 7], None,
-                     ["-DFILTER_TIDS"])),
-    (["-t", 31], ("TID 31", "tid", None, [31], None, ["-DFILTER_TIDS"])),
-    (["-p", 5, "-t", 7], ("TID 7", "tid", None, [7], None, ["-DFILTER_TIDS"])),
+                     "(tid) != 8 && (tid) != 7")),
+    (["-t", 31], ("TID 31", "tid", None, [31], None, "(tid) != 31")),
+    (["-p", 5, "-t", 7], ("TID 7", "tid", None, [7], None, "(tid) != 7")),
     (["-p", 5, "-T", "6,7"], ("TIDS ['6', '7']", "tids", None, [6, 7],
-                              None, ["-DFILTER_TIDS"])),
-    (["-p", 5, 3], ("PID 5", "pid", 5, None, None, ["-DFILTER_TGID=5"])),
+                              None, "(tid) != 6 && (tid) != 7")),
+    (["-p", 5, 3], ("PID 5", "pid", 5, None, None, "(tgid) != 5")),
 ])
 def test_selection_of_each_view(proc, argv, fields):
     assert selection_fields(select(proc, *argv)) == fields
@@ -176,35 +189,46 @@ def test_selection_of_each_view(proc, argv, fields):
 def test_selection_of_the_vcpu_view(proc):
     tid = vcpu_tid(proc.order, 1)
     assert selection_fields(select(proc, "-p", 5, "-v", 1)) == (
-        "PID 5 VCPU 1", "vcpu", None, [tid], 1, ["-DFILTER_TIDS"])
+        "PID 5 VCPU 1", "vcpu", None, [tid], 1, "(tid) != %d" % tid)
 
 
 def test_selection_of_vcpu_0(proc):
     tid = vcpu_tid(proc.order, 0)
     assert selection_fields(select(proc, "-p", 5, "-v", 0)) == (
-        "PID 5 VCPU 0", "vcpu", None, [tid], 0, ["-DFILTER_TIDS"])
+        "PID 5 VCPU 0", "vcpu", None, [tid], 0, "(tid) != %d" % tid)
 
 
 def test_hand_made_selection_contexts_and_filters():
     cases = [
-        (kvmexit.Selection("all threads", "all"), []),
-        (kvmexit.Selection("PID 5", "pid", tgid=5), ["-DFILTER_TGID=5"]),
+        (kvmexit.Selection("all threads", "all"), "0"),
+        (kvmexit.Selection("PID 5", "pid", tgid=5), "(tgid) != 5"),
         (kvmexit.Selection("PID 5 VCPU 1", "vcpu", tids=[9], vcpu=1),
-         ["-DFILTER_TIDS"]),
+         "(tid) != 9"),
         (kvmexit.Selection("PID 5 VCPU 1", "vcpu", tgid=5, vcpu=1),
-         ["-DFILTER_TGID=5"]),
+         "(tgid) != 5"),
         (kvmexit.Selection("PID 5 and its all threads", "alltids", tgid=5),
-         ["-DFILTER_TGID=5"]),
-        (kvmexit.Selection("TID 7", "tid", tids=[7]), ["-DFILTER_TIDS"]),
+         "(tgid) != 5"),
+        (kvmexit.Selection("TID 7", "tid", tids=[7]), "(tid) != 7"),
         (kvmexit.Selection("TIDS ['7', '8']", "tids", tids=[7, 8]),
-         ["-DFILTER_TIDS"]),
+         "(tid) != 7 && (tid) != 8"),
     ]
     for sel, expr in cases:
-        assert sel.kernel_filter() == expr, sel.context
+        assert filter_expr(sel) == expr, sel.context
+
+
+def test_long_tid_lists_go_to_the_bitmap():
+    chain = kvmexit.Selection("x", "tids", tids=list(range(1, 4097)))
+    assert chain.kernel_filter()[0].startswith(
+        "-DFILTER_TID_NOT_IN(tid)=((tid) != 1 && (tid) != 2 && ")
+    assert chain.kernel_filter()[0].endswith(" && (tid) != 4096)")
+    bitmap = kvmexit.Selection("x", "tids", tids=list(range(1, 4098)))
+    assert bitmap.kernel_filter() == ["-DFILTER_TIDS"]
 
 
 def test_filter_is_built_from_integers_only():
     # A TID that is not an integer cannot reach the C source.
+    with pytest.raises((ValueError, TypeError)):
+        kvmexit.Selection("x", "tids", tids=["7) || (1"]).kernel_filter()
     with pytest.raises((ValueError, TypeError)):
         kvmexit.Selection("x", "pid", tgid="5 || 1").kernel_filter()
 
@@ -243,7 +267,7 @@ def test_real_proc_vcpu_1_picks_the_thread_named_cpu_1_kvm(named_threads):
                                                      "1"]))
     assert selection_fields(sel) == (
         "PID %d VCPU 1" % pid, "vcpu", None, [named_threads["CPU 1/KVM"]],
-        1, ["-DFILTER_TIDS"])
+        1, "(tid) != %d" % named_threads["CPU 1/KVM"])
 
 
 def test_real_proc_vcpu_fds_of_this_process(kvm_vcpus):
@@ -252,7 +276,7 @@ def test_real_proc_vcpu_fds_of_this_process(kvm_vcpus):
     sel = kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-v",
                                                      "3"]))
     assert selection_fields(sel) == ("PID %d VCPU 3" % pid, "vcpu", pid,
-                                     None, 3, ["-DFILTER_TGID=%d" % pid])
+                                     None, 3, "(tgid) != %d" % pid)
     with pytest.raises(kvmexit.Error) as exc:
         kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-v",
                                                    "1"]))
@@ -265,7 +289,7 @@ def test_real_proc_thread_of_this_process():
     sel = kvmexit.select_threads(kvmexit.parse_args(["-p", str(pid), "-t",
                                                      str(tid)]))
     assert selection_fields(sel) == ("TID %d" % tid, "tid", None, [tid],
-                                     None, ["-DFILTER_TIDS"])
+                                     None, "(tid) != %d" % tid)
 
 
 def test_real_proc_tid_of_another_process_is_refused():

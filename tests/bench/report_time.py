@@ -227,7 +227,7 @@ def model(ncpus, nthreads):
         np.arange(nthreads, dtype=np.uint64)
     values[:, :, 0] = headers[:, None]          # touches every page
     rng = np.random.default_rng(4)
-    common = [layout.direct + c - layout.HIGH_BASE if c >= layout.HIGH_BASE else c
+    common = [layout.direct + c - kvmexit.HIGH_BASE if c >= kvmexit.HIGH_BASE else c
               for c in (0x7b, 0x78, 0x60, 0x400, 0x72, 0x7c, 0x04, 0x14,
                         0x6e, 0x77, 0x79, 0x7d, 0x81, 0x8d, 0x61, 0x64)]
     per_thread = 8

@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/../.." || exit 1
 PYTHON=${PYTHON:-/usr/bin/python3}     # the Python bcc imports under
 rc=0
-for bench in report_time memory event_cost; do
+for bench in report_time memory event_cost filter_cost; do
     echo "== tests/bench/$bench.py"
     "$PYTHON" "tests/bench/$bench.py" || rc=1
     echo
