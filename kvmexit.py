@@ -2010,9 +2010,12 @@ def run():
     if status:
         # Python flushes stdout once more at exit: where that failed before
         # it would fail again, with a message of its own.
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.close(null)
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
+        except OSError:
+            pass            # no /dev/null (e.g. /dev hidden): nothing left
     sys.exit(status)
 
 
