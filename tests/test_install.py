@@ -132,6 +132,10 @@ def assert_installed(venv, env):
     assert os.path.realpath(bpf_source) == source
     with open(source, "rb") as installed, open(BPF_SOURCE, "rb") as shipped:
         assert installed.read() == shipped.read()
+    unit = os.path.join(venv, "lib", "systemd", "system", "kvmexit.service")
+    with open(unit, "rb") as installed, open(os.path.join(
+            REPO, "man", "kvmexit.service"), "rb") as shipped:
+        assert installed.read() == shipped.read()
 
     # A real run: bcc and numpy come from Debian, through the venv.
     proc = run(["kvmexit", "-p", "1", "1"], cwd="/", env=env)

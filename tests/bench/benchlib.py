@@ -185,3 +185,19 @@ class BpfStats:
     def __exit__(self, *exc):
         with open(self.PATH, "w") as f:
             f.write(self.saved)
+
+
+def model_maps(cache, raw_keys, values):
+    """Make kvmexit read synthetic tables: the cache slots and the thread
+    table given, every other table empty (names as FakeMaps gives them)."""
+    import numpy as np
+
+    def read_percpu(table, key_size, words, ncpus, keys=None):
+        if table == "pcpu_cache":
+            return keys, cache
+        if table == "pcpu_kvm_stat":
+            return raw_keys, values
+        keys = keys or []
+        return keys, np.zeros((len(keys), ncpus, words), dtype=np.uint64)
+
+    kvmexit.read_percpu = read_percpu

@@ -199,15 +199,7 @@ def model(ncpus, nthreads):
     raw_keys = [k.to_bytes(8, "little") for k in keys]
     t_fill = time.perf_counter() - t0
 
-    def fake_read_percpu(table, key_size, words, ncpus_, keys=None):
-        if table == "pcpu_cache":
-            return keys, cache
-        if table == "pcpu_kvm_stat":
-            return raw_keys, values
-        keys = keys or []
-        return keys, np.zeros((len(keys), ncpus_, words), dtype=np.uint64)
-
-    kvmexit.read_percpu = fake_read_percpu
+    benchlib.model_maps(cache, raw_keys, values)
     tables = ModelTables(FakeMaps(), layout, ncpus)
     _, registry = exporter_of(tables, kvmexit.Ledger(proc="/nonexistent"),
                               kvmexit.Selection("all threads", "all"),

@@ -24,10 +24,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(LAB_DIR))
+sys.path.insert(0, LAB_DIR)
+from scenario import (attached, finish, read_json,  # noqa: E402
+                      start_tracer, wait_for)
+
 EVENTS = "/sys/kernel/tracing/events/kvm"
 PYTHON = "/usr/bin/python3"
 ATTACH_TIMEOUT = 600
@@ -71,23 +73,6 @@ TRACERS = {
 }
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("detail_scenario: timed out waiting for " +
-                             what)
-        time.sleep(0.2)
-
-
 def trigger(keys):
     return "hist:keys=common_pid," + ",".join(keys)
 
@@ -115,24 +100,6 @@ def read_hists(event):
     return hists
 
 
-def start_tracer(name, args, out):
-    stdout = open(os.path.join(out, "detail-%s.out" % name), "w")
-    stderr = open(os.path.join(out, "detail-%s.err" % name), "w")
-    proc = subprocess.Popen([PYTHON, "kvmexit.py"] + args, cwd=REPO,
-                            stdout=stdout, stderr=stderr)
-    return proc, stdout.name, stderr.name
-
-
-def attached(proc, paths):
-    if proc.poll() is not None:
-        return True             # died: reported with its output
-    for path in paths:
-        with open(path) as f:
-            if f.readline().startswith("Display kvm exit reasons"):
-                return True
-    return False
-
-
 def main(out):
     report = os.path.join(out, "detail-guest.json")
     hold = os.path.join(out, "detail-go")
@@ -147,10 +114,10 @@ def main(out):
     # One compile at a time: each takes a few hundred MB under the emulator.
     tracers = {}
     for name, args in TRACERS.items():
-        proc, stdout, stderr = start_tracer(name, args + ["-p", str(pid)],
-                                            out)
+        proc, stdout, stderr = start_tracer("detail-" + name,
+                                            args + ["-p", str(pid)], out)
         tracers[name] = (proc, stdout, stderr)
-        wait_for(lambda: attached(proc, (stdout, stderr)), ATTACH_TIMEOUT,
+        wait_for(lambda: attached((stdout, stderr), proc), ATTACH_TIMEOUT,
                  "kvmexit " + " ".join(args))
 
     for event, keys in HISTS:
@@ -161,17 +128,8 @@ def main(out):
     for event, keys in HISTS:
         arm(event, keys, on=False)
 
-    results = {}
-    for name, (proc, stdout, stderr) in tracers.items():
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
-        with open(stdout) as f, open(stderr) as g:
-            results[name] = {"argv": TRACERS[name], "status": rc,
-                             "stdout": f.read(), "stderr": g.read()}
+    results = {name: finish(tracer, signal.SIGINT, TRACERS[name])
+               for name, tracer in tracers.items()}
     with open(os.path.join(out, "detail.json"), "w") as f:
         json.dump({"guest": read_json(report), "guest_status": status,
                    "hist": hists, "tracers": results}, f, indent=1)

@@ -40,7 +40,7 @@ LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, LAB_DIR)
 from prometheus import Prometheus  # noqa: E402
 from scenario import (HIST_KEYS, PYTHON, TRIGGER, attached,  # noqa: E402
-                      read_hist, read_json, start_tracer)
+                      finish, read_hist, read_json, start_tracer)
 
 REPO = os.path.dirname(os.path.dirname(LAB_DIR))
 VMS = 20
@@ -90,19 +90,6 @@ def start_attached(name, args, out):
         raise SystemExit("fleet: %s exited with %d: %s"
                          % (name, proc.returncode, open(stderr).read()))
     return proc, stdout, stderr
-
-
-def finish(name, tracer, how, plan):
-    proc, stdout, stderr = tracer
-    proc.send_signal(how)
-    try:
-        rc = proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = "killed"
-    with open(stdout) as f, open(stderr) as g:
-        return {"argv": plan, "status": rc, "stdout": f.read(),
-                "stderr": g.read()}
 
 
 def tracer_args():
@@ -158,8 +145,7 @@ def run(out, plan, server):
             time.sleep(GAP)
             server.wait_for_scrape(after=time.time())
             results["exporter_first"] = finish(
-                "exporter", tracers.pop("exporter"), signal.SIGTERM,
-                plan["exporter"])
+                tracers.pop("exporter"), signal.SIGTERM, plan["exporter"])
             tracers["exporter"] = start_attached("exporter2",
                                                  plan["exporter"], out)
             server.wait_for_scrape(after=time.time())
@@ -174,9 +160,9 @@ def run(out, plan, server):
     with open(TRIGGER, "w") as f:
         f.write("!" + HIST_KEYS)
 
-    results["json"] = finish("json", tracers.pop("json"), signal.SIGINT,
+    results["json"] = finish(tracers.pop("json"), signal.SIGINT,
                              plan["json"])
-    results["exporter"] = finish("exporter", tracers.pop("exporter"),
+    results["exporter"] = finish(tracers.pop("exporter"),
                                  signal.SIGTERM, plan["exporter"])
     with open(os.path.join(out, "fleet.json"), "w") as f:
         json.dump({"guests": guests, "guest_status": statuses,

@@ -110,6 +110,20 @@ def start_tracer(name, args, out):
     return proc, stdout.name, stderr.name
 
 
+def finish(tracer, how, argv):
+    """End a tracer with a signal; its argv, status and output."""
+    proc, stdout, stderr = tracer
+    proc.send_signal(how)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "killed"
+    with open(stdout) as f, open(stderr) as g:
+        return {"argv": argv, "status": rc, "stdout": f.read(),
+                "stderr": g.read()}
+
+
 def attached(paths, proc):
     """kvmexit prints its first line once tracing has begun (to stderr
     with --json or --csv)."""
