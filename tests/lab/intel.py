@@ -19,12 +19,17 @@ Bochs shares no files with this machine, so:
     kernel boot).  They are cached under $KVMEXIT_INTEL_LAB_CACHE
     (default /var/cache/kvmexit-lab/intel) and rebuilt when the packages,
     the kernel or this builder change;
-  - each run gets a second, small disk: a tar of this repository (the
-    working tree, as it is now) and of the command, unpacked at boot at
-    the same paths as here;
-  - what the command writes under `outdir` (the same path inside) comes
-    back through the serial console as a base64 tar, and is unpacked into
-    `outdir` here; the command's output comes on the console as well.
+  - the image has room after its filesystem for each run's input: a tar
+    of this repository (the working tree, as it is now) and of the
+    command, unpacked at boot at the same paths as here.  The guest
+    mounts the filesystem read-only under a tmpfs overlay, so only that
+    room is ever written;
+  - what the command writes under `outdir` (the same path inside) and
+    its output come back as a tar the guest writes to that room (Bochs
+    writes a flat disk image straight to its file), unpacked into
+    `outdir` here.
+    The serial console (Bochs sends it to a socket here: its output to a
+    file is buffered) shows the boot and the command's output live.
 The command runs as root from the repository's top directory, with
 tracefs mounted, kvm_intel loaded and the headers where bcc looks (the
 checks of lab.py's guest side).  Only one Bochs runs at a time (it
@@ -34,7 +39,6 @@ runs out of time.
 """
 
 import argparse
-import base64
 import fcntl
 import hashlib
 import io
@@ -44,11 +48,13 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +67,7 @@ LAB_ERROR = 125
 
 # Bumped whenever what build_root/build_initrd/build_iso make changes in a
 # way the package list does not show.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 # The lab's root filesystem: these packages and all they depend on ...
 ROOT_PACKAGES = ["python3-bpfcc", "python3-numpy", "python3", "kmod",
@@ -73,7 +79,7 @@ HEADER_PACKAGES = ["linux-headers-{release}",
 SKIPPED = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/info/",
            "/usr/share/locale/", "/usr/share/lintian/")
 # Loaded by the initramfs, with what they need, to mount the root image.
-INITRD_MODULES = ["ata_piix", "sd_mod", "ext4"]
+INITRD_MODULES = ["ata_piix", "sd_mod", "ext4", "overlay"]
 # On the root image for modprobe.
 ROOT_MODULES = ["kvm_intel"]
 
@@ -91,11 +97,9 @@ cpu: model=corei7_skylake_x, count=1, ips=30000000, reset_on_triple_fault=0, ign
 pci: enabled=1, chipset=i440fx
 ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=cdrom, path={iso}, status=inserted
-ata0-slave: type=disk, mode=volatile, path={root}
-ata1: enabled=1, ioaddr1=0x170, ioaddr2=0x370, irq=15
-ata1-master: type=disk, mode=flat, path={disk}
+ata0-slave: type=disk, mode=flat, path={root}
 boot: cdrom
-com1: enabled=1, mode=file, dev={serial}
+com1: enabled=1, mode=socket-client, dev=127.0.0.1:{port}
 display_library: rfb, options="timeout=0"
 # Without a sound card here, Bochs' ALSA output aborts it at start.
 sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
@@ -108,16 +112,16 @@ debug: action=ignore
 GRUB_CFG = """\
 set timeout=0
 set default=0
-menuentry "kvmexit Intel lab" {
-    linux /boot/vmlinuz console=ttyS0,115200 loglevel=4 panic=0
+menuentry "kvmexit Intel lab" {{
+    linux /boot/vmlinuz console=ttyS0,115200 loglevel=4 panic=0 kvmexit_lab_tail_mb={tail_mb}
     initrd /boot/initrd.img
-}
+}}
 """
 # Bochs' disks are whole cylinders of 16 heads x 63 sectors x 512 bytes.
 CYLINDER = 16 * 63 * 512
 
-# The initramfs: load the disk and ext4 modules, mount the root image (the
-# disk whose first block is not a tar archive) and switch to it.
+# The initramfs: load the disk, ext4 and overlay modules, mount the root
+# image read-only under a writable tmpfs and switch to it.
 INITRD_INIT = """\
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -125,19 +129,29 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+say() {{ echo "initramfs: $* (uptime $(cut -d' ' -f1 /proc/uptime))"; }}
+say "loading disk modules"
 for m in {modules}; do insmod /modules/$m.ko; done
-# The disks appear once the ATA driver has probed them.
-for try in $(seq 100); do
-    [ -b /dev/sda ] && [ -b /dev/sdb ] && break
-    sleep 0.1
+say "waiting for the disks"
+# libata probes them in the background, slowly under Bochs.
+for try in $(seq 600); do
+    grep -q 'sda$' /proc/partitions && break
+    [ $((try % 20)) = 0 ] && say "still waiting; the kernel says:" &&
+        dmesg | tail -5
+    sleep 0.5
 done
-for d in /dev/sda /dev/sdb; do
-    mount -t ext4 $d /root 2>/dev/null && break
-done
+say "mounting the root image"
+mkdir -p /lower /rw
+# noload: no journal replay, nothing written to the cached image.
+mount -t ext4 -o ro,noload /dev/sda /lower
+mount -t tmpfs -o size=600m rw /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay \
+    -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /root
 [ -x /root/sbin/kvmexit-lab-init ] || {{
     cat /proc/partitions
-    dmesg | grep -i -E 'ata|scsi|sd[ab]|ext4' | tail -20
-    echo "{error} initramfs: no root image on /dev/sda or /dev/sdb"
+    dmesg | grep -i -E 'ata|scsi|sda|ext4|overlay' | tail -20
+    echo "{error} initramfs: cannot mount the root image on /dev/sda"
     poweroff -f
 }}
 umount /proc /sys
@@ -146,8 +160,8 @@ exec switch_root /root /sbin/kvmexit-lab-init
 """
 
 # The root image's first process: unpack the run's disk (the repository
-# and the command), run lab.py's checks and the command, send the output
-# directory back on the console.
+# and the command), run lab.py's checks and the command, write the output
+# directory and the command's output back to that disk.
 ROOT_INIT = """\
 #!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
@@ -161,29 +175,40 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
 # Kernel messages would cut into the lines sent back on the console.
 dmesg -n 1
-# The run's disk is the one that is not the root image.
-root=$(awk '$2 == "/" {{print $1}}' /proc/mounts)
-for d in /dev/sda /dev/sdb; do
-    [ "$d" = "$root" ] || tar -x -C / -f $d 2>/dev/null
+# The run's input is a tar after the filesystem, where GRUB's command
+# line says; the results go {input_mb} MiB further.
+for word in $(cat /proc/cmdline); do
+    case $word in kvmexit_lab_tail_mb=*) tail_mb=${{word#*=}} ;; esac
 done
+dd if=/dev/sda bs=1M skip=$tail_mb count={input_mb} 2>/dev/null |
+    tar -x -C / 2>/dev/null
 [ -f /kvmexit-lab/command ] || {{
-    echo "{error} no command disk"; poweroff -f; }}
+    echo "{error} no run input on /dev/sda at $tail_mb MiB"
+    busybox poweroff -f; exit 1; }}
 . /kvmexit-lab/env
 mkdir -p "$OUTDIR" "$MARKERS"
 cd "$REPO"
 echo "{started} $(cut -d' ' -f1 /proc/uptime)"
 {python} "$REPO/tests/lab/lab.py" guest "$MARKERS" "$RELEASE" \\
-    "/bin/sh /kvmexit-lab/command" </dev/null
-echo "{files}"
-tar -c -z -C "$OUTDIR" . | base64 -w 76
-echo "{files_end}"
+    "/bin/sh /kvmexit-lab/command" </dev/null 2>&1 | tee "$MARKERS/output"
+# Back on the disk: a header with the length, then the gzipped tar of
+# the output directory.
+tar -c -z -f /tmp/out.tgz -C "$OUTDIR" .
+{{ printf '{results}%016d' $(stat -c %s /tmp/out.tgz); cat /tmp/out.tgz; }} |
+    dd of=/dev/sda bs=1M seek=$((tail_mb + {input_mb})) iflag=fullblock \
+    conv=notrunc,fsync 2>/dev/null
+echo "{done}"
 sync
-poweroff -f
+busybox poweroff -f
 """
 
 MARK = "KVMEXIT-INTEL-LAB"
 MARKS = {"error": MARK + " ERROR", "started": MARK + " STARTED",
-         "files": MARK + " FILES", "files_end": MARK + " FILES-END"}
+         "done": MARK + " DONE", "results": "KVMEXIT-LAB-RESULTS"}
+# Room after the root filesystem: the run's input, then its results.
+INPUT_MB = 32
+RESULTS_MB = 64
+MB = 2 ** 20
 
 
 class LabError(Exception):
@@ -334,8 +359,9 @@ def fix_dangling_links(staging):
 
 def module_files(release, modules):
     """The .ko files of `modules` and what they need, in load order."""
-    out = subprocess.run(["modprobe", "-S", release, "--show-depends"] +
-                         modules, stdout=subprocess.PIPE, text=True,
+    # -a: without it, the names after the first are its parameters.
+    out = subprocess.run(["modprobe", "-S", release, "-a", "--show-depends"]
+                         + modules, stdout=subprocess.PIPE, text=True,
                          check=True).stdout
     files = []
     for line in out.splitlines():
@@ -373,7 +399,7 @@ def build_root(release, names, staging):
     with open(staging + "/etc/group", "w") as f:
         f.write("root:x:0:\n")
     write_script(staging + "/sbin/kvmexit-lab-init", ROOT_INIT.format(
-        python=GUEST_PYTHON, **MARKS))
+        python=GUEST_PYTHON, input_mb=INPUT_MB, **MARKS))
     subprocess.run(["ldconfig", "-r", staging], check=True)
 
 
@@ -389,13 +415,20 @@ def disk_size(directory):
                               check=True).stdout.split()[0])
     # Room for ext4's own metadata and for what the runs write.
     size = used * 5 // 4 + 256 * 2 ** 20
-    return -(-size // CYLINDER) * CYLINDER
+    return -(-size // MB) * MB
 
 
 def make_ext4(staging, image):
+    """The filesystem, then room for runs; returns where that room starts
+    (MiB)."""
     size = disk_size(staging)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "kvmexit-lab",
                     "-d", staging, image, str(size // 1024)], check=True)
+    tail_mb = -(-size // MB)
+    total = (tail_mb + INPUT_MB + RESULTS_MB) * MB
+    with open(image, "r+b") as f:
+        f.truncate(-(-total // CYLINDER) * CYLINDER)
+    return tail_mb
 
 
 def build_initrd(release, path):
@@ -427,13 +460,13 @@ def build_initrd(release, path):
                 raise LabError("cannot build the initramfs")
 
 
-def build_iso(kernel, initrd, path):
+def build_iso(kernel, initrd, tail_mb, path):
     with tempfile.TemporaryDirectory(prefix="iso-", dir=CACHE) as tree:
         os.makedirs(tree + "/boot/grub")
         shutil.copy2(kernel, tree + "/boot/vmlinuz")
         shutil.copy2(initrd, tree + "/boot/initrd.img")
         with open(tree + "/boot/grub/grub.cfg", "w") as f:
-            f.write(GRUB_CFG)
+            f.write(GRUB_CFG.format(tail_mb=tail_mb))
         proc = subprocess.run(["grub-mkrescue", "-o", path, tree],
                               stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -443,7 +476,8 @@ def build_iso(kernel, initrd, path):
 
 def images(kernel):
     """The cached root image and ISO, (re)built if their inputs changed:
-    {"root": path, "iso": path, "release": release}."""
+    {"root": path, "iso": path, "release": release, "tail": offset of the
+    room for runs}."""
     release = os.path.basename(kernel).removeprefix("vmlinuz-")
     names, digest = lab_inputs(release)
     root, iso = os.path.join(CACHE, "root.img"), os.path.join(CACHE,
@@ -451,10 +485,11 @@ def images(kernel):
     stamp = os.path.join(CACHE, "inputs")
     try:
         with open(stamp) as f:
-            if f.read() == digest and os.path.exists(root) and \
-                    os.path.exists(iso):
-                return {"root": root, "iso": iso, "release": release}
-    except FileNotFoundError:
+            saved, tail_mb = f.read().split()
+        if saved == digest and os.path.exists(root) and os.path.exists(iso):
+            return {"root": root, "iso": iso, "release": release,
+                    "tail": int(tail_mb) * MB}
+    except (FileNotFoundError, ValueError):
         pass
     started = time.monotonic()
     log(f"building the root image, initramfs and ISO in {CACHE} "
@@ -464,16 +499,17 @@ def images(kernel):
             os.unlink(path)
     with tempfile.TemporaryDirectory(prefix="root-", dir=CACHE) as staging:
         build_root(release, names, staging)
-        make_ext4(staging, root + ".new")
+        tail_mb = make_ext4(staging, root + ".new")
     initrd = os.path.join(CACHE, "initrd.img")
     build_initrd(release, initrd)
-    build_iso(kernel, initrd, iso + ".new")
+    build_iso(kernel, initrd, tail_mb, iso + ".new")
     os.rename(root + ".new", root)
     os.rename(iso + ".new", iso)
     with open(stamp, "w") as f:
-        f.write(digest)
+        f.write(f"{digest} {tail_mb}\n")
     log(f"built in {time.monotonic() - started:.0f} s")
-    return {"root": root, "iso": iso, "release": release}
+    return {"root": root, "iso": iso, "release": release,
+            "tail": tail_mb * MB}
 
 
 def repo_files():
@@ -485,13 +521,15 @@ def repo_files():
                    os.path.isfile(os.path.join(REPO, p))})
 
 
-def command_disk(path, command, outdir, markers, release):
-    """A tar on a raw disk: the repository at its path, the command and
-    where things go."""
+def run_input(command, outdir, markers, release):
+    """A tar of the repository at its path, the command and where things
+    go."""
     env = "".join(f"{k}={shlex.quote(v)}\n" for k, v in (
         ("REPO", REPO), ("OUTDIR", outdir), ("MARKERS", markers),
         ("RELEASE", release)))
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) \
+            as tar:
         for name in repo_files():
             tar.add(os.path.join(REPO, name),
                     arcname=os.path.join(REPO, name).lstrip("/"))
@@ -500,9 +538,20 @@ def command_disk(path, command, outdir, markers, release):
             info = tarfile.TarInfo("kvmexit-lab/" + name)
             info.size, info.mtime, info.mode = len(data), time.time(), 0o644
             tar.addfile(info, io.BytesIO(data))
-    size = os.path.getsize(path)
-    with open(path, "ab") as f:
-        f.truncate(-(-max(size, 1) // CYLINDER) * CYLINDER)
+    data = buf.getvalue()
+    if len(data) > INPUT_MB * MB:
+        raise LabError(f"the repository's tar ({len(data)} bytes) does not "
+                       f"fit in the lab's {INPUT_MB} MiB for it")
+    return data
+
+
+def write_input(image, tail, data):
+    """The run's input where the guest reads it; no results yet."""
+    with open(image, "r+b") as f:
+        f.seek(tail)
+        f.write(data + bytes(-len(data) % 512))
+        f.seek(tail + INPUT_MB * MB)
+        f.write(bytes(512))
 
 
 # --- running -----------------------------------------------------------------
@@ -551,41 +600,61 @@ class Console:
         self.text += new
         if self.echo is not None:
             for line in new.splitlines(keepends=True):
-                # Only the command's output, not the base64 of the files.
+                # The command's output; the boot only when it fails.
                 if line.startswith(MARKS["started"]):
                     self.shown = True
-                elif line.startswith(MARKS["files"]):
-                    self.shown = False
                 if self.shown or line.startswith(MARK):
                     self.echo.write(line)
             self.echo.flush()
 
 
-def command_output(text):
-    """What the command printed: the console between the markers."""
-    start = text.find(MARKS["started"])
-    if start < 0:
-        return ""
-    start = text.find("\n", start) + 1
-    end = text.find(MARKS["files"] + "\n", start)
-    return text[start:end if end >= 0 else len(text)]
-
-
-def unpack_files(text, outdir):
-    """The output directory, sent back as a base64 tar: unpack it."""
-    start = text.find(MARKS["files"] + "\n")
-    end = text.find(MARKS["files_end"], start)
-    if start < 0 or end < 0:
-        return False
-    data = base64.b64decode("".join(text[start:end].splitlines()[1:]))
+def unpack_results(disk, offset, outdir):
+    """The output directory, written back to the run's disk: unpack it.
+    False if the lab wrote none."""
+    magic = MARKS["results"].encode()
+    with open(disk, "rb") as f:
+        f.seek(offset)
+        head = f.read(len(magic) + 16)
+        if not head.startswith(magic):
+            return False
+        data = f.read(int(head[len(magic):]))
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         tar.extractall(outdir)
     return True
 
 
+class SerialListener:
+    """Takes the serial console from Bochs' socket and appends it to a
+    file as it comes."""
+
+    def __init__(self, path):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(1)
+        self.port = self.server.getsockname()[1]
+        self.path = path
+        open(path, "wb").close()
+        threading.Thread(target=self.copy, daemon=True).start()
+
+    def copy(self):
+        try:
+            conn, _ = self.server.accept()
+        except OSError:
+            return
+        with conn, open(self.path, "ab", buffering=0) as f:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                f.write(data)
+
+    def close(self):
+        self.server.close()
+
+
 def boot(config, console, timeout, log_path):
-    """Run Bochs until the files are back, it dies or the time is up;
-    return why it stopped: 'done', 'died', 'timeout'."""
+    """Run Bochs until it powers off, the lab fails or the time is up;
+    return why it stopped: 'off', 'failed', 'timeout'."""
     rc_file = config + ".rc"
     with open(rc_file, "w") as f:
         f.write("c\n")      # Debian's Bochs starts in its debugger
@@ -597,12 +666,11 @@ def boot(config, console, timeout, log_path):
     try:
         while True:
             console.poll()
-            if MARKS["files_end"] in console.text or \
-                    MARKS["error"] in console.text or \
-                    "Kernel panic" in console.text:
-                return "done"
             if proc.poll() is not None:
-                return "died"
+                return "off"
+            if MARKS["error"] in console.text or \
+                    "Kernel panic" in console.text:
+                return "failed"
             if time.monotonic() > deadline:
                 return "timeout"
             time.sleep(0.5)
@@ -652,17 +720,25 @@ def run_in_lab(cmd, timeout, outdir, quiet=False):
 
 def run_once(cmd, timeout, outdir, imgs, work, echo):
     markers = os.path.join(outdir, ".lab-markers")
-    disk = os.path.join(work, "run.disk")
-    command_disk(disk, shell_command(cmd), outdir, markers, imgs["release"])
-    paths = {"iso": imgs["iso"], "root": imgs["root"], "disk": disk,
+    write_input(imgs["root"], imgs["tail"], run_input(
+        shell_command(cmd), outdir, markers, imgs["release"]))
+    # Left behind by a Bochs that was killed; the lock file of ours is
+    # what keeps two runs apart.
+    if os.path.exists(imgs["root"] + ".lock"):
+        os.unlink(imgs["root"] + ".lock")
+    paths = {"iso": imgs["iso"], "root": imgs["root"],
              "serial": os.path.join(work, "serial.log"),
              "log": os.path.join(work, "bochs.log")}
     config = os.path.join(work, "bochsrc")
+    serial = SerialListener(paths["serial"])
     with open(config, "w") as f:
-        f.write(BOCHSRC.format(memory=MEMORY_MB, **paths))
+        f.write(BOCHSRC.format(memory=MEMORY_MB, port=serial.port, **paths))
     console = Console(paths["serial"], echo)
     started = time.monotonic()
-    how = boot(config, console, timeout, paths["log"])
+    try:
+        how = boot(config, console, timeout, paths["log"])
+    finally:
+        serial.close()
     elapsed = time.monotonic() - started
     text = console.text
     if how == "timeout":
@@ -670,15 +746,14 @@ def run_once(cmd, timeout, outdir, imgs, work, echo):
             else "booting"
         raise LabError(f"Intel lab timed out after {timeout} s while "
                        f"{where}; the console ends:\n{text[-2000:]}", text)
-    if MARKS["error"] in text or "Kernel panic" in text:
+    if how == "failed":
         raise LabError("Intel lab failed: " + text[-2000:], text)
-    if how == "died":
-        raise LabError("Bochs exited early; its log ends:\n" +
+    if not unpack_results(imgs["root"], imgs["tail"] + INPUT_MB * MB,
+                          outdir):
+        raise LabError("Intel lab wrote no results; Bochs' log ends:\n" +
                        tail(paths["log"]) + tail(paths["log"] + ".out") +
                        "\nthe console ends:\n" + text[-2000:], text)
-    if not unpack_files(text, outdir):
-        raise LabError("Intel lab sent no files back", text)
-    output = command_output(text)
+    output = read_text(os.path.join(markers, "output"))
     failed = read_marker(markers, "error")
     done = read_marker(markers, "status")
     ready = read_marker(markers, "ready")
@@ -693,6 +768,14 @@ def run_once(cmd, timeout, outdir, imgs, work, echo):
                    f"guest's clock); {elapsed:.1f} s in all\n")
         echo.flush()
     return done["status"], output
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def tail(path, n=2000):
