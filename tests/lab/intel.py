@@ -67,7 +67,7 @@ LAB_ERROR = 125
 
 # Bumped whenever what build_root/build_initrd/build_iso make changes in a
 # way the package list does not show.
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 # The lab's root filesystem: these packages and all they depend on ...
 ROOT_PACKAGES = ["python3-bpfcc", "python3-numpy", "python3", "kmod",
@@ -186,6 +186,8 @@ dd if=/dev/sda bs=1M skip=$tail_mb count={input_mb} 2>/dev/null |
     echo "{error} no run input on /dev/sda at $tail_mb MiB"
     busybox poweroff -f; exit 1; }}
 . /kvmexit-lab/env
+# Before lab.py's checks: kvm:kvm_exit exists once kvm.ko is loaded.
+modprobe kvm_intel
 mkdir -p "$OUTDIR" "$MARKERS"
 cd "$REPO"
 echo "{started} $(cut -d' ' -f1 /proc/uptime)"
@@ -357,6 +359,42 @@ def fix_dangling_links(staging):
             copy_path(target, staging)
 
 
+def alternative_links(staging):
+    """Links update-alternatives made (libblas.so.3 for numpy, awk...):
+    in no package's file list.  Those whose target was copied."""
+    top = "/var/lib/dpkg/alternatives"
+    for name in sorted(os.listdir(top)):
+        with open(os.path.join(top, name)) as f:
+            lines = f.read().split("\n")
+        # Mode, master link, then (slave name, slave link) pairs up to an
+        # empty line.
+        links = [lines[1]]
+        for i in range(2, len(lines) - 1, 2):
+            if not lines[i]:
+                break
+            links.append(lines[i + 1])
+        for link in links:
+            target = os.path.realpath(link)
+            if os.path.islink(link) and os.path.exists(staging + target):
+                copy_path(link, staging)
+                # The link goes through /etc/alternatives/NAME.
+                via = os.path.join(os.path.dirname(link), os.readlink(link))
+                if os.path.islink(via):
+                    copy_path(via, staging)
+
+
+def smoke_test(staging):
+    """What every run needs from the image, tried here in a chroot: a
+    missing library shows now, not after minutes of booting Bochs."""
+    proc = subprocess.run(["chroot", staging, GUEST_PYTHON, "-c",
+                           "import bcc, numpy, numpy.linalg"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0:
+        raise LabError("the lab's root image cannot import bcc and numpy:\n"
+                       + proc.stdout[-2000:])
+
+
 def module_files(release, modules):
     """The .ko files of `modules` and what they need, in load order."""
     # -a: without it, the names after the first are its parameters.
@@ -380,6 +418,8 @@ def build_root(release, names, staging):
             copy_path(path, staging)
             copy_pycache(path, staging)
     fix_dangling_links(staging)
+    alternative_links(staging)
+    fix_dangling_links(staging)
     moddir = f"/lib/modules/{release}"
     for path in module_files(release, ROOT_MODULES):
         copy_path(path, staging)
@@ -401,6 +441,7 @@ def build_root(release, names, staging):
     write_script(staging + "/sbin/kvmexit-lab-init", ROOT_INIT.format(
         python=GUEST_PYTHON, input_mb=INPUT_MB, **MARKS))
     subprocess.run(["ldconfig", "-r", staging], check=True)
+    smoke_test(staging)
 
 
 def write_script(path, text):
@@ -423,7 +464,8 @@ def make_ext4(staging, image):
     (MiB)."""
     size = disk_size(staging)
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "kvmexit-lab",
-                    "-d", staging, image, str(size // 1024)], check=True)
+                    "-d", staging, image, str(size // 1024)], check=True,
+                   stdout=subprocess.DEVNULL)
     tail_mb = -(-size // MB)
     total = (tail_mb + INPUT_MB + RESULTS_MB) * MB
     with open(image, "r+b") as f:

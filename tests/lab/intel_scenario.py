@@ -63,12 +63,14 @@ def wait_for(predicate, timeout, what):
         time.sleep(0.5)
 
 
-def start_tracer(name, args, out):
+def start_tracer(name, args, out, tracers):
+    """Start kvmexit (into `tracers` at once) and wait until it traces."""
     stdout = os.path.join(out, name + ".out")
     stderr = os.path.join(out, name + ".err")
     proc = subprocess.Popen([PYTHON, "kvmexit.py"] + args, cwd=REPO,
                             stdout=open(stdout, "w"),
                             stderr=open(stderr, "w"))
+    tracers[name] = (proc, stdout, stderr)
 
     def attached():
         # With --json the first line goes to stderr, after -d's lines;
@@ -81,7 +83,6 @@ def start_tracer(name, args, out):
         with open(stderr) as f:
             raise SystemExit("intel scenario: kvmexit %s exited with %d:\n%s"
                              % (" ".join(args), proc.returncode, f.read()))
-    return proc, stdout, stderr
 
 
 def read_hist():
@@ -94,21 +95,32 @@ def read_hist():
 
 
 def main(out):
-    times = {}
-    started = time.monotonic()
     report = os.path.join(out, "guest.json")
     go = os.path.join(out, "go")
     guest = subprocess.Popen([PYTHON, os.path.join(LAB_DIR, "guest.py")] +
                              GUEST + ["--report", report, "--hold", go])
+    tracers = {}
+    try:
+        return scenario(out, guest, report, go, tracers)
+    finally:
+        # A guest or tracer left behind would hold the lab's output pipe
+        # open, and the lab would wait for it until its time ran out.
+        for proc in [guest] + [t[0] for t in tracers.values()]:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def scenario(out, guest, report, go, tracers):
+    times = {}
+    started = time.monotonic()
     wait_for(lambda: (read_json(report) or {}).get("state") == "ready" or
              guest.poll() is not None, 300, "the guest")
     if guest.poll() is not None:
         raise SystemExit("intel scenario: the guest failed")
 
-    tracers = {}
     for name, args in TRACERS.items():
         t0 = time.monotonic()
-        tracers[name] = start_tracer(name, args, out)
+        start_tracer(name, args, out, tracers)
         times["attach_" + name] = round(time.monotonic() - t0, 1)
         print("intel scenario: %s attached in %.0f s" %
               (name, times["attach_" + name]), flush=True)
