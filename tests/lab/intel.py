@@ -559,7 +559,9 @@ def repo_files():
     out = subprocess.run(["git", "-C", REPO, "ls-files", "-z", "-c", "-o",
                           "--exclude-standard"], stdout=subprocess.PIPE,
                          check=True).stdout
+    # Not bytecode: the lab's Python makes its own.
     return sorted({p for p in out.decode().split("\0") if p and
+                   "__pycache__/" not in p and
                    os.path.isfile(os.path.join(REPO, p))})
 
 
