@@ -4,7 +4,11 @@
 
     /usr/bin/python3 tests/bench/overhead.py [--seconds 5] [--rounds 3]
 
-(as root; boots the lab, about 3 minutes.)  Inside the lab a guest
+    /usr/bin/python3 tests/bench/overhead.py --lab intel [--rounds 3]
+
+(as root; boots the lab, about 3 minutes; the Intel lab about 20.)
+
+AMD lab (QEMU's emulator, SVM).  Inside the lab a guest
 (tests/lab/guest.py, throughput mode) loops "10 CR4 round trips, one port
 write" on one vCPU for a few seconds: 21 exits a loop, 20 handled in KVM
 and one in user space.  Its exit rate is measured with no tracer, with
@@ -15,6 +19,19 @@ write), in alternating rounds of the same boot; the table gives the
 median rate of each and its ratio to no tracer.  The lab runs under
 QEMU's emulator, so the absolute rates are an emulated CPU's; the ratios
 are the result.
+
+Intel lab (Bochs, VMX; tests/lab/intel.py).  On VMX writing CR4 back
+makes no exit, so the guest there loops CPUID, an exit KVM handles
+itself: one vCPU, --do cpuid:0:COUNT then HLT, COUNT calibrated at the
+start to last about --seconds; its rate is its kvm_exit count (from
+guest.py's report) over the vCPU's run time.  Each bcc compile takes
+minutes under Bochs, so kvmexit's raw and tracepoint programs are
+compiled once, by kvmexit.py's own functions in this process, and
+attached and detached around each guest run (what the guest pays for is
+the attached program; kvmexit's process only sleeps meanwhile).  Rates
+are measured by the guest's clock (under Bochs it runs much slower than
+the host's, so a round of --seconds takes minutes); the ratios are the
+result.
 """
 
 import argparse
@@ -64,6 +81,72 @@ def start_tracer(args, out):
                      (" ".join(args), proc.returncode))
 
 
+def counted_rate(count, out):
+    """Exits per second of a one-vCPU guest doing `count` CPUIDs."""
+    report = os.path.join(out, "rate.json")
+    subprocess.run([PYTHON, os.path.join(LAB, "guest.py"), "--vcpus", "1",
+                    "--io", "0", "--do", "cpuid:0:%d" % count, "--report",
+                    report], check=True, stdout=subprocess.DEVNULL)
+    with open(report) as f:
+        vcpu = json.load(f)["vcpus"][0]
+    exits = sum(e["count"] for e in vcpu["expected_events"]["kvm_exit"])
+    return exits / vcpu["seconds"]
+
+
+class InProcessTracers:
+    """kvmexit's raw and tracepoint programs, compiled once each, attached
+    one at a time."""
+
+    def __init__(self):
+        sys.path.insert(0, REPO)
+        import kvmexit
+        self.kvmexit = kvmexit
+        bcc = kvmexit.import_bcc()
+        tp_dir = kvmexit.tracepoint_dir()
+        selection = kvmexit.Selection("all threads", "all")
+        layout = kvmexit.slot_layout()
+        self.programs = {}
+        for probe in ("raw", "tracepoint"):
+            chosen = kvmexit.choose_probe(probe, tp_dir)
+            b = kvmexit.load_program(bcc, chosen, selection,
+                                     kvmexit.MIN_MAX_THREADS, layout)
+            self.programs[probe] = (chosen.kind, b)
+            self.detach(probe)      # bcc attaches tracepoint programs
+
+    def attach(self, probe):
+        kind, b = self.programs[probe]
+        if kind == "tracepoint":
+            b.attach_tracepoint(tp=b"kvm:kvm_exit",
+                                fn_name=b"tracepoint__kvm__kvm_exit")
+        else:
+            self.kvmexit.attach_raw(b)
+
+    def detach(self, probe):
+        kind, b = self.programs[probe]
+        if kind == "tracepoint":
+            b.detach_tracepoint(b"kvm:kvm_exit")
+        elif b"kvm_exit" in b.raw_tracepoint_fds:
+            b.detach_raw_tracepoint(b"kvm_exit")
+
+
+def inside_intel(seconds, rounds, out):
+    tracers = InProcessTracers()
+    probes = {"no tracer": None, "kvmexit, raw tracepoint": "raw",
+              "kvmexit, tracepoint": "tracepoint"}
+    # Calibrate: a COUNT that lasts about `seconds` with no tracer.
+    count = max(1000, int(counted_rate(2000, out) * seconds))
+    rates = {name: [] for name in probes}
+    for _ in range(rounds):
+        for name, probe in probes.items():
+            if probe:
+                tracers.attach(probe)
+            rates[name].append(counted_rate(count, out))
+            if probe:
+                tracers.detach(probe)
+    with open(os.path.join(out, "overhead.json"), "w") as f:
+        json.dump(rates, f)
+
+
 def inside(seconds, rounds, out):
     rates = {name: [] for name in SETUPS}
     for _ in range(rounds):
@@ -90,23 +173,38 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--lab", choices=("amd", "intel"), default="amd",
+                   help="amd: QEMU's emulator, SVM (default); intel: "
+                        "Bochs, VMX")
     p.add_argument("--inside", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.inside:
-        return inside(args.seconds, args.rounds, args.inside)
+        run = inside_intel if args.lab == "intel" else inside
+        return run(args.seconds, args.rounds, args.inside)
     sys.path.insert(0, LAB)
-    from lab import run_in_lab
+    if args.lab == "intel":
+        from intel import run_in_lab
+        run_lab = run_in_lab
+    else:
+        from lab import run_in_lab
+
+        def run_lab(cmd, timeout, outdir, quiet):
+            return run_in_lab(cmd, timeout, outdir=outdir, quiet=quiet)
     out = tempfile.mkdtemp(prefix="kvmexit-overhead-")
-    rc, _ = run_in_lab([PYTHON, os.path.abspath(__file__), "--seconds",
-                        str(args.seconds), "--rounds", str(args.rounds),
-                        "--inside", out], timeout=1800, outdir=out,
-                       quiet=True)
+    rc, output = run_lab([PYTHON, os.path.abspath(__file__), "--seconds",
+                          str(args.seconds), "--rounds", str(args.rounds),
+                          "--lab", args.lab, "--inside", out],
+                         timeout=3600, outdir=out, quiet=True)
     if rc != 0:
-        raise SystemExit("overhead: the lab run failed (%d)" % rc)
+        raise SystemExit("overhead: the lab run failed (%d):\n%s"
+                         % (rc, output[-3000:]))
     with open(os.path.join(out, "overhead.json")) as f:
         rates = json.load(f)
-    print("Guest exit rate, one vCPU, %d rounds of %g s (median):"
-          % (args.rounds, args.seconds))
+    guest = "loop of 10 CR4 round trips + OUT" if args.lab == "amd" else \
+        "CPUID loop"
+    print("Guest exit rate, %s lab, one vCPU (%s), %d rounds of ~%g s "
+          "(median):" % (args.lab.upper() if args.lab == "amd" else "Intel",
+                         guest, args.rounds, args.seconds))
     print(table(rates))
     return 0
 
