@@ -1292,9 +1292,11 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     return counts, vcpu_ids
 
 
-def read_latency(b):
-    """{(tgid, tid, isa, code): Latency} from the exit_latency hash."""
-    keys, values = read_percpu(b[b"exit_latency"], 16, 3 + LAT_BUCKETS, 1)
+def read_latency(b, keys=None):
+    """{(tgid, tid, isa, code): Latency} from the exit_latency hash (the
+    whole table, or those keys)."""
+    keys, values = read_percpu(b[b"exit_latency"], 16, 3 + LAT_BUCKETS, 1,
+                               keys=keys)
     latency = {}
     for key, (value,) in zip(keys, values):
         pid_tgid = int.from_bytes(key[:8], "little")
@@ -1304,6 +1306,19 @@ def read_latency(b):
                  int.from_bytes(key[12:], "little"))] = \
             Latency(count, total, longest, [int(x) for x in value[3:]])
     return latency
+
+
+def read_rare(b, ncpus, keys=None):
+    """{(tgid, tid, isa, code): count} from the table of rare exit codes
+    (the whole table, or those keys)."""
+    keys, rare = read_percpu(b[b"pcpu_rare_stat"], 16, 1, ncpus, keys=keys)
+    counts = {}
+    for key, per_cpu in zip(keys, rare):
+        pid_tgid = int.from_bytes(key[:8], "little")
+        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
+                int.from_bytes(key[8:12], "little"),
+                int.from_bytes(key[12:], "little"))] = int(per_cpu.sum())
+    return counts
 
 
 def snapshot(b, layout, ncpus, latency=False, detail=False):
@@ -1318,13 +1333,8 @@ def snapshot(b, layout, ncpus, latency=False, detail=False):
         [int.from_bytes(k, "little") for k in raw_keys], values,
         [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
 
-    rare_keys, rare = read_percpu(b[b"pcpu_rare_stat"], 16, 1, ncpus)
-    for key, per_cpu in zip(rare_keys, rare):
-        pid_tgid = int.from_bytes(key[:8], "little")
-        k = (pid_tgid >> 32, pid_tgid & 0xffffffff,
-             int.from_bytes(key[8:12], "little"),
-             int.from_bytes(key[12:], "little"))
-        counts[k] = counts.get(k, 0) + int(per_cpu.sum())
+    for k, n in read_rare(b, ncpus).items():
+        counts[k] = counts.get(k, 0) + n
 
     lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
     _, lost = read_percpu(b[b"pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
@@ -1386,39 +1396,17 @@ class ThreadTables:
         return counts, vcpu_ids
 
     def take_rare(self, keys):
-        _, values = read_percpu(self.b[b"pcpu_rare_stat"], 16, 1,
-                                self.ncpus, keys=keys)
-        counts = {}
-        for key, per_cpu in zip(keys, values):
-            pid_tgid = pid_tgid_of(key)
-            counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
-                    int.from_bytes(key[8:12], "little"),
-                    int.from_bytes(key[12:], "little"))] = int(per_cpu.sum())
+        counts = read_rare(self.b, self.ncpus, keys)
         self.delete(b"pcpu_rare_stat", keys)
         return counts
 
     def take_latency(self, keys):
-        _, values = read_percpu(self.b[b"exit_latency"], 16,
-                                3 + LAT_BUCKETS, 1, keys=keys)
-        latency = {}
-        for key, (value,) in zip(keys, values):
-            pid_tgid = pid_tgid_of(key)
-            latency[(pid_tgid >> 32, pid_tgid & 0xffffffff,
-                     int.from_bytes(key[8:12], "little"),
-                     int.from_bytes(key[12:], "little"))] = Latency(
-                int(value[0]), int(value[1]), int(value[2]),
-                [int(x) for x in value[3:]])
+        latency = read_latency(self.b, keys)
         self.delete(b"exit_latency", keys)
         return latency
 
     def take_detail(self, keys):
-        _, values = read_percpu(self.b[b"detail_counts"], DETAIL_KEY.size,
-                                1, 1, keys=keys)
-        detail = {}
-        for key, value in zip(keys, values[:, 0, 0].tolist()):
-            pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
-            detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind,
-                    sub, attr)] = value
+        detail = read_detail_counts(self.b, keys)
         self.delete(b"detail_counts", keys)
         return detail
 
@@ -1874,15 +1862,23 @@ def decode_detail(isa, code, kind, key, attr):
 DETAIL_KEY = struct.Struct("<QIIQII")   # struct detail_key
 
 
-def read_detail(b, ncpus):
-    """({(tgid, tid, isa, code, kind, key, attr): count}, sub-keys lost)
-    from the DETAIL section of bpf/kvmexit.bpf.c's tables."""
-    keys, values = read_percpu(b[b"detail_counts"], DETAIL_KEY.size, 1, 1)
+def read_detail_counts(b, keys=None):
+    """{(tgid, tid, isa, code, kind, key, attr): count} from the DETAIL
+    section's table (the whole table, or those keys)."""
+    keys, values = read_percpu(b[b"detail_counts"], DETAIL_KEY.size, 1, 1,
+                               keys=keys)
     detail = {}
     for key, value in zip(keys, values[:, 0, 0].tolist()):
         pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
         detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind, sub,
                 attr)] = value
+    return detail
+
+
+def read_detail(b, ncpus):
+    """({(tgid, tid, isa, code, kind, key, attr): count}, sub-keys lost)
+    from the DETAIL section of bpf/kvmexit.bpf.c's tables."""
+    detail = read_detail_counts(b)
     _, lost = read_percpu(b[b"detail_lost"], 4, 1, ncpus,
                           keys=[(0).to_bytes(4, "little")])
     return detail, int(lost.sum())
