@@ -9,7 +9,9 @@ steps "do KIND (on KEY) COUNT times", then HLT:
 
     --io N       N x  out dx, al to port 0x510  -> IOIO, to user space
     --cr4 M      M x  mov eax, cr4; mov cr4, eax -> READ_CR4 + WRITE_CR4 on
-                                                   SVM, in KVM (none on VMX)
+                                                   SVM, in KVM; on VMX the
+                                                   write flips CR4.MCE ->
+                                                   one CR_ACCESS
     --do KIND[:KEY]:COUNT  (repeatable, in order; VCPUS@ limits it to some
                             vCPUs, e.g. "1@out:0x511/2:7" or "0,2@cpuid:1:5")
         out:PORT[/SIZE]     out dx, al|ax|eax  -> KVM_EXIT_IO (SIZE 1, 2, 4)
@@ -39,11 +41,12 @@ steps "do KIND (on KEY) COUNT times", then HLT:
         cr4:COUNT           as --cr4
     hlt                                         -> HLT, to user space
 
-Exit codes follow the CPU (--isa): SVM's, or VMX's, where CR4 round trips
-make no exit (a read never does, nor a write that changes nothing KVM
-owns), MMIO pages take EPT_VIOLATION first and EPT_MISCONFIG after, and
-exceptions are EXCEPTION_NMI with the vector in intr_info.  The VMX side is
-written from the SDM and KVM's code, not run here (the lab is AMD).
+Exit codes follow the CPU (--isa): SVM's, or VMX's, where a CR4 read
+never exits and a write only if it changes a bit KVM owns, MMIO pages
+take EPT_VIOLATION first and EPT_MISCONFIG after, and exceptions are
+EXCEPTION_NMI with the vector in intr_info.  The VMX side is written from
+the SDM and KVM's code; the Intel lab (tests/lab/test_lab_intel.py) runs
+its OUT/IN, MSR, CPUID, VMCALL, CR4 and HLT steps on real VMX exits.
 
 The report has, per vCPU, what the kernel's tracepoints must count for its
 thread: "expected_events" {tracepoint: [{field: value, ..., "count": n}]}
@@ -240,7 +243,7 @@ ENCODING = {
     "mov eax, [addr32]": "6667a1",
     "rdmsr": "0f32", "wrmsr": "0f30", "cpuid": "0fa2",
     "vmmcall": "0f01d9", "vmcall": "0f01c1",
-    "mov eax, cr4": "0f20e0", "mov cr4, eax": "0f22e0",
+    "mov eax, cr4": "0f20e0", "mov cr4, eax": "0f22e0", "xor al, imm8": "34",
     "int3": "cc", "icebp": "f1", "ud2": "0f0b", "hlt": "f4",
 }
 
@@ -283,6 +286,7 @@ STACK_SIZE = 0x100
 # Ports of --io.  No in-kernel device is created, so KVM hands every port to
 # user space; the number only has to be recognisable.
 IO_PORT = 0x510
+CR4_MCE = 1 << 6
 PAGE = 0x1000
 
 # Throughput variant: esi = M CR4 round trips per OUT, forever.
@@ -611,14 +615,20 @@ class Cr4:
         return {}
 
     def code(self, key, isa, vcpu):
-        return b"", asm("mov eax, cr4", "mov cr4, eax")
+        if isa == "svm":
+            return b"", asm("mov eax, cr4", "mov cr4, eax")
+        # VMX exits on a CR4 write only if it changes a bit KVM owns (the
+        # CR4 guest/host mask): flip CR4.MCE, owned by KVM and valid
+        # whatever the guest's CPUID, harmless in real mode.
+        return b"", asm("mov eax, cr4", "xor al, imm8") + \
+            imm(CR4_MCE, 1) + asm("mov cr4, eax")
 
     def expect(self, key, n, isa, e):
-        # VMX never exits on a read of CR4, nor on a write that leaves the
-        # bits KVM owns as the guest last saw them: nothing to count there.
         if isa == "svm":
             e.add("kvm_exit", n, exit_reason=EXIT_CODES["svm"]["READ_CR4"])
             e.add("kvm_exit", n, exit_reason=EXIT_CODES["svm"]["WRITE_CR4"])
+        else:   # the read never exits; the write is one CR_ACCESS
+            e.add("kvm_exit", n, exit_reason=EXIT_CODES["vmx"]["CR_ACCESS"])
 
     def user_key(self, key):
         return None

@@ -34,8 +34,8 @@ HIST_KEYS = "hist:keys=common_pid,exit_reason"
 PYTHON = "/usr/bin/python3"
 ATTACH_TIMEOUT = 1500           # per tracer; a bcc compile under Bochs
 
-# Per vCPU: N OUTs, CR4 round trips (no exit on VMX: the same value written
-# back), and --do steps with a different count on each vCPU, so that a
+# Per vCPU: N OUTs, CR4 writes (each flips a bit KVM owns: one CR_ACCESS),
+# and --do steps with a different count on each vCPU, so that a
 # count in the wrong thread or under the wrong reason shows.
 GUEST = ["--io", "150,230", "--cr4", "3,5",
          "--do", "0@rdmsr:0x1a0:11", "--do", "1@rdmsr:0x1a0:13",

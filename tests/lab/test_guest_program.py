@@ -56,6 +56,17 @@ def test_step_machine_code(text):
     assert code.hex() == CODE[text] + "f4"      # then hlt
 
 
+def test_cr4_step_flips_mce_on_vmx_only():
+    """VMX exits only on a write that changes a bit KVM owns; SVM on
+    every read and write, so there the value is written back as read."""
+    body = "66bd03000000" "0f20e0" "{}" "0f22e0" "664d" "75{}" "f4"
+    assert program("cr4:3").code("vmx", None).hex() == \
+        body.format("3440", "f4")
+    assert program("cr4:3").code("svm", None).hex() == body.format("", "f6")
+    assert program("cr4:3").expected("vmx")["kvm_exit"] == [
+        {"exit_reason": 28, "count": 3}, {"exit_reason": 12, "count": 1}]
+
+
 def test_hypercall_is_the_vendors_instruction():
     body = "66bd02000000" "66b800010000" "{}" "664d" "75f3" "f4"
     assert program("hypercall:0x100:2").code("svm", None).hex() == \

@@ -25,14 +25,14 @@ import kvmexit  # noqa: E402
 
 ISA_VMX = 1
 # VMX basic exit reasons (arch/x86/include/uapi/asm/vmx.h).
-CPUID, HLT, VMCALL, IO_INSTRUCTION = 10, 12, 18, 30
+CPUID, HLT, VMCALL, CR_ACCESS, IO_INSTRUCTION = 10, 12, 18, 28, 30
 MSR_READ, MSR_WRITE = 31, 32
 # Per vCPU, what intel_scenario.GUEST asks for: exact counts of the exits
-# its program makes (its CR4 round trips make none on VMX).
-EXPECTED = [{IO_INSTRUCTION: 150, MSR_READ: 11, MSR_WRITE: 17, CPUID: 23,
-             VMCALL: 31, HLT: 1},
-            {IO_INSTRUCTION: 230, MSR_READ: 13, MSR_WRITE: 19, CPUID: 29,
-             VMCALL: 37, HLT: 1}]
+# its program makes.
+EXPECTED = [{IO_INSTRUCTION: 150, CR_ACCESS: 3, MSR_READ: 11, MSR_WRITE: 17,
+             CPUID: 23, VMCALL: 31, HLT: 1},
+            {IO_INSTRUCTION: 230, CR_ACCESS: 5, MSR_READ: 13, MSR_WRITE: 19,
+             CPUID: 29, VMCALL: 37, HLT: 1}]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,4 @@ def test_every_vmx_name_is_the_kernels_own(lab):
         assert name == vmx_names[code], (code, name)
     assert vmx_names[IO_INSTRUCTION] == "IO_INSTRUCTION"
     assert vmx_names[VMCALL] == "VMCALL"
+    assert vmx_names[CR_ACCESS] == "CR_ACCESS"
