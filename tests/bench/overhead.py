@@ -161,11 +161,19 @@ def inside(seconds, rounds, out):
 
 
 def table(rates):
-    base = statistics.median(rates["no tracer"])
-    lines = ["%-26s %14s %10s" % ("setup", "exits/s", "vs none")]
+    """Median rate and its ratio to no tracer; the spread is each round's
+    rate over the same round's rate with no tracer (the rounds alternate,
+    so a round's setups share the machine's state)."""
+    none = rates["no tracer"]
+    base = statistics.median(none)
+    lines = ["%-26s %14s %10s %16s" % ("setup", "exits/s", "vs none",
+                                       "rounds: min-max")]
     for name, values in rates.items():
         rate = statistics.median(values)
-        lines.append("%-26s %14.0f %10.3f" % (name, rate, rate / base))
+        per_round = [v / n for v, n in zip(values, none)]
+        lines.append("%-26s %14.0f %10.3f %16s" % (
+            name, rate, rate / base,
+            "%.3f-%.3f" % (min(per_round), max(per_round))))
     return "\n".join(lines)
 
 
