@@ -58,6 +58,10 @@ import threading
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, LAB_DIR)
+import lab  # noqa: E402
+from lab import LabError, shell_command  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(LAB_DIR))
 SETUP = os.path.join(LAB_DIR, "intel_setup.sh")
 CACHE = os.environ.get("KVMEXIT_INTEL_LAB_CACHE",
@@ -213,27 +217,13 @@ RESULTS_MB = 64
 MB = 2 ** 20
 
 
-class LabError(Exception):
-    """The lab could not run the command; `output` has what it printed."""
-
-    def __init__(self, message, output=""):
-        super().__init__(message)
-        self.output = output
-
-
 def log(msg):
     print("intel lab: " + msg, file=sys.stderr, flush=True)
 
 
 def setup():
     """Install what is missing (fast when nothing is); return the kernel."""
-    proc = subprocess.run(["/bin/bash", SETUP], stdout=subprocess.PIPE,
-                          text=True)
-    kernel = proc.stdout.strip()
-    if proc.returncode != 0 or not os.path.isfile(kernel):
-        raise LabError(f"{SETUP} failed (status {proc.returncode}); "
-                       "see its messages above")
-    return kernel
+    return lab.setup(SETUP)
 
 
 # --- packages ----------------------------------------------------------------
@@ -612,10 +602,6 @@ class Lock:
 
     def __exit__(self, *exc):
         self.file.close()
-
-
-def shell_command(cmd):
-    return cmd if isinstance(cmd, str) else shlex.join(cmd)
 
 
 class Console:

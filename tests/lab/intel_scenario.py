@@ -21,18 +21,20 @@ and how long each step took.  tests/lab/test_lab_intel.py checks it.
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(LAB_DIR))
+sys.path.insert(0, LAB_DIR)
+from scenario import (HIST_KEYS, TRIGGER, attached,  # noqa: E402
+                      finish, read_hist, read_json, start_tracer, wait_for)
+
 EVENT = "/sys/kernel/tracing/events/kvm/kvm_exit"
-HIST_KEYS = "hist:keys=common_pid,exit_reason"
 PYTHON = "/usr/bin/python3"
 ATTACH_TIMEOUT = 1500           # per tracer; a bcc compile under Bochs
+EXIT_TIMEOUT = 600              # a tracer's report and exit, under Bochs
 
 # Per vCPU: N OUTs, CR4 writes (each flips a bit KVM owns: one CR_ACCESS),
 # and --do steps with a different count on each vCPU, so that a
@@ -47,51 +49,16 @@ TRACERS = {"raw": ["--probe", "raw", "-d", "--json"],
            "tracepoint": ["--probe", "tracepoint", "-d", "--json"]}
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit("intel scenario: timed out waiting for " + what)
-        time.sleep(0.5)
-
-
-def start_tracer(name, args, out, tracers):
+def start_attached(name, args, out, tracers):
     """Start kvmexit (into `tracers` at once) and wait until it traces."""
-    stdout = os.path.join(out, name + ".out")
-    stderr = os.path.join(out, name + ".err")
-    proc = subprocess.Popen([PYTHON, "kvmexit.py"] + args, cwd=REPO,
-                            stdout=open(stdout, "w"),
-                            stderr=open(stderr, "w"))
-    tracers[name] = (proc, stdout, stderr)
-
-    def attached():
-        # With --json the first line goes to stderr, after -d's lines;
-        # kvmexit prints it once the probe is attached.
-        with open(stderr) as f:
-            return proc.poll() is not None or \
-                "\nDisplay kvm exit reasons" in "\n" + f.read()
-    wait_for(attached, ATTACH_TIMEOUT, "kvmexit " + " ".join(args))
+    tracers[name] = start_tracer(name, args, out)
+    proc, stdout, stderr = tracers[name]
+    wait_for(lambda: attached((stdout, stderr), proc), ATTACH_TIMEOUT,
+             "kvmexit " + " ".join(args))
     if proc.poll() is not None:
         with open(stderr) as f:
             raise SystemExit("intel scenario: kvmexit %s exited with %d:\n%s"
                              % (" ".join(args), proc.returncode, f.read()))
-
-
-def read_hist():
-    """{"tid,exit_reason": count} from the hist trigger."""
-    with open(EVENT + "/hist") as f:
-        text = f.read()
-    return {"%s,%s" % (tid, reason): int(hits) for tid, reason, hits in
-            re.findall(r"common_pid:\s*(\d+), exit_reason:\s*(\d+) \} "
-                       r"hitcount:\s*(\d+)", text)}
 
 
 def main(out):
@@ -120,34 +87,24 @@ def scenario(out, guest, report, go, tracers):
 
     for name, args in TRACERS.items():
         t0 = time.monotonic()
-        start_tracer(name, args, out, tracers)
+        start_attached(name, args, out, tracers)
         times["attach_" + name] = round(time.monotonic() - t0, 1)
         print("intel scenario: %s attached in %.0f s" %
               (name, times["attach_" + name]), flush=True)
 
     # Appended: '>' would replace any trigger already on the event.
-    with open(EVENT + "/trigger", "a") as f:
+    with open(TRIGGER, "a") as f:
         f.write(HIST_KEYS)
     t0 = time.monotonic()
     open(go, "w").close()
     guest_status = guest.wait()
     times["guest"] = round(time.monotonic() - t0, 1)
     hist = read_hist()
-    with open(EVENT + "/trigger", "a") as f:
+    with open(TRIGGER, "a") as f:
         f.write("!" + HIST_KEYS)
 
-    results = {}
-    for name, (proc, _, _) in tracers.items():
-        proc.send_signal(signal.SIGINT)
-    for name, (proc, stdout, stderr) in tracers.items():
-        try:
-            rc = proc.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
-        with open(stdout) as f, open(stderr) as g:
-            results[name] = {"argv": TRACERS[name], "status": rc,
-                             "stdout": f.read(), "stderr": g.read()}
+    results = {name: finish(tracer, signal.SIGINT, TRACERS[name],
+                            EXIT_TIMEOUT) for name, tracer in tracers.items()}
     with open(EVENT + "/format") as f:
         fmt = f.read()
     times["scenario"] = round(time.monotonic() - started, 1)

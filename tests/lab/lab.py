@@ -57,13 +57,14 @@ class LabError(Exception):
 
 # --- host side ---------------------------------------------------------------
 
-def setup():
-    """Install what is missing (fast when nothing is); return the kernel."""
-    proc = subprocess.run(["/bin/bash", SETUP], stdout=subprocess.PIPE,
+def setup(script=SETUP):
+    """Install what is missing (fast when nothing is); return the kernel
+    the setup script prints (the Intel lab passes its own script)."""
+    proc = subprocess.run(["/bin/bash", script], stdout=subprocess.PIPE,
                           text=True)
     kernel = proc.stdout.strip()
     if proc.returncode != 0 or not os.path.isfile(kernel):
-        raise LabError(f"{SETUP} failed (status {proc.returncode}); "
+        raise LabError(f"{script} failed (status {proc.returncode}); "
                        "see its messages above")
     return kernel
 

@@ -110,12 +110,12 @@ def start_tracer(name, args, out):
     return proc, stdout.name, stderr.name
 
 
-def finish(tracer, how, argv):
+def finish(tracer, how, argv, timeout=120):
     """End a tracer with a signal; its argv, status and output."""
     proc, stdout, stderr = tracer
     proc.send_signal(how)
     try:
-        rc = proc.wait(timeout=120)
+        rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         rc = "killed"
@@ -126,12 +126,13 @@ def finish(tracer, how, argv):
 
 def attached(paths, proc):
     """kvmexit prints its first line once tracing has begun (to stderr
-    with --json or --csv)."""
+    with --json or --csv, after -d's lines)."""
     if proc.poll() is not None:
         return True             # died: reported with its output below
     for path in paths:
         with open(path) as f:
-            if f.readline().startswith("Display kvm exit reasons"):
+            if any(line.startswith("Display kvm exit reasons")
+                   for line in f):
                 return True
     return False
 
