@@ -103,6 +103,29 @@ def test_merge_sums_all_eight_columns_and_their_cache_slots():
                                      header(SVM, 7)]
 
 
+@pytest.mark.parametrize("cores", [2, 3, 4, 16])
+def test_merge_sums_the_same_when_split_over_cores(monkeypatch, cores):
+    """A big table is summed in parts on several cores: each thread's row
+    in exactly one part, a part per core (up to 8), empty parts too."""
+    monkeypatch.setattr(kvmexit, "PARALLEL_SUM_BYTES", 0)
+    monkeypatch.setattr(kvmexit.os, "sched_getaffinity",
+                        lambda pid: set(range(cores)))
+    keys, values, cache = eight_cpu_maps()
+    merged, sums, hdr = kvmexit.merge_thread_counts(
+        keys, values.copy(), [int(k) for k in cache[0, :, 0]],
+        cache[0, :, 1:])
+    assert merged == [A, B, C]
+    assert int(sums[0, col(0x7b) - 1]) == 36
+    assert int(sums[0, col(0x400) - 1]) == 2
+    assert int(sums[1, col(0x78) - 1]) == 10
+    assert int(sums[2, col(0x60) - 1]) == 4
+    assert int(sums.sum()) == 36 + 2 + 10 + 4
+    # Wider than the threads: every part but the last three is empty.
+    big = np.arange(3 * 8 * 4, dtype=np.uint64).reshape(3, 8, 4)
+    assert kvmexit.sum_over_cpus(big).tolist() == \
+        big[:, :, 1:].sum(axis=1).tolist()
+
+
 def test_merge_ignores_nothing_beyond_the_online_cpus():
     """Counts only on positions 4..7 (CPUs 8..11, offline now) count."""
     keys, values, cache = eight_cpu_maps()
