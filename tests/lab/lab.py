@@ -155,6 +155,29 @@ def run_in_lab(cmd, timeout, outdir, cpus=2, quiet=False):
         remove_markers(markers)
 
 
+def scenario_results(tmp_path_factory, script, results, env,
+                     run=run_in_lab, timeout=1800):
+    """A test module's lab run: `script OUTDIR` run once in a lab (`run`:
+    this one's run_in_lab or the Intel lab's), then the JSON file
+    `results` it wrote there.  The environment variable `env`, set to an
+    earlier run's OUTDIR, checks that run's results again without booting
+    (while working on the tests)."""
+    out = os.environ.get(env)
+    if not out:
+        out = str(tmp_path_factory.mktemp(os.path.splitext(results)[0]))
+        started = time.monotonic()
+        try:
+            rc, output = run([GUEST_PYTHON, script, out], timeout=timeout,
+                             outdir=out)
+        except LabError as e:
+            raise AssertionError(f"the lab did not run {script}: {e}\n"
+                                 f"{e.output[-3000:]}") from None
+        print(f"lab: {script} in {time.monotonic() - started:.0f} s in all")
+        assert rc == 0, output[-4000:]
+    with open(os.path.join(out, results)) as f:
+        return json.load(f)
+
+
 def conclude(rc, output, markers, timeout, wall_start, elapsed, echo):
     """Turn vng's exit and the markers into (status, output) or LabError."""
     ready = read_marker(os.path.join(markers, "ready"))

@@ -20,7 +20,7 @@ import kvmexit
 from kvmexit import Detail
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import run_in_lab  # noqa: E402
+from lab import scenario_results  # noqa: E402
 
 SVM = kvmexit.ISA_SVM
 IOIO, MSR, VMMCALL, NPF, HLT = 0x7b, 0x7c, 0x81, 0x400, 0x78
@@ -30,17 +30,8 @@ K = kvmexit.DETAIL_KINDS
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    # KVMEXIT_LAB_RESULTS=DIR checks an earlier run's results again
-    # without booting (while working on these tests).
-    out = os.environ.get("KVMEXIT_LAB_RESULTS")
-    if not out:
-        out = str(tmp_path_factory.mktemp("detail"))
-        rc, output = run_in_lab(["/usr/bin/python3",
-                                 "tests/lab/detail_scenario.py", out],
-                                timeout=1800, outdir=out)
-        assert rc == 0, output[-4000:]
-    with open(os.path.join(out, "detail.json")) as f:
-        return json.load(f)
+    return scenario_results(tmp_path_factory, "tests/lab/detail_scenario.py",
+                            "detail.json", "KVMEXIT_LAB_RESULTS")
 
 
 @pytest.fixture(scope="module")

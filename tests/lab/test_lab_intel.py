@@ -14,13 +14,13 @@ import json
 import os
 import re
 import sys
-import time
 
 import pytest
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [LAB_DIR, os.path.dirname(os.path.dirname(LAB_DIR))]
 import intel  # noqa: E402
+from lab import scenario_results  # noqa: E402
 import kvmexit  # noqa: E402
 
 ISA_VMX = 1
@@ -37,22 +37,9 @@ EXPECTED = [{IO_INSTRUCTION: 150, CR_ACCESS: 3, MSR_READ: 11, MSR_WRITE: 17,
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    # KVMEXIT_LAB_RESULTS=DIR checks an earlier run's results again
-    # without booting (while working on these tests).
-    out = os.environ.get("KVMEXIT_LAB_RESULTS")
-    if not out:
-        out = str(tmp_path_factory.mktemp("intel"))
-        started = time.monotonic()
-        try:
-            rc, output = intel.run_in_lab(
-                ["/usr/bin/python3", "tests/lab/intel_scenario.py", out],
-                timeout=3000, outdir=out)
-        except intel.LabError as e:
-            pytest.fail(f"the Intel lab did not run: {e}\n{e.output[-3000:]}")
-        print(f"Intel lab: {time.monotonic() - started:.0f} s in all")
-        assert rc == 0, output[-4000:]
-    with open(os.path.join(out, "intel.json")) as f:
-        return json.load(f)
+    return scenario_results(tmp_path_factory, "tests/lab/intel_scenario.py",
+                            "intel.json", "KVMEXIT_LAB_RESULTS",
+                            run=intel.run_in_lab, timeout=3000)
 
 
 def vcpus(lab):

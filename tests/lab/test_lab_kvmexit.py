@@ -19,7 +19,7 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import run_in_lab  # noqa: E402
+from lab import scenario_results  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
@@ -28,16 +28,8 @@ FIRST = "Display kvm exit reasons and statistics for "
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    # KVMEXIT_LAB_RESULTS=DIR checks an earlier scenario run's results
-    # again without booting (while working on these tests).
-    out = os.environ.get("KVMEXIT_LAB_RESULTS")
-    if not out:
-        out = str(tmp_path_factory.mktemp("scenario"))
-        rc, output = run_in_lab(["/usr/bin/python3", "tests/lab/scenario.py",
-                                 out], timeout=1800, outdir=out)
-        assert rc == 0, output[-4000:]
-    with open(os.path.join(out, "scenario.json")) as f:
-        return json.load(f)
+    return scenario_results(tmp_path_factory, "tests/lab/scenario.py",
+                            "scenario.json", "KVMEXIT_LAB_RESULTS")
 
 
 def kernel(lab, guest=None, tids=None):
