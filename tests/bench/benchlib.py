@@ -201,3 +201,39 @@ def model_maps(cache, raw_keys, values):
         return keys, np.zeros((len(keys), ncpus, words), dtype=np.uint64)
 
     kvmexit.read_percpu = read_percpu
+
+
+def model_in_child(script, ncpus, nthreads):
+    """Run `script --model-child NCPUS NTHREADS` (a model of a big host, in
+    its own process so that its peak memory is its own); the dict of
+    results it printed."""
+    import ast
+    import subprocess
+    out = subprocess.run([sys.executable, script, "--model-child",
+                          str(ncpus), str(nthreads)],
+                         stdout=subprocess.PIPE, text=True, check=True)
+    return {k: ast.literal_eval(v) for k, v in (kv.split("=", 1)
+                                                for kv in out.stdout.split())}
+
+
+def model_bench_main(doc, real_maps, modeled, model):
+    """The command line of a benchmark on real maps, then on a model of a
+    640-CPU host: real_maps(bcc) and modeled() print their tables and say
+    whether their targets were met; model(ncpus, nthreads) is the model's
+    child process, whose results go to its parent as k=v words."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--model-child", nargs=2, type=int,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--no-model", action="store_true",
+                        help="skip the 640-CPU model")
+    args = parser.parse_args()
+    if args.model_child:
+        r = model(*args.model_child)
+        print(" ".join("%s=%r" % kv for kv in sorted(r.items())))
+        return 0
+    need_root()
+    ok = real_maps(import_bcc())
+    if not args.no_model:
+        ok = modeled() and ok
+    return 0 if ok else 1

@@ -36,12 +36,10 @@ copy those bytes out is not in it: it is estimated apart, from the
 copy-out rate of a 32 KiB-per-CPU map lookup measured here.
 """
 
-import argparse
 import ctypes
 import os
 import resource
 import struct
-import subprocess
 import sys
 import time
 
@@ -271,11 +269,6 @@ def model(ncpus, nthreads):
             "worst_s": max(times), "rows": len(snap.counts), "peak": peak}
 
 
-def run_model_child(ncpus, nthreads):
-    r = model(ncpus, nthreads)
-    print(" ".join("%s=%r" % kv for kv in sorted(r.items())))
-
-
 def mem_available():
     for line in open("/proc/meminfo"):
         if line.startswith("MemAvailable:"):
@@ -293,11 +286,7 @@ def modeled():
         nthreads = int(mem_available() / 1.5 / (ncpus * layout.words * 8))
         print("note: only %s available: modeling %d threads, not %d"
               % (benchlib.human(mem_available()), nthreads, MODEL_THREADS))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__),
-                          "--model-child", str(ncpus), str(nthreads)],
-                         stdout=subprocess.PIPE, text=True, check=True)
-    r = dict(kv.split("=", 1) for kv in out.stdout.split())
-    r = {k: eval(v) for k, v in r.items()}
+    r = benchlib.model_in_child(os.path.abspath(__file__), ncpus, nthreads)
     rate = copy_out_rate()
     print()
     print("Report time, modeled: %d possible CPUs x %d threads, SVM layout: "
@@ -323,21 +312,7 @@ def modeled():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-child", nargs=2, type=int,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the 640-CPU model")
-    args = parser.parse_args()
-    if args.model_child:
-        run_model_child(*args.model_child)
-        return 0
-    benchlib.need_root()
-    bcc = benchlib.import_bcc()
-    ok = real_maps(bcc)
-    if not args.no_model:
-        ok = modeled() and ok
-    return 0 if ok else 1
+    return benchlib.model_bench_main(__doc__, real_maps, modeled, model)
 
 
 if __name__ == "__main__":

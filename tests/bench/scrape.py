@@ -29,10 +29,8 @@ estimated apart, from the measured copy-out rate.  Target: a scrape under
 1 s there.
 """
 
-import argparse
 import os
 import resource
-import subprocess
 import sys
 import time
 import urllib.request
@@ -227,12 +225,8 @@ def model(ncpus, nthreads):
 def modeled():
     import report_time
     layout = kvmexit.SVM_LAYOUT
-    out = subprocess.run([sys.executable, os.path.abspath(__file__),
-                          "--model-child", str(MODEL_CPUS),
-                          str(MODEL_THREADS)],
-                         stdout=subprocess.PIPE, text=True, check=True)
-    r = {k: eval(v) for k, v in (kv.split("=", 1)
-                                  for kv in out.stdout.split())}
+    r = benchlib.model_in_child(os.path.abspath(__file__), MODEL_CPUS,
+                                MODEL_THREADS)
     rate = report_time.copy_out_rate()
     print()
     print("Scrape time, modeled: %d possible CPUs x %d threads x %d reasons, "
@@ -262,22 +256,7 @@ def modeled():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-child", nargs=2, type=int,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--no-model", action="store_true",
-                        help="skip the 640-CPU model")
-    args = parser.parse_args()
-    if args.model_child:
-        r = model(*args.model_child)
-        print(" ".join("%s=%r" % kv for kv in sorted(r.items())))
-        return 0
-    benchlib.need_root()
-    bcc = benchlib.import_bcc()
-    ok = real_maps(bcc)
-    if not args.no_model:
-        ok = modeled() and ok
-    return 0 if ok else 1
+    return benchlib.model_bench_main(__doc__, real_maps, modeled, model)
 
 
 if __name__ == "__main__":
