@@ -101,14 +101,14 @@ class InProcessTracers:
         sys.path.insert(0, REPO)
         import kvmexit
         self.kvmexit = kvmexit
-        bcc = kvmexit.import_bcc()
+        kvmexit.check_bcc()
         tp_dir = kvmexit.tracepoint_dir()
         selection = kvmexit.Selection("all threads", "all")
         layout = kvmexit.slot_layout()
         self.programs = {}
         for probe in ("raw", "tracepoint"):
             chosen = kvmexit.choose_probe(probe, tp_dir)
-            b = kvmexit.load_program(bcc, chosen, selection,
+            b = kvmexit.load_program(chosen, selection,
                                      kvmexit.MIN_MAX_THREADS, layout)
             self.programs[probe] = (chosen.kind, b)
             self.detach(probe)      # bcc attaches tracepoint programs
