@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -153,6 +154,17 @@ def in_new_thread(fn):
     return result["v"]
 
 
+def best_of(n, fn):
+    """(the shortest of n timed calls of fn, the last call's result)."""
+    best, result = None, None
+    for _ in range(n):
+        t = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return best, result
+
+
 def human(n):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -185,6 +197,32 @@ class BpfStats:
     def __exit__(self, *exc):
         with open(self.PATH, "w") as f:
             f.write(self.saved)
+
+
+class FakeMaps:
+    """Stands for the BPF object in a model: b[name] is the name, a str,
+    which model_maps' read_percpu() tells the tables apart by."""
+
+    def __getitem__(self, name):
+        return name.decode() if isinstance(name, bytes) else name
+
+
+def model_table(ncpus, nthreads, layout, tgid=4242):
+    """A model's thread table: nthreads threads of one process, each with
+    its header (SVM, vCPU id = its index) on every CPU (which touches every
+    page) and no counts yet.  (pid_tgid keys, uint64 [thread][cpu][word])."""
+    import numpy as np
+    values = np.zeros((nthreads, ncpus, layout.words), dtype=np.uint64)
+    keys = [(tgid << 32) | (100000 + t) for t in range(nthreads)]
+    values[:, :, 0] = ((np.uint64(kvmexit.ISA_SVM) << np.uint64(32)) |
+                       np.arange(nthreads, dtype=np.uint64))[:, None]
+    return keys, values
+
+
+def slot_of(layout, code):
+    """The thread table's slot of an exit code (direct, or a high one)."""
+    return layout.direct + code - kvmexit.HIGH_BASE \
+        if code >= kvmexit.HIGH_BASE else code
 
 
 def model_maps(cache, raw_keys, values):

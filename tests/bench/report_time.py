@@ -108,16 +108,6 @@ def kvmexit_report(b, layout, ncpus, names, selection, out):
     return snap
 
 
-def best_of(n, fn):
-    best, result = None, None
-    for _ in range(n):
-        t = time.perf_counter()
-        result = fn()
-        dt = time.perf_counter() - t
-        best = dt if best is None else min(best, dt)
-    return best, result
-
-
 def real_maps(bcc):
     layout = kvmexit.SVM_LAYOUT
     ncpus = benchlib.ncpus()
@@ -141,13 +131,13 @@ def real_maps(bcc):
                     expected[key] = expected.get(key, 0) + times
                 benchlib.fire(pool[i], fd, plan(i, cpus))
             filled = k
-            t_ours, snap = best_of(5, lambda: kvmexit_report(
+            t_ours, snap = benchlib.best_of(5, lambda: kvmexit_report(
                 b, layout, ncpus, names, selection, devnull))
             got = {(tg, tid, code): n
                    for (tg, tid, isa, code), n in snap.counts.items()}
             assert got == expected, "kvmexit's counts differ from the plan"
             assert not any(snap.lost), snap.lost
-            t_base, base_rows = best_of(3 if k <= 64 else 1, lambda:
+            t_base, base_rows = benchlib.best_of(3 if k <= 64 else 1, lambda:
                                         baseline_report(b, layout, ncpus,
                                                         names, devnull))
             assert {(tg, tid, c): n for tg, tid, c, n in base_rows} == \
@@ -158,7 +148,7 @@ def real_maps(bcc):
                          "%.0fx" % (t_base / t_ours)))
             if k == max(KS):
                 ratio = t_base / t_ours
-                t_read, _ = best_of(5, lambda: kvmexit.read_percpu(
+                t_read, _ = benchlib.best_of(5, lambda: kvmexit.read_percpu(
                     b["pcpu_kvm_stat"], 8, layout.words, ncpus))
                 read_rate = k * ncpus * layout.words * 8 / t_read
     finally:
@@ -206,26 +196,14 @@ def copy_out_rate():
         os.close(fd)
 
 
-class FakeMaps:
-    """Stands for the BPF object: b[name] is the name, as a str."""
-
-    def __getitem__(self, name):
-        return name.decode() if isinstance(name, bytes) else name
-
-
 def model(ncpus, nthreads):
     import numpy as np
     layout = kvmexit.SVM_LAYOUT
     words = layout.words
     t0 = time.perf_counter()
-    values = np.zeros((nthreads, ncpus, words), dtype=np.uint64)
-    tgid = 4242
-    keys = [(tgid << 32) | (100000 + t) for t in range(nthreads)]
-    headers = (np.uint64(kvmexit.ISA_SVM) << np.uint64(32)) | \
-        np.arange(nthreads, dtype=np.uint64)
-    values[:, :, 0] = headers[:, None]          # touches every page
+    keys, values = benchlib.model_table(ncpus, nthreads, layout)
     rng = np.random.default_rng(4)
-    common = [layout.direct + c - kvmexit.HIGH_BASE if c >= kvmexit.HIGH_BASE else c
+    common = [benchlib.slot_of(layout, c)
               for c in (0x7b, 0x78, 0x60, 0x400, 0x72, 0x7c, 0x04, 0x14,
                         0x6e, 0x77, 0x79, 0x7d, 0x81, 0x8d, 0x61, 0x64)]
     per_thread = 8
@@ -259,7 +237,7 @@ def model(ncpus, nthreads):
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            snap = kvmexit.snapshot(FakeMaps(), layout, ncpus)
+            snap = kvmexit.snapshot(benchlib.FakeMaps(), layout, ncpus)
             print_report(selection, snap, names, devnull)
             times.append(time.perf_counter() - t)
     assert sum(snap.counts.values()) == total, "model: counts do not add up"

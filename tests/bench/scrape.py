@@ -55,16 +55,6 @@ def rss():
     return 0
 
 
-def best_of(n, fn):
-    best, result = None, None
-    for _ in range(n):
-        t = time.perf_counter()
-        result = fn()
-        dt = time.perf_counter() - t
-        best = dt if best is None else min(best, dt)
-    return best, result
-
-
 def plan(i, cpus):
     return [(cpus[(i + j) % len(cpus)], code, kvmexit.ISA_SVM,
              1 + (i + j) % 3) for j, code in enumerate(CODES)]
@@ -121,16 +111,16 @@ def real_maps(bcc):
                 benchlib.fire(pool[i], fd, events)
             filled = k
             report = kvmexit.TextReport(selection, names, out=devnull)
-            t_report, _ = best_of(SCRAPES, lambda: report.report(
+            t_report, _ = benchlib.best_of(SCRAPES, lambda: report.report(
                 kvmexit.snapshot(b, layout, ncpus), None, time.time()))
-            t_scrape, text = best_of(SCRAPES, lambda: generate_latest(
+            t_scrape, text = benchlib.best_of(SCRAPES, lambda: generate_latest(
                 registry).decode())
             assert exits_in(text) == total, "the scrape lost exits"
             url = "http://127.0.0.1:%d/metrics" % port
-            t_http, body = best_of(SCRAPES, lambda: urllib.request.urlopen(
+            t_http, body = benchlib.best_of(SCRAPES, lambda: urllib.request.urlopen(
                 url, timeout=60).read().decode())
             assert exits_in(body) == total
-            t_tick, _ = best_of(SCRAPES, lambda: ledger.retire(tables))
+            t_tick, _ = benchlib.best_of(SCRAPES, lambda: ledger.retire(tables))
             before = rss()
             for _ in range(20):
                 generate_latest(registry)
@@ -161,11 +151,6 @@ def real_maps(bcc):
 #
 # The 640-CPU model, in a child process so that its peak memory is its own.
 #
-class FakeMaps:
-    def __getitem__(self, name):
-        return name.decode() if isinstance(name, bytes) else name
-
-
 class ModelTables(kvmexit.ThreadTables):
     """The model's tables: no thread has ended, so retirement finds
     nothing to take (its own cost is part 1's tick)."""
@@ -180,15 +165,9 @@ def model(ncpus, nthreads):
     layout = kvmexit.SVM_LAYOUT
     words = layout.words
     t0 = time.perf_counter()
-    values = np.zeros((nthreads, ncpus, words), dtype=np.uint64)
-    tgid = 4242
-    keys = [(tgid << 32) | (100000 + t) for t in range(nthreads)]
-    values[:, :, 0] = ((np.uint64(kvmexit.ISA_SVM) << np.uint64(32)) |
-                       np.arange(nthreads, dtype=np.uint64))[:, None]
-    slots = [layout.direct + c - kvmexit.HIGH_BASE
-             if c >= kvmexit.HIGH_BASE else c for c in CODES]
+    keys, values = benchlib.model_table(ncpus, nthreads, layout)
     rng = np.random.default_rng(4)
-    for slot in slots:
+    for slot in (benchlib.slot_of(layout, c) for c in CODES):
         values[:, :, 1 + slot] = rng.integers(1, 1000,
                                               size=(nthreads, ncpus),
                                               dtype=np.uint64)
@@ -198,7 +177,7 @@ def model(ncpus, nthreads):
     t_fill = time.perf_counter() - t0
 
     benchlib.model_maps(cache, raw_keys, values)
-    tables = ModelTables(FakeMaps(), layout, ncpus)
+    tables = ModelTables(benchlib.FakeMaps(), layout, ncpus)
     _, registry = exporter_of(tables, kvmexit.Ledger(proc="/nonexistent"),
                               kvmexit.Selection("all threads", "all"),
                               kvmexit.ReasonNames())
@@ -209,7 +188,7 @@ def model(ncpus, nthreads):
         for _ in range(3):
             t = time.perf_counter()
             kvmexit.TextReport(selection, names, out=devnull).report(
-                kvmexit.snapshot(FakeMaps(), layout, ncpus), None, 0)
+                kvmexit.snapshot(benchlib.FakeMaps(), layout, ncpus), None, 0)
             report_times.append(time.perf_counter() - t)
             t = time.perf_counter()
             text = generate_latest(registry)
