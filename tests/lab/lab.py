@@ -29,10 +29,12 @@ import codecs
 import fcntl
 import json
 import os
+import select
 import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +47,13 @@ TRACEFS = "/sys/kernel/tracing"
 MEMORY = "3G"
 # Time `timeout` grants QEMU between SIGTERM and SIGKILL.
 KILL_GRACE = 10
+# The lab writes a heartbeat marker every HEARTBEAT seconds while the
+# command runs.  Under QEMU's emulator the lab's whole kernel has been seen
+# to stop (every process at once, its vCPUs still spinning) a few times in
+# a day; with no heartbeat for FROZEN_AFTER seconds the lab is stopped and
+# reported frozen rather than left to run out its timeout.
+HEARTBEAT = 5
+FROZEN_AFTER = 120
 
 
 class LabError(Exception):
@@ -53,6 +62,10 @@ class LabError(Exception):
     def __init__(self, message, output=""):
         super().__init__(message)
         self.output = output
+
+
+class LabFrozen(LabError):
+    """The lab's kernel stopped running anything: no heartbeat came."""
 
 
 # --- host side ---------------------------------------------------------------
@@ -83,8 +96,10 @@ def vng_argv(kernel, cpus, outdir, guest_cmd):
             "--exec", guest_cmd]
 
 
-def stream(argv, echo, env):
-    """Run argv, copying its output to `echo` as it comes; return both."""
+def stream(argv, echo, env, stalled=lambda: False):
+    """Run argv, copying its output to `echo` as it comes; return (exit
+    status, output).  Stops it if stalled() says so (asked every few
+    seconds), and then the status is None."""
     chunks = []
     # Chunks can split a UTF-8 sequence; the decoder carries it over.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -92,8 +107,18 @@ def stream(argv, echo, env):
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             cwd=REPO, env=env)
+    stopped, checked = False, time.monotonic()
     try:
         while True:
+            readable = select.select([proc.stdout], [], [], HEARTBEAT)[0]
+            # Also while output comes: a stuck kernel can still print.
+            if time.monotonic() - checked >= HEARTBEAT:
+                checked = time.monotonic()
+                if stalled():
+                    stopped = True      # the finally below stops it
+                    break
+            if not readable:
+                continue
             data = os.read(proc.stdout.fileno(), 65536)
             if not data:
                 break
@@ -101,7 +126,7 @@ def stream(argv, echo, env):
             if echo is not None:
                 echo.write(decoder.decode(data))
                 echo.flush()
-        rc = proc.wait()
+        rc = None if stopped else proc.wait()
     finally:
         # `timeout` runs vng in a process group of its own, out of reach
         # of a Ctrl-C; stopping `timeout` stops the whole group, QEMU too.
@@ -148,11 +173,27 @@ def run_in_lab(cmd, timeout, outdir, cpus=2, quiet=False):
     started = time.monotonic()
     wall_start = time.time()
     try:
-        rc, output = stream(argv, echo, env)
+        rc, output = stream(argv, echo, env, lambda: frozen(markers))
+        if rc is None:
+            raise LabFrozen(f"the lab froze: no heartbeat for {FROZEN_AFTER}"
+                            f" s while running the command", output)
         return conclude(rc, output, markers, timeout, wall_start,
                         time.monotonic() - started, echo)
     finally:
         remove_markers(markers)
+
+
+def frozen(markers):
+    """Whether the running command's lab stopped beating (9p gives the
+    markers this machine's clock)."""
+    for name in ("heartbeat", "ready"):
+        try:
+            age = time.time() - os.path.getmtime(os.path.join(markers, name))
+        except FileNotFoundError:
+            continue            # still booting: the timeout covers that
+        return age > FROZEN_AFTER and not os.path.exists(
+            os.path.join(markers, "status"))
+    return False
 
 
 def scenario_results(tmp_path_factory, script, results, env,
@@ -167,8 +208,18 @@ def scenario_results(tmp_path_factory, script, results, env,
         out = str(tmp_path_factory.mktemp(os.path.splitext(results)[0]))
         started = time.monotonic()
         try:
-            rc, output = run([GUEST_PYTHON, script, out], timeout=timeout,
-                             outdir=out)
+            try:
+                rc, output = run([GUEST_PYTHON, script, out],
+                                 timeout=timeout, outdir=out)
+            except LabFrozen as e:
+                # Once, in a new directory (the first run's files would
+                # mislead the second): a kvmexit that hung the kernel
+                # would freeze it again, and fail.
+                print(f"lab: {e}; booting it again, once", flush=True)
+                out = str(tmp_path_factory.mktemp(
+                    os.path.splitext(results)[0]))
+                rc, output = run([GUEST_PYTHON, script, out],
+                                 timeout=timeout, outdir=out)
         except LabError as e:
             raise AssertionError(f"the lab did not run {script}: {e}\n"
                                  f"{e.output[-3000:]}") from None
@@ -257,6 +308,13 @@ def ensure_headers(release):
                "-common", f"/lib/modules/{release}/source")
 
 
+def beat(markers):
+    """The heartbeat run_in_lab watches for (see FROZEN_AFTER)."""
+    while True:
+        write_marker(markers, "heartbeat", {})
+        time.sleep(HEARTBEAT)
+
+
 def guest_main(markers, release, command):
     """The lab's side of run_in_lab: check the lab, then run the command."""
     try:
@@ -274,6 +332,7 @@ def guest_main(markers, release, command):
     with open("/proc/uptime") as f:
         uptime = float(f.read().split()[0])
     write_marker(markers, "ready", {"uptime": uptime})
+    threading.Thread(target=beat, args=(markers,), daemon=True).start()
     status = subprocess.run(["/bin/sh", "-c", command]).returncode
     # A command killed by a signal reports it as a shell would.
     status = 128 - status if status < 0 else status
