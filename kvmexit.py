@@ -1317,6 +1317,14 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     return counts, vcpu_ids
 
 
+def reason_key(key):
+    """(tgid, tid, isa, code) of a 16-byte key {pid_tgid, isa, code}."""
+    pid_tgid = int.from_bytes(key[:8], "little")
+    return (pid_tgid >> 32, pid_tgid & 0xffffffff,
+            int.from_bytes(key[8:12], "little"),
+            int.from_bytes(key[12:], "little"))
+
+
 def read_latency(b, keys=None):
     """{(tgid, tid, isa, code): Latency} from the exit_latency hash (the
     whole table, or those keys)."""
@@ -1324,11 +1332,8 @@ def read_latency(b, keys=None):
                                keys=keys)
     latency = {}
     for key, (value,) in zip(keys, values):
-        pid_tgid = int.from_bytes(key[:8], "little")
         count, total, longest = (int(x) for x in value[:3])
-        latency[(pid_tgid >> 32, pid_tgid & 0xffffffff,
-                 int.from_bytes(key[8:12], "little"),
-                 int.from_bytes(key[12:], "little"))] = \
+        latency[reason_key(key)] = \
             Latency(count, total, longest, [int(x) for x in value[3:]])
     return latency
 
@@ -1337,13 +1342,8 @@ def read_rare(b, ncpus, keys=None):
     """{(tgid, tid, isa, code): count} from the table of rare exit codes
     (the whole table, or those keys)."""
     keys, rare = read_percpu(b[b"pcpu_rare_stat"], 16, 1, ncpus, keys=keys)
-    counts = {}
-    for key, per_cpu in zip(keys, rare):
-        pid_tgid = int.from_bytes(key[:8], "little")
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff,
-                int.from_bytes(key[8:12], "little"),
-                int.from_bytes(key[12:], "little"))] = int(per_cpu.sum())
-    return counts
+    return {reason_key(key): int(per_cpu.sum())
+            for key, per_cpu in zip(keys, rare)}
 
 
 def snapshot(b, layout, ncpus, latency=False, detail=False):
