@@ -6,7 +6,7 @@
 
     /usr/bin/python3 tests/bench/overhead.py --lab intel [--rounds 3]
 
-(as root; boots the lab, about 3 minutes; the Intel lab about 20.)
+(as root; boots the lab, about 3 minutes; the Intel lab about 16.)
 
 AMD lab (QEMU's emulator, SVM).  Inside the lab a guest
 (tests/lab/guest.py, throughput mode) loops "10 CR4 round trips, one port
@@ -29,9 +29,10 @@ minutes under Bochs, so kvmexit's raw and tracepoint programs are
 compiled once, by kvmexit.py's own functions in this process, and
 attached and detached around each guest run (what the guest pays for is
 the attached program; kvmexit's process only sleeps meanwhile).  Rates
-are measured by the guest's clock (under Bochs it runs much slower than
-the host's, so a round of --seconds takes minutes); the ratios are the
-result.
+are measured by the guest's clock, which Bochs advances by the
+instructions it emulates (ips in tests/lab/intel.py), so rounds repeat
+almost exactly and the rates are emulated instructions', not a CPU's;
+the ratios are the result.
 """
 
 import argparse
@@ -54,16 +55,20 @@ SETUPS = {"no tracer": None,
           "kvmexit --detail": ["--detail"]}
 
 
+def one_vcpu_guest(args, out):
+    """Run a one-vCPU guest (tests/lab/guest.py ARGS); its vCPU's report."""
+    report = os.path.join(out, "rate.json")
+    subprocess.run([PYTHON, os.path.join(LAB, "guest.py"), "--vcpus", "1"] +
+                   args + ["--report", report], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(report) as f:
+        return json.load(f)["vcpus"][0]
+
+
 def guest_rate(seconds, out):
     """Exits per second of a one-vCPU guest running for `seconds`."""
-    report = os.path.join(out, "rate.json")
-    subprocess.run([PYTHON, os.path.join(LAB, "guest.py"), "--vcpus", "1",
-                    "--cr4", "10", "--seconds", str(seconds), "--report",
-                    report], check=True, stdout=subprocess.DEVNULL)
-    with open(report) as f:
-        vcpu = json.load(f)["vcpus"][0]
-    exits = sum(vcpu["expected"].values())
-    return exits / vcpu["seconds"]
+    vcpu = one_vcpu_guest(["--cr4", "10", "--seconds", str(seconds)], out)
+    return sum(vcpu["expected"].values()) / vcpu["seconds"]
 
 
 def start_tracer(args, out):
@@ -83,12 +88,7 @@ def start_tracer(args, out):
 
 def counted_rate(count, out):
     """Exits per second of a one-vCPU guest doing `count` CPUIDs."""
-    report = os.path.join(out, "rate.json")
-    subprocess.run([PYTHON, os.path.join(LAB, "guest.py"), "--vcpus", "1",
-                    "--io", "0", "--do", "cpuid:0:%d" % count, "--report",
-                    report], check=True, stdout=subprocess.DEVNULL)
-    with open(report) as f:
-        vcpu = json.load(f)["vcpus"][0]
+    vcpu = one_vcpu_guest(["--io", "0", "--do", "cpuid:0:%d" % count], out)
     exits = sum(e["count"] for e in vcpu["expected_events"]["kvm_exit"])
     return exits / vcpu["seconds"]
 
