@@ -18,7 +18,9 @@ From pytest (runs under /usr/bin/python3):
 `cmd` is an argv list, or one string for /bin/sh.  Returns the command's
 exit status and its output (stdout and stderr together; also echoed live to
 stdout unless quiet=True).  Raises LabError, never skips, when the lab
-cannot be set up, does not boot, fails its checks or runs out of time.
+cannot be set up, does not boot, fails its checks or runs out of time, and
+LabFrozen when it froze (see BOOT_LIMIT and FROZEN_AFTER); the message ends
+with the lab kernel's log.
 From a shell: tests/lab/run.
 
 Run as a script inside the lab (`lab.py guest ...`) this module is also
@@ -31,6 +33,8 @@ import json
 import os
 import select
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,16 @@ KILL_GRACE = 10
 # reported frozen rather than left to run out its timeout.
 HEARTBEAT = 5
 FROZEN_AFTER = 120
+# A boot takes 20-60 s.  One in CI printed nothing for 30 min, so a lab not
+# ready after BOOT_LIMIT s has frozen while booting; as its command has not
+# started, it is booted again once.
+BOOT_LIMIT = 300
+# vng sends the serial console to /dev/null.  The kernel log goes to a
+# second serial port (an early console kept for good) that QEMU writes to a
+# file, so that a lab that fails shows what its kernel said; sysrq lets a
+# frozen lab be asked for its CPUs' and blocked tasks' backtraces.
+KERNEL_LOG_ARGS = "earlycon=uart8250,io,0x2f8,115200 keep_bootcon " \
+    "loglevel=7 sysrq_always_enabled"
 
 
 class LabError(Exception):
@@ -65,7 +79,12 @@ class LabError(Exception):
 
 
 class LabFrozen(LabError):
-    """The lab's kernel stopped running anything: no heartbeat came."""
+    """The lab's kernel stopped running anything: it did not finish booting,
+    or no heartbeat came while the command ran (`booted`)."""
+
+    def __init__(self, message, output="", booted=True):
+        super().__init__(message, output)
+        self.booted = booted
 
 
 # --- host side ---------------------------------------------------------------
@@ -86,14 +105,19 @@ def shell_command(cmd):
     return cmd if isinstance(cmd, str) else shlex.join(cmd)
 
 
-def vng_argv(kernel, cpus, outdir, guest_cmd):
+def vng_argv(kernel, cpus, outdir, guest_cmd, host_dir):
+    """`host_dir`: this machine's directory for the kernel log and QEMU's
+    monitor socket (see KERNEL_LOG_ARGS)."""
     return [os.path.join(VENV, "bin", "vng"), "-r", kernel,
             # The host's KVM cannot run this kernel; QEMU's emulator can,
             # and it emulates the SVM the lab's own KVM needs.  9p, as
             # virtio-fs would need a virtiofsd.
             "--disable-kvm", "--force-9p", "-p", str(cpus), "-m", MEMORY,
-            "--qemu-opts=-cpu max", f"--rwdir={outdir}", "--cwd", REPO,
-            "--exec", guest_cmd]
+            "--qemu-opts=-cpu max"
+            f" -serial file:{os.path.join(host_dir, 'kernel.log')}"
+            f" -qmp unix:{os.path.join(host_dir, 'qmp')},server=on,wait=off",
+            f"--append={KERNEL_LOG_ARGS}",
+            f"--rwdir={outdir}", "--cwd", REPO, "--exec", guest_cmd]
 
 
 def stream(argv, echo, env, stalled=lambda: False):
@@ -152,48 +176,131 @@ def run_in_lab(cmd, timeout, outdir, cpus=2, quiet=False):
     `timeout` (seconds) bounds boot, command and shutdown, not the one-time
     install by setup.sh.  `outdir` is created if needed and is writable from
     both sides at the same path.  Unless `quiet`, the output is also copied
-    to sys.stdout as it comes, with a last line of timings.
+    to sys.stdout as it comes, with a last line of timings.  A lab that
+    freezes while booting is booted again, once (see BOOT_LIMIT).
     """
     # sys.stdout now, not at import: pytest swaps it per test.
     echo = None if quiet else sys.stdout
     kernel = setup()
     outdir = os.path.abspath(outdir)
     os.makedirs(outdir, exist_ok=True)
+    try:
+        return boot_and_run(cmd, kernel, timeout, outdir, cpus, echo)
+    except LabFrozen as e:
+        if e.booted:
+            raise
+        print(f"lab: {e}\nlab: booting it again, once", flush=True)
+    return boot_and_run(cmd, kernel, timeout, outdir, cpus, echo)
+
+
+def boot_and_run(cmd, kernel, timeout, outdir, cpus, echo):
     # The lab reports how it went through files here, not through output
     # that the command could imitate or interleave with.
     markers = tempfile.mkdtemp(prefix=".lab-", dir=outdir)
+    host_dir = tempfile.mkdtemp(prefix="kvmexit-lab-qemu-")
     guest_cmd = shlex.join([GUEST_PYTHON, os.path.join(LAB_DIR, "lab.py"),
                             "guest", markers, os.path.basename(kernel)
                             .removeprefix("vmlinuz-"), shell_command(cmd)])
     argv = ["timeout", f"--kill-after={KILL_GRACE}", str(timeout)] + \
-        vng_argv(kernel, cpus, outdir, guest_cmd)
+        vng_argv(kernel, cpus, outdir, guest_cmd, host_dir)
     # vng finds its helpers (virtme-run...) on PATH.
     env = dict(os.environ, PATH=os.path.join(VENV, "bin") + ":" +
                os.environ.get("PATH", "/usr/bin:/bin"))
     started = time.monotonic()
     wall_start = time.time()
+    why = ""
+
+    def stalled():
+        nonlocal why
+        why = frozen(markers, wall_start)
+        if why:
+            why += "; " + ask_frozen_lab(os.path.join(host_dir, "qmp"))
+        return bool(why)
+
     try:
-        rc, output = stream(argv, echo, env, lambda: frozen(markers))
+        rc, output = stream(argv, echo, env, stalled)
+        log = kernel_log(os.path.join(host_dir, "kernel.log"))
         if rc is None:
-            raise LabFrozen(f"the lab froze: no heartbeat for {FROZEN_AFTER}"
-                            f" s while running the command", output)
-        return conclude(rc, output, markers, timeout, wall_start,
-                        time.monotonic() - started, echo)
+            booted = os.path.exists(os.path.join(markers, "ready"))
+            raise LabFrozen(f"the lab froze: {why}\n{log}", output, booted)
+        try:
+            return conclude(rc, output, markers, timeout, wall_start,
+                            time.monotonic() - started, echo)
+        except LabError as e:
+            raise LabError(f"{e}\n{log}", e.output) from None
     finally:
         remove_markers(markers)
+        shutil.rmtree(host_dir)
 
 
-def frozen(markers):
-    """Whether the running command's lab stopped beating (9p gives the
-    markers this machine's clock)."""
-    for name in ("heartbeat", "ready"):
+def frozen(markers, launched):
+    """Why the lab looks frozen, or "" (9p gives the markers this machine's
+    clock, as time.time() gave `launched`)."""
+    def age(name):
         try:
-            age = time.time() - os.path.getmtime(os.path.join(markers, name))
+            return time.time() - os.path.getmtime(os.path.join(markers, name))
         except FileNotFoundError:
-            continue            # still booting: the timeout covers that
-        return age > FROZEN_AFTER and not os.path.exists(
-            os.path.join(markers, "status"))
-    return False
+            return None
+    if age("status") is not None or age("error") is not None:
+        return ""
+    beats = [a for a in (age("heartbeat"), age("ready")) if a is not None]
+    if not beats:
+        if time.time() - launched > BOOT_LIMIT:
+            return f"not booted after {BOOT_LIMIT} s"
+        return ""
+    if min(beats) > FROZEN_AFTER:
+        return f"no heartbeat for {FROZEN_AFTER} s while running the command"
+    return ""
+
+
+def ask_frozen_lab(qmp_path, wait=5):
+    """Have the frozen lab's kernel log its CPUs' and blocked tasks'
+    backtraces (sysrq l and w, typed on its keyboard through QEMU's
+    monitor); return where its CPUs are, or why QEMU did not say."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(qmp_path)
+            qmp = sock.makefile("rw")
+            qmp.readline()                  # the greeting
+            qmp_command(qmp, "qmp_capabilities")
+            for letter in "lw":
+                qmp_command(qmp, "send-key", keys=[
+                    {"type": "qcode", "data": key}
+                    for key in ("alt", "sysrq", letter)])
+            time.sleep(wait)                # for the backtraces to be logged
+            registers = qmp_command(qmp, "human-monitor-command",
+                                    **{"command-line": "info registers -a"})
+    except (OSError, ValueError) as e:
+        return f"QEMU's monitor did not answer ({e})"
+    rips = [line.split()[0] for line in registers.splitlines()
+            if line.startswith("RIP=")]
+    return "its CPUs at " + (", ".join(rips) or "(no registers)")
+
+
+def qmp_command(qmp, name, **arguments):
+    """Send one QMP command; return its result (skipping QEMU's events)."""
+    qmp.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+    qmp.flush()
+    while True:
+        line = qmp.readline()
+        if not line:
+            raise ValueError("QEMU closed its monitor")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ValueError(reply["error"].get("desc", reply["error"]))
+        if "return" in reply:
+            return reply["return"]
+
+
+def kernel_log(path, lines=120):
+    """The end of the lab kernel's log, to add to a failure's message."""
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.read().replace("\r\n", "\n").splitlines()[-lines:]
+    except FileNotFoundError:
+        return "(no kernel log: QEMU did not start)"
+    return "its kernel log ends:\n" + "\n".join(tail)
 
 
 def scenario_results(tmp_path_factory, script, results, env,
