@@ -312,28 +312,36 @@ def scenario_results(tmp_path_factory, script, results, env,
     (while working on the tests)."""
     out = os.environ.get(env)
     if not out:
-        out = str(tmp_path_factory.mktemp(os.path.splitext(results)[0]))
-        started = time.monotonic()
-        try:
-            try:
-                rc, output = run([GUEST_PYTHON, script, out],
-                                 timeout=timeout, outdir=out)
-            except LabFrozen as e:
-                # Once, in a new directory (the first run's files would
-                # mislead the second): a kvmexit that hung the kernel
-                # would freeze it again, and fail.
-                print(f"lab: {e}; booting it again, once", flush=True)
-                out = str(tmp_path_factory.mktemp(
-                    os.path.splitext(results)[0]))
-                rc, output = run([GUEST_PYTHON, script, out],
-                                 timeout=timeout, outdir=out)
-        except LabError as e:
-            raise AssertionError(f"the lab did not run {script}: {e}\n"
-                                 f"{e.output[-3000:]}") from None
-        print(f"lab: {script} in {time.monotonic() - started:.0f} s in all")
-        assert rc == 0, output[-4000:]
+        out = run_test_command(tmp_path_factory, os.path.splitext(results)[0],
+                               lambda d: [GUEST_PYTHON, script, d], run,
+                               timeout)
     with open(os.path.join(out, results)) as f:
         return json.load(f)
+
+
+def run_test_command(tmp_path_factory, name, command, run=run_in_lab,
+                     timeout=1800):
+    """Run `command(OUTDIR)` in a lab, OUTDIR a new directory named after
+    `name`; return OUTDIR.  A lab that froze is run again once, in another
+    new directory (the first run's files would mislead the second): a
+    kvmexit that hung the kernel would freeze it again, and fail.  A lab
+    that did not run the command, or a status other than 0, fails the test
+    with the end of its output."""
+    out = str(tmp_path_factory.mktemp(name))
+    started = time.monotonic()
+    try:
+        try:
+            rc, output = run(command(out), timeout=timeout, outdir=out)
+        except LabFrozen as e:
+            print(f"lab: {e}; booting it again, once", flush=True)
+            out = str(tmp_path_factory.mktemp(name))
+            rc, output = run(command(out), timeout=timeout, outdir=out)
+    except LabError as e:
+        raise AssertionError(f"the lab did not run {name}: {e}\n"
+                             f"{e.output[-3000:]}") from None
+    print(f"lab: {name} in {time.monotonic() - started:.0f} s in all")
+    assert rc == 0, f"{name} failed with status {rc}:\n{output[-4000:]}"
+    return out
 
 
 def conclude(rc, output, markers, timeout, wall_start, elapsed, echo):
