@@ -219,15 +219,16 @@ def boot_and_run(cmd, kernel, timeout, outdir, cpus, echo):
 
     try:
         rc, output = stream(argv, echo, env, stalled)
-        log = kernel_log(os.path.join(host_dir, "kernel.log"))
+        log = os.path.join(host_dir, "kernel.log")
         if rc is None:
             booted = os.path.exists(os.path.join(markers, "ready"))
-            raise LabFrozen(f"the lab froze: {why}\n{log}", output, booted)
+            raise LabFrozen(f"the lab froze: {why}\n{kernel_log(log)}",
+                            output, booted)
         try:
             return conclude(rc, output, markers, timeout, wall_start,
                             time.monotonic() - started, echo)
         except LabError as e:
-            raise LabError(f"{e}\n{log}", e.output) from None
+            raise LabError(f"{e}\n{kernel_log(log)}", e.output) from None
     finally:
         remove_markers(markers)
         shutil.rmtree(host_dir)
