@@ -584,11 +584,6 @@ def vmm_processes(proc="/proc"):
     return vmms
 
 
-def count_vcpus(proc="/proc"):
-    """How many vCPUs all processes hold open now."""
-    return sum(vmm_processes(proc).values())
-
-
 #
 # What the running kernel offers
 #
