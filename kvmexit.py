@@ -82,6 +82,18 @@ LOST = (
      "(a bug in kvmexit: please report it)"),
 )
 LOST_REASONS = tuple(why for _, why in LOST)
+# Room in the kernel's tables besides the thread table (--max-threads):
+# rare exit codes, --detail's sub-keys, and --latency's entries per thread.
+MAX_RARE = 1024
+MAX_DETAIL = 16384
+LATENCY_PER_THREAD = 8
+# --detail's sub-key kinds: name: number in struct detail_key's kind
+# (-DDETAIL_<NAME>).
+DETAIL_KINDS = {"port": 1, "msr": 2, "page": 3, "mmio": 4, "vector": 5,
+                "cr": 6, "hypercall": 7, "user": 8}
+# MMIO access types beyond kvm_mmio's 0..2 (unsatisfied read, read, write):
+# a write KVM completed on its fast MMIO bus (ioeventfd).
+MMIO_FAST_WRITE = 3
 
 
 def shared_macros():
@@ -89,7 +101,7 @@ def shared_macros():
               "VCPU_ID_UNKNOWN": VCPU_ID_UNKNOWN, "HIGH_BASE": HIGH_BASE,
               "LAT_SUB_BITS": LAT_SUB_BITS, "LAT_SUB": LAT_SUB,
               "LAT_MAX_LOG2": LAT_MAX_LOG2, "LAT_BUCKETS": LAT_BUCKETS,
-              "NR_LOST": len(LOST)}
+              "NR_LOST": len(LOST), "MMIO_FAST_WRITE": MMIO_FAST_WRITE}
     values.update((macro, i) for i, (macro, _) in enumerate(LOST))
     return ["-D%s=%d" % item for item in values.items()]
 
@@ -118,6 +130,7 @@ VMX_REASONS = {
 }
 VMX_FAILED_VMENTRY = 0x80000000
 
+SVM_EXCP_BASE, SVM_EXCP_END = 0x40, 0x60    # SVM's exception exits
 SVM_EXCEPTIONS = {
     0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD", 7: "NM",
     8: "DF", 9: "OLD_MF", 10: "TS", 11: "NP", 12: "SS", 13: "GP", 14: "PF",
@@ -129,7 +142,8 @@ SVM_REASONS = {
     **{0x10 + cr: "WRITE_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
     **{0x20 + dr: "READ_DR%d" % dr for dr in range(8)},
     **{0x30 + dr: "WRITE_DR%d" % dr for dr in range(8)},
-    **{0x40 + v: "EXCP_" + name for v, name in SVM_EXCEPTIONS.items()},
+    **{SVM_EXCP_BASE + v: "EXCP_" + name
+       for v, name in SVM_EXCEPTIONS.items()},
     0x60: "INTR", 0x61: "NMI", 0x62: "SMI", 0x63: "INIT", 0x64: "VINTR",
     0x65: "CR0_SEL_WRITE", 0x66: "IDTR_READ", 0x67: "GDTR_READ",
     0x68: "LDTR_READ", 0x69: "TR_READ", 0x6a: "IDTR_WRITE",
@@ -147,6 +161,16 @@ SVM_REASONS = {
     0xa2: "INVPCID", 0x400: "NPF", 0x401: "AVIC_INCOMPLETE_IPI",
     0x402: "AVIC_UNACCELERATED_ACCESS", 0x403: "VMGEXIT",
     0xffffffff: "ERR",
+}
+
+# The exit codes --detail's C tells apart, by their macro names there.
+DETAIL_CODES = {
+    **{"VMX_" + name: code for code, name in VMX_REASONS.items()
+       if name in ("EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "CR_ACCESS",
+                   "IO_INSTRUCTION")},
+    **{"SVM_" + name: code for code, name in SVM_REASONS.items()
+       if name in ("IOIO", "NPF")},
+    "SVM_EXCP_BASE": SVM_EXCP_BASE, "SVM_EXCP_END": SVM_EXCP_END,
 }
 
 
@@ -182,7 +206,6 @@ def slot_layout(sys_module="/sys/module"):
         return VMX_LAYOUT
     return SVM_LAYOUT
 
-MAX_RARE = 1024
 MIN_MAX_THREADS = 1024
 
 # QEMU names its vCPU threads "CPU <index>/KVM".
@@ -945,695 +968,6 @@ def check_vcpu_ids(selection, probe):
 
 
 #
-# BPF program: compile, load, attach
-#
-def bpf_source():
-    """bpf/kvmexit.bpf.c beside the real script (also when run through a
-    symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
-    here = os.path.dirname(os.path.realpath(__file__))
-    # Installed, the module is in PREFIX/lib/python3*/*-packages.
-    prefix = os.path.normpath(os.path.join(here, "..", "..", ".."))
-    for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
-                 os.path.join(prefix, "share", "kvmexit", "kvmexit.bpf.c"),
-                 "/usr/local/share/kvmexit/kvmexit.bpf.c",
-                 "/usr/share/kvmexit/kvmexit.bpf.c"):
-        if os.path.exists(path):
-            return path
-    raise Error("cannot find kvmexit.bpf.c beside %s or in share/kvmexit"
-                % here)
-
-
-def check_bcc():
-    if MISSING is None:
-        return
-    if isinstance(MISSING, ImportError):
-        raise Error("%s cannot import %s (Python %s): install python3-bpfcc "
-                    "and python3-numpy, or run kvmexit with the python3 that"
-                    " has them (e.g. /usr/bin/python3)"
-                    % (sys.executable, MISSING.name or "bcc",
-                       ".".join(map(str, sys.version_info[:3]))))
-    # bcc's module is there but its library is not (libbcc.so.0).
-    raise Error("bcc cannot load: %s: reinstall libbpfcc (python3-bpfcc)"
-                % (str(MISSING).splitlines() or ["?"])[0])
-
-
-class CapturedStderr:
-    """Holds what libbcc and clang write to fd 2 (they bypass sys.stderr),
-    so that a failure can be told in one line."""
-
-    def __enter__(self):
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile(mode="w+")
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.file.seek(0)
-        self.text = self.file.read()
-        self.file.close()
-
-    def first_error(self):
-        """The compiler's first error, else the verifier's verdict (the
-        line before its 'processed N insns' summary)."""
-        lines = [l.strip() for l in self.text.splitlines() if l.strip()]
-        for line in lines:
-            if "error:" in line:
-                return line
-        for before, line in zip(lines, lines[1:]):
-            if line.startswith("processed "):
-                return before
-        return lines[0] if lines else ""
-
-
-def pid_max():
-    """TIDs are below this (at most 2^22 on 64-bit Linux)."""
-    try:
-        return int(read_text("/proc/sys/kernel/pid_max"))
-    except (OSError, ValueError):
-        return 1 << 22
-
-
-# Bytes the kernel adds to each element of a preallocated hash table.
-HASH_ELEM_OVERHEAD = 64
-
-
-def table_memory(max_threads, layout, ncpus, latency=False, detail=False):
-    """Kernel memory of the preallocated counter tables, in bytes: per
-    thread, one counter block per possible CPU (see tests/bench/memory.py
-    for the exact formulas this follows)."""
-    per_thread = 8 * layout.words * ncpus + HASH_ELEM_OVERHEAD
-    total = max_threads * per_thread + MAX_RARE * (8 * ncpus + 80)
-    if latency:
-        # pending_exit and exit_latency (8 entries per thread).
-        total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
-            8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
-    if detail:
-        # detail_counts, exit_now and detail_lost (kvmexit.bpf.c's DETAIL).
-        total += MAX_DETAIL * (32 + 8 + HASH_ELEM_OVERHEAD) + \
-            max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + 8 * ncpus
-    return total
-
-
-def mem_available(meminfo="/proc/meminfo"):
-    match = re.search(r"^MemAvailable:\s+(\d+) kB", read_text(meminfo), re.M)
-    return int(match.group(1)) * 1024 if match else None
-
-
-def gib(n):
-    return "%.1f GiB" % (n / 2 ** 30) if n >= 2 ** 30 else \
-        "%.1f MiB" % (n / 2 ** 20)
-
-
-def check_table_memory(max_threads, layout, ncpus, latency=False, detail=False,
-                       meminfo="/proc/meminfo"):
-    """Refuse tables that would take more than half of the memory available
-    now, before any is created: the kernel allocates them whole, outside
-    cgroup v1 limits, and on a hypervisor the OOM killer may pick a VM."""
-    need = table_memory(max_threads, layout, ncpus, latency, detail)
-    available = mem_available(meminfo)
-    if available is not None and need > available // 2:
-        raise Error("the counter tables would take %s of kernel memory "
-                    "(%d threads x %d possible CPUs x %d B), more than half "
-                    "of the %s available now; lower --max-threads"
-                    % (gib(need), max_threads, ncpus, 8 * layout.words,
-                       gib(available)))
-
-
-def program_cflags(probe, selection, max_threads, layout, latency=False,
-                   detail=False, test_entries=False):
-    """test_entries: also compile raw tracepoint entries that tests and
-    benchmarks run with BPF_PROG_TEST_RUN; never for tracing."""
-    return shared_macros() + probe.macros() + layout.macros() + \
-        selection.kernel_filter() + [
-            "-DTID_WORDS=%d" % ((pid_max() + 63) // 64),
-            "-DMAX_THREADS=%d" % max_threads,
-            "-DMAX_RARE=%d" % MAX_RARE,
-        ] + (["-DLATENCY"] if latency else []) + \
-        (detail_macros() if detail else []) + \
-        (["-DTEST_ENTRIES"] if test_entries else [])
-
-
-def load_program(probe, selection, max_threads, layout, latency=False,
-                 debug=False, detail=False, test_entries=False):
-    """Compile and load.  Tracepoint programs are attached by bcc as it
-    loads them; raw ones by attach_raw()."""
-    cflags = program_cflags(probe, selection, max_threads, layout, latency,
-                            detail, test_entries)
-    if debug:
-        print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
-    source = bpf_source().encode()
-    err = CapturedStderr()
-    try:
-        with err:
-            b = bcc.BPF(src_file=source, cflags=cflags)
-    except Exception as e:
-        if debug:
-            sys.stderr.write(err.text)
-        stage = "compile" if "compile" in str(e) else "load"
-        raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
-    if debug:
-        sys.stderr.write(err.text)
-    if "-DFILTER_TIDS" in selection.kernel_filter():
-        fill_tid_filter(b, selection.tids)
-    return b
-
-
-def fill_tid_filter(b, tids):
-    """Set the TIDs' bits in the filter bitmap, one word at a time."""
-    words = {}
-    for tid in tids:
-        words[tid // 64] = words.get(tid // 64, 0) | 1 << (tid % 64)
-    table = b[b"tid_filter"]
-    for word, bits in words.items():
-        table[ctypes.c_uint32(word)] = ctypes.c_uint64(bits)
-
-
-def attach_raw(b):
-    with CapturedStderr():
-        b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"raw_kvm_exit")
-
-
-def start_tracing(probe, selection, max_threads, layout, latency=False,
-                  debug=False, detail=False):
-    """Load and attach; a raw probe the kernel refuses falls back to the
-    regular tracepoint, unless raw was asked for."""
-    b = load_program(probe, selection, max_threads, layout, latency, debug,
-                     detail)
-    if probe.raw:
-        try:
-            attach_raw(b)
-        except Exception as e:
-            b.cleanup()
-            if probe.fallback is None:
-                raise Error("cannot attach the raw tracepoint: %s" % e)
-            probe = probe.fallback
-            probe.why += " (%s)" % e
-            check_vcpu_ids(selection, probe)
-            b = load_program(probe, selection, max_threads, layout, latency,
-                             debug, detail)
-    return b, probe
-
-
-#
-# Reading the maps
-#
-def map_keys(fd, key_size):
-    keys, key = [], None
-    bufs = (ctypes.create_string_buffer(key_size),
-            ctypes.create_string_buffer(key_size))
-    while libbcc.bpf_get_next_key(fd, key, bufs[len(keys) % 2]) == 0:
-        key = bufs[len(keys) % 2]
-        keys.append(key.raw)
-    return keys
-
-
-def lookup_batch(fd, key_size, words, ncpus, max_entries):
-    """(keys, uint64 array [key][cpu][word]) of a whole hash map through
-    BPF_MAP_LOOKUP_BATCH (Linux 5.6+), or None where the kernel has no
-    batch operations.  The buffers have room for a full map; the pages
-    the kernel does not fill are never touched, so they cost no memory."""
-    try:
-        keys = np.zeros((max_entries, key_size), dtype=np.uint8)
-        values = np.zeros((max_entries, ncpus, words), dtype=np.uint64)
-    except MemoryError:
-        return None     # not even the address space for it: key by key
-    token, count = ctypes.c_uint32(), ctypes.c_uint32()
-    total, first = 0, True
-    while total < max_entries:
-        count.value = max_entries - total
-        ret = libbcc.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
-                                   ctypes.byref(token),
-                                   ctypes.c_void_p(keys[total:].ctypes.data),
-                                   ctypes.c_void_p(
-                                       values[total:].ctypes.data),
-                                   ctypes.byref(count))
-        err = ctypes.get_errno()
-        total += count.value
-        if ret == 0:
-            first = False
-            continue
-        if err == errno.ENOENT:         # the end of the map
-            break
-        if first and total == 0:
-            return None                 # EINVAL etc.: no batch ops here
-        raise Error("reading map %d: %s" % (fd, os.strerror(err)))
-    raw = keys[:total].tobytes()
-    return ([raw[i:i + key_size] for i in range(0, len(raw), key_size)],
-            values[:total])
-
-
-def read_percpu(table, key_size, words, ncpus, keys=None):
-    """(keys, uint64 array [key][cpu][word]) of a per-CPU map: the whole
-    map in one batch where the kernel can, else one lookup per key,
-    straight into one buffer."""
-    fd = table.map_fd
-    if keys is None:
-        found = lookup_batch(fd, key_size, words, ncpus, table.max_entries)
-        if found is not None:
-            return found
-        keys = map_keys(fd, key_size)
-    values = np.zeros((len(keys), ncpus, words), dtype=np.uint64)
-    for i, key in enumerate(keys):
-        # A key can vanish only if someone else deletes it; keep zeroes.
-        libbcc.bpf_lookup_elem(fd, ctypes.c_char_p(key),
-                            ctypes.c_void_p(values[i].ctypes.data))
-    return keys, values
-
-
-# A table this big is summed on several cores at once: one core's memory
-# bandwidth is the limit (a 640-CPU host's table of 4,096 threads is
-# 3.8 GiB), and numpy lets other threads run while it adds.
-PARALLEL_SUM_BYTES = 256 << 20
-PARALLEL_SUM_THREADS = 8
-
-
-def sum_over_cpus(values):
-    """values[thread][cpu][header + slots] -> uint64 [thread][slot]."""
-    out = np.empty((values.shape[0], values.shape[2] - 1), dtype=np.uint64)
-    workers = min(PARALLEL_SUM_THREADS, len(os.sched_getaffinity(0)))
-    if values.nbytes < PARALLEL_SUM_BYTES or workers < 2:
-        return np.sum(values[:, :, 1:], axis=1, dtype=np.uint64, out=out)
-    bounds = np.linspace(0, len(values), workers + 1).astype(int).tolist()
-
-    def part(start, end):
-        np.sum(values[start:end, :, 1:], axis=1, dtype=np.uint64,
-               out=out[start:end])
-    # map() raises here what a part raised there.
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(part, bounds, bounds[1:]))
-    return out
-
-
-def merge_thread_counts(keys, values, cache_keys, cache_values):
-    """Sum each thread's counters over CPUs.
-
-    keys: pid_tgid per row of values [thread][cpu][header + slots];
-    cache_keys/cache_values [cpu][...]: each CPU's cache slot.  Counters
-    only grow, and a thread's cache slot and hash entry on one CPU are two
-    copies of the same counters taken at different times, so the larger
-    of the two is the current one, whatever order they were read in.
-    Returns (pid_tgid list, uint64 [thread][slot], header [thread])."""
-    keys = list(keys)
-    index = {k: i for i, k in enumerate(keys)}
-    extra = [k for k in cache_keys if k and k not in index]
-    if extra:
-        for k in dict.fromkeys(extra):
-            index[k] = len(keys)
-            keys.append(k)
-        pad = np.zeros((len(keys) - len(values),) + values.shape[1:],
-                       dtype=np.uint64)
-        values = np.concatenate([values, pad])
-    for cpu, k in enumerate(cache_keys):
-        if k:
-            row = values[index[k], cpu]
-            np.maximum(row, cache_values[cpu], out=row)
-    sums = sum_over_cpus(values)
-    headers = values[:, :, 0]
-    # The header (isa, vcpu_id) is set on every CPU the thread exited on.
-    seen = (headers >> np.uint64(32)) != 0
-    header = headers[np.arange(len(keys)), seen.argmax(axis=1)] \
-        if len(keys) else headers[:, 0]
-    return keys, sums, header
-
-
-class Snapshot:
-    """Counts since tracing began: {(tgid, tid, isa, code): count}, each
-    thread's vCPU id, the exits that could not be counted, with --latency
-    {(tgid, tid, isa, code): Latency}, and with --detail
-    {(tgid, tid, isa, code, kind, key, attr): count} and the sub-keys that
-    could not be counted."""
-
-    def __init__(self, counts, vcpu_ids, lost, latency=None, detail=None,
-                 detail_lost=0):
-        self.counts = counts
-        self.vcpu_ids = vcpu_ids
-        self.lost = lost
-        self.latency = latency or {}
-        self.detail = detail or {}
-        self.detail_lost = detail_lost
-
-    def minus(self, earlier):
-        """The counts of the interval since an earlier snapshot."""
-        counts = {k: v - earlier.counts.get(k, 0)
-                  for k, v in self.counts.items()}
-        lost = [a - b for a, b in zip(self.lost, earlier.lost)]
-        latency = {k: v.since(earlier.latency[k])
-                   if k in earlier.latency else v
-                   for k, v in self.latency.items()}
-        detail = {k: v - earlier.detail.get(k, 0)
-                  for k, v in self.detail.items()}
-        return Snapshot({k: v for k, v in counts.items() if v},
-                        self.vcpu_ids, lost,
-                        {k: v for k, v in latency.items() if v.count},
-                        {k: v for k, v in detail.items() if v},
-                        self.detail_lost - earlier.detail_lost)
-
-
-def thread_counts(keys, values, cache_keys, cache_values, layout):
-    """({(tgid, tid, isa, code): count}, {(tgid, tid): vcpu_id}) from the
-    thread table's and the cache slots' per-CPU values, as
-    merge_thread_counts() takes them."""
-    keys, sums, header = merge_thread_counts(keys, values, cache_keys,
-                                             cache_values)
-    rows, slots = np.nonzero(sums)
-    header = header.tolist()
-    codes = [layout.code(slot) for slot in range(layout.slots)]
-    counts = {}
-    for row, slot, count in zip(rows.tolist(), slots.tolist(),
-                                sums[rows, slots].tolist()):
-        pid_tgid = keys[row]
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, header[row] >> 32,
-                codes[slot])] = count
-    vcpu_ids = {(pid_tgid >> 32, pid_tgid & 0xffffffff): h & 0xffffffff
-                for pid_tgid, h in zip(keys, header)}
-    return counts, vcpu_ids
-
-
-def reason_key(key):
-    """(tgid, tid, isa, code) of a 16-byte key {pid_tgid, isa, code}."""
-    pid_tgid = int.from_bytes(key[:8], "little")
-    return (pid_tgid >> 32, pid_tgid & 0xffffffff,
-            int.from_bytes(key[8:12], "little"),
-            int.from_bytes(key[12:], "little"))
-
-
-def read_latency(b, keys=None):
-    """{(tgid, tid, isa, code): Latency} from the exit_latency hash (the
-    whole table, or those keys)."""
-    keys, values = read_percpu(b[b"exit_latency"], 16, 3 + LAT_BUCKETS, 1,
-                               keys=keys)
-    latency = {}
-    for key, (value,) in zip(keys, values):
-        count, total, longest = (int(x) for x in value[:3])
-        latency[reason_key(key)] = \
-            Latency(count, total, longest, [int(x) for x in value[3:]])
-    return latency
-
-
-def read_rare(b, ncpus, keys=None):
-    """{(tgid, tid, isa, code): count} from the table of rare exit codes
-    (the whole table, or those keys)."""
-    keys, rare = read_percpu(b[b"pcpu_rare_stat"], 16, 1, ncpus, keys=keys)
-    return {reason_key(key): int(per_cpu.sum())
-            for key, per_cpu in zip(keys, rare)}
-
-
-def snapshot(b, layout, ncpus, latency=False, detail=False):
-    """Read every map once and sum it up."""
-    # The cache first: see merge_thread_counts().
-    zero = (0).to_bytes(4, "little")
-    _, cache = read_percpu(b[b"pcpu_cache"], 4, 1 + layout.words, ncpus,
-                           keys=[zero])
-    raw_keys, values = read_percpu(b[b"pcpu_kvm_stat"], 8, layout.words,
-                                   ncpus)
-    counts, vcpu_ids = thread_counts(
-        [int.from_bytes(k, "little") for k in raw_keys], values,
-        [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
-
-    for k, n in read_rare(b, ncpus).items():
-        counts[k] = counts.get(k, 0) + n
-
-    lost_keys = [i.to_bytes(4, "little") for i in range(len(LOST_REASONS))]
-    _, lost = read_percpu(b[b"pcpu_lost"], 4, 1, ncpus, keys=lost_keys)
-    snap = Snapshot(counts, vcpu_ids, [int(x) for x in lost.sum(axis=(1, 2))],
-                    read_latency(b) if latency else None)
-    if detail:
-        snap.detail, snap.detail_lost = read_detail(b, ncpus)
-    return snap
-
-
-#
-# Threads that have exited: retired from the kernel's tables
-#
-# How often the threads of ended VMs are retired, in seconds.  The thread
-# table needs room for the live vCPU threads, one dead thread per possible
-# CPU (held in its cache slot until another thread exits there), and the
-# threads that ended within one TICK.
-TICK = 1.0
-
-
-def pid_tgid_of(key):
-    return int.from_bytes(key[:8], "little")
-
-
-class ThreadTables:
-    """The loaded program's tables, as retirement reads and prunes them."""
-
-    def __init__(self, b, layout, ncpus, latency=False, detail=False):
-        self.b, self.layout, self.ncpus = b, layout, ncpus
-        self.latency, self.detail = latency, detail
-
-    def snapshot(self):
-        return snapshot(self.b, self.layout, self.ncpus, self.latency,
-                        self.detail)
-
-    def cached_threads(self):
-        """The pid_tgid each CPU's cache slot holds (0: none)."""
-        zero = (0).to_bytes(4, "little")
-        _, cache = read_percpu(self.b[b"pcpu_cache"], 4,
-                               1 + self.layout.words, self.ncpus,
-                               keys=[zero])
-        return {int(k) for k in cache[0][:, 0]} - {0}
-
-    def keys(self, name, key_size):
-        return map_keys(self.b[name].map_fd, key_size)
-
-    def delete(self, name, keys):
-        fd = self.b[name].map_fd
-        for key in keys:
-            libbcc.bpf_delete_elem(fd, ctypes.c_char_p(key))
-
-    def take_threads(self, keys):
-        """Counts and vCPU ids of these thread table entries, deleted."""
-        _, values = read_percpu(self.b[b"pcpu_kvm_stat"], 8,
-                                self.layout.words, self.ncpus, keys=keys)
-        counts, vcpu_ids = thread_counts([pid_tgid_of(k) for k in keys],
-                                         values, [], None, self.layout)
-        self.delete(b"pcpu_kvm_stat", keys)
-        return counts, vcpu_ids
-
-    def take_rare(self, keys):
-        counts = read_rare(self.b, self.ncpus, keys)
-        self.delete(b"pcpu_rare_stat", keys)
-        return counts
-
-    def take_latency(self, keys):
-        latency = read_latency(self.b, keys)
-        self.delete(b"exit_latency", keys)
-        return latency
-
-    def take_detail(self, keys):
-        detail = read_detail_counts(self.b, keys)
-        self.delete(b"detail_counts", keys)
-        return detail
-
-
-class Ledger:
-    """Final counts of threads that have exited, moved out of the kernel's
-    tables so that the threads of new VMs find room there.
-
-    A thread that has exited cannot exit again, so its counts are final.
-    retire() moves them here and deletes the thread's entries.  Readers
-    take the same lock, so that a report sees each thread once, in the
-    tables or here, never twice or not at all.
-
-    A dead thread that a CPU's cache slot still holds stays in the table:
-    the eviction that takes it out of the slot writes its counters back to
-    its entry, which must exist then.  Only the current thread enters a
-    cache slot, so a thread found dead and then in no slot never enters
-    one again (the slots are read after the deaths are seen: a thread that
-    exited, was cached and ended between the two reads would be missed the
-    other way round).
-
-    A TID reused by a new thread of the same process before the old one was
-    retired (the kernel's PIDs must wrap around within a TICK) continues
-    the old thread's entry: the two threads' exits are counted as one's."""
-
-    def __init__(self, proc="/proc", clock=time.monotonic):
-        self.lock = threading.Lock()
-        self.proc, self.clock = proc, clock
-        self.counts = {}        # (tgid, tid, isa, code): count
-        self.vcpu_ids = {}      # (tgid, tid): vcpu id
-        self.latency = {}       # (tgid, tid, isa, code): Latency
-        self.detail = {}        # (tgid, tid, isa, code, kind, key, attr)
-        self.gone_since = {}    # tgid: when its process was first missed
-        self.tgids = set()      # processes seen in the tables
-
-    def threads_of(self, tgid):
-        """The TIDs a process has now (none if it is gone): one directory
-        read per process, not one stat per thread."""
-        try:
-            return {int(t) for t in os.listdir("%s/%d/task" % (self.proc,
-                                                              tgid))}
-        except OSError:
-            return set()
-
-    def retire(self, tables):
-        """Move the counts of threads that have exited out of the tables;
-        returns how many threads were retired."""
-        with self.lock:
-            return self._retire(tables)
-
-    def _retire(self, tables):
-        tids = {}           # tgid: its TIDs now
-
-        def dead(keys):
-            found = []
-            for key in keys:
-                pid_tgid = pid_tgid_of(key)
-                tgid = pid_tgid >> 32
-                if tgid not in tids:
-                    tids[tgid] = self.threads_of(tgid)
-                if pid_tgid & 0xffffffff not in tids[tgid]:
-                    found.append(key)
-            return found
-
-        threads = dead(tables.keys(b"pcpu_kvm_stat", 8))
-        # The cache slots after the deaths: a thread dead by now enters no
-        # slot again, so one found in none stays out (see the class doc).
-        held = tables.cached_threads() if threads else set()
-        gone = [k for k in threads if pid_tgid_of(k) not in held]
-        if gone:
-            counts, vcpu_ids = tables.take_threads(gone)
-            add_counts(self.counts, counts)
-            self.vcpu_ids.update(vcpu_ids)
-        rare = dead(tables.keys(b"pcpu_rare_stat", 16))
-        if rare:
-            add_counts(self.counts, tables.take_rare(rare))
-        if tables.latency:
-            latency = dead(tables.keys(b"exit_latency", 16))
-            if latency:
-                add_counts(self.latency, tables.take_latency(latency))
-            tables.delete(b"pending_exit", dead(tables.keys(b"pending_exit",
-                                                            8)))
-        if tables.detail:
-            detail = dead(tables.keys(b"detail_counts", DETAIL_KEY.size))
-            if detail:
-                add_counts(self.detail, tables.take_detail(detail))
-        self.tgids = set(tids)
-        return len(gone)
-
-    def read(self, tables, take=False):
-        """Retire, then a snapshot of the tables with the retired counts
-        added.  take: the retired counts leave the ledger with it (a report
-        of intervals shows them once); their keys are in .retired."""
-        with self.lock:
-            self._retire(tables)
-            snap = tables.snapshot()
-            counts, latency = dict(snap.counts), dict(snap.latency)
-            detail = dict(snap.detail)
-            add_counts(counts, self.counts)
-            add_counts(latency, self.latency)
-            add_counts(detail, self.detail)
-            merged = Snapshot(counts, {**self.vcpu_ids, **snap.vcpu_ids},
-                              snap.lost, latency, detail, snap.detail_lost)
-            merged.retired = (set(self.counts), set(self.latency),
-                              set(self.detail))
-            if take:
-                self.counts, self.latency, self.vcpu_ids = {}, {}, {}
-                self.detail = {}
-            return merged
-
-    def forget_gone(self, keep):
-        """Drop the retired counts of processes gone for `keep` seconds:
-        a process that lives on keeps all of its threads' counts, so its
-        series never go down.  Returns the tgids dropped."""
-        with self.lock:
-            now = self.clock()
-            for tgid in {k[0] for k in self.counts} | \
-                    {k[0] for k in self.latency} | \
-                    {k[0] for k in self.detail}:
-                if os.path.exists("%s/%d" % (self.proc, tgid)):
-                    self.gone_since.pop(tgid, None)
-                else:
-                    self.gone_since.setdefault(tgid, now)
-            expired = {t for t, since in self.gone_since.items()
-                       if now - since >= keep}
-            if expired:
-                drop = lambda table: {k: v for k, v in table.items()
-                                      if k[0] not in expired}
-                self.counts = drop(self.counts)
-                self.latency = drop(self.latency)
-                self.detail = drop(self.detail)
-                self.vcpu_ids = drop(self.vcpu_ids)
-                for tgid in expired:
-                    del self.gone_since[tgid]
-            return expired
-
-    def size(self):
-        """Entries held: what grows with the VMs that came and went."""
-        return len(self.counts) + len(self.latency) + len(self.detail) + \
-            len(self.vcpu_ids)
-
-
-def add_counts(table, more):
-    """Add {key: count or Latency} into table."""
-    for k, v in more.items():
-        table[k] = table[k] + v if k in table else v
-
-
-def without_retired(snap):
-    """An interval report has shown the retired counts: the next interval
-    starts from zero for their keys (a reused TID is a new thread)."""
-    counts, latency, detail = snap.retired
-    for k in counts:
-        snap.counts.pop(k, None)
-    for k in latency:
-        snap.latency.pop(k, None)
-    for k in detail:
-        snap.detail.pop(k, None)
-    return snap
-
-
-#
-# Report
-#
-def merge_by(table, key):
-    merged = {}
-    for k, v in table.items():
-        k = key(*k)
-        merged[k] = merged[k] + v if k in merged else v
-    return merged
-
-
-def limit_per_group(rows, top):
-    """The first `top` rows of each group (rows are sorted by group)."""
-    if not top:
-        return rows
-    kept, seen = [], {}
-    for row in rows:
-        seen[row[0]] = seen.get(row[0], 0) + 1
-        if seen[row[0]] <= top:
-            kept.append(row)
-    return kept
-
-
-def ordered_rows(counts, group, top=None):
-    """The one row order of every report, text and records alike:
-    [(group, isa, code, count)], groups ascending, each group's reasons by
-    count, largest first, then by exit code; at most `top` per group.
-
-    counts: {(tgid, tid, isa, code): count}; group(tgid, tid): the block a
-    thread's rows go to (None: one block for all)."""
-    merged = merge_by(counts, lambda tgid, tid, isa, code:
-                      (group(tgid, tid), isa, code))
-    # Sorted as plain tuples: no key function, for speed at scale.
-    order = sorted((g or (), -n, isa, code)
-                   for (g, isa, code), n in merged.items())
-    return limit_per_group([(g or None, isa, code, -n)
-                            for g, n, isa, code in order], top)
-
-
-def report_rows(selection, snap, top=None):
-    """The rows of the text report of a selection's view."""
-    return ordered_rows(selection.keep(snap.counts, snap.vcpu_ids),
-                        selection.group, top)
-
-
-#
 # Exit handling times: a log-linear histogram, as bpf/kvmexit.bpf.c keeps it
 #
 PERCENTILES = (50, 90, 99)
@@ -1712,12 +1046,7 @@ class Latency:
 # --detail: the sub-keys behind each exit reason, as the DETAIL section of
 # bpf/kvmexit.bpf.c counts them
 #
-# name: number in struct detail_key's kind (passed to the C as
-# -DDETAIL_<NAME>).
-DETAIL_KINDS = {"port": 1, "msr": 2, "page": 3, "mmio": 4, "vector": 5,
-                "cr": 6, "hypercall": 7, "user": 8}
 DETAIL_KIND_NAMES = {n: k for k, n in DETAIL_KINDS.items()}
-MAX_DETAIL = 16384
 
 # Well-known MSRs (Intel SDM vol. 4, AMD APM vol. 2, KVM's and Hyper-V's
 # paravirtual ones), to name the MSR behind MSR exits.
@@ -1798,7 +1127,8 @@ VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
 # kvm_mmio's types (its "unsatisfied-read": a read KVM sends out to user
 # space; "read" is then its completion), and a write on KVM's fast MMIO
 # bus (kvm_fast_mmio: ioeventfd).
-MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write", 3: "fast-write"}
+MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write",
+              MMIO_FAST_WRITE: "fast-write"}
 
 
 class Detail(collections.namedtuple("Detail", "kind key op size name",
@@ -1879,31 +1209,6 @@ def decode_detail(isa, code, kind, key, attr):
     return DECODE[DETAIL_KIND_NAMES[kind]](isa, code, key, attr)
 
 
-DETAIL_KEY = struct.Struct("<QIIQII")   # struct detail_key
-
-
-def read_detail_counts(b, keys=None):
-    """{(tgid, tid, isa, code, kind, key, attr): count} from the DETAIL
-    section's table (the whole table, or those keys)."""
-    keys, values = read_percpu(b[b"detail_counts"], DETAIL_KEY.size, 1, 1,
-                               keys=keys)
-    detail = {}
-    for key, value in zip(keys, values[:, 0, 0].tolist()):
-        pid_tgid, isa, code, sub, kind, attr = DETAIL_KEY.unpack(key)
-        detail[(pid_tgid >> 32, pid_tgid & 0xffffffff, isa, code, kind, sub,
-                attr)] = value
-    return detail
-
-
-def read_detail(b, ncpus):
-    """({(tgid, tid, isa, code, kind, key, attr): count}, sub-keys lost)
-    from the DETAIL section of bpf/kvmexit.bpf.c's tables."""
-    detail = read_detail_counts(b)
-    _, lost = read_percpu(b[b"detail_lost"], 4, 1, ncpus,
-                          keys=[(0).to_bytes(4, "little")])
-    return detail, int(lost.sum())
-
-
 def detail_rows(detail, group, top=None):
     """{(group, isa, code): [(Detail, count)]}: each reason's sub-keys, by
     count, largest first (then by kind, key and access); at most `top`.
@@ -1925,15 +1230,844 @@ def detail_record(detail, count):
             "size": detail.size, "name": detail.name, "count": count}
 
 
+#
+# The program: its maps and features, declared once as data
+#
+class Key(collections.namedtuple("Key", "layout names")):
+    """A map's key: its layout (a struct.Struct, one letter per field) and
+    its fields' names, as in the C struct; load_program() checks both
+    against the key type bcc builds from the C."""
+
+    __slots__ = ()
+
+    @property
+    def size(self):
+        return self.layout.size
+
+    def field_sizes(self):
+        return [struct.calcsize("<" + letter)
+                for letter in self.layout.format.lstrip("<")]
+
+
+INDEX_KEY = Key(struct.Struct("<I"), ("index",))      # arrays
+THREAD_KEY = Key(struct.Struct("<Q"), ("pid_tgid",))
+REASON_KEY = Key(struct.Struct("<QII"), ("pid_tgid", "isa", "code"))
+DETAIL_KEY = Key(struct.Struct("<QIIQII"),
+                 ("pid_tgid", "isa", "code", "sub", "kind", "attr"))
+
+
+def pid_tgid_of(key):
+    return THREAD_KEY.layout.unpack_from(key)[0]
+
+
+class Table(collections.namedtuple("Table",
+                                   "name fields values since live")):
+    """A table of a Snapshot: {(tgid, tid) + fields: value}.  Values add
+    with +; since(now, then) is an interval's value, live(value) whether an
+    interval keeps it, and values(array) turns a map's values
+    [entry][cpu][word] into the table's."""
+
+    __slots__ = ()
+
+
+def summed(values):
+    return values.sum(axis=(1, 2), dtype=np.uint64).tolist()
+
+
+def latencies(values):
+    """struct latency {count, total_ns, max_ns, hist[]} -> Latency."""
+    return [Latency(w[0], w[1], w[2], w[3:])
+            for w in values[:, 0].tolist()]
+
+
+def difference(now, then):
+    return now - then
+
+
+COUNTS = Table("counts", ("isa", "code"), summed, difference, bool)
+LATENCIES = Table("latency", ("isa", "code"), latencies, Latency.since,
+                  lambda lat: lat.count)
+DETAILS = Table("detail", ("isa", "code", "kind", "sub", "attr"), summed,
+                difference, bool)
+TABLES = (COUNTS, LATENCIES, DETAILS)
+
+# Bytes the kernel adds to each element of a preallocated hash table.
+HASH_ELEM_OVERHEAD = 64
+
+
+def hash_bytes(entries, key, value_bytes):
+    return entries * (key.size + value_bytes + HASH_ELEM_OVERHEAD)
+
+
+class MapSpec(collections.namedtuple(
+        "MapSpec", "name key words percpu merge feature memory")):
+    """One map of bpf/kvmexit.bpf.c.  Reading, retiring, interval
+    differences and the memory check all go through these.
+
+    key: its Key.  words(layout): u64 words of a value as read here
+    (checked at load; None: never read here).  percpu: a value per
+    possible CPU.  merge: the Snapshot Table its entries add to, or its
+    role: "cache" (pcpu_cache), "threads" (the thread table), "lost"
+    (counters of what was not counted), "pending" (per-thread state,
+    deleted when the thread is retired), None (left alone).  feature: the
+    feature that adds it (None: always there).  memory(program, ncpus):
+    its kernel memory in bytes (the formulas tests/bench/memory.py
+    checks; None: too small to count)."""
+
+    __slots__ = ()
+
+
+def one_word(layout):
+    return 1
+
+
+CACHE_MAP = MapSpec(b"pcpu_cache", INDEX_KEY,
+                    lambda layout: 1 + layout.words, True, "cache", None,
+                    None)
+# Measured: the 8-byte key is inside the per-element overhead here.
+THREAD_MAP = MapSpec(b"pcpu_kvm_stat", THREAD_KEY,
+                     lambda layout: layout.words, True, "threads", None,
+                     lambda p, ncpus: p.max_threads * (
+                         8 * p.layout.words * ncpus + HASH_ELEM_OVERHEAD))
+RARE_MAP = MapSpec(b"pcpu_rare_stat", REASON_KEY, one_word, True, COUNTS,
+                   None, lambda p, ncpus: hash_bytes(MAX_RARE, REASON_KEY,
+                                                     8 * ncpus))
+LOST_MAP = MapSpec(b"pcpu_lost", INDEX_KEY, one_word, True, "lost", None,
+                   None)
+LATENCY_MAP = MapSpec(b"exit_latency", REASON_KEY,
+                      lambda layout: 3 + LAT_BUCKETS, False, LATENCIES,
+                      "latency", lambda p, ncpus: hash_bytes(
+                          LATENCY_PER_THREAD * p.max_threads, REASON_KEY,
+                          8 * (3 + LAT_BUCKETS)))
+PENDING_MAP = MapSpec(b"pending_exit", THREAD_KEY, None, False, "pending",
+                      "latency", lambda p, ncpus: hash_bytes(
+                          p.max_threads, THREAD_KEY, 16))
+DETAIL_MAP = MapSpec(b"detail_counts", DETAIL_KEY, one_word, False, DETAILS,
+                     "detail", lambda p, ncpus: hash_bytes(
+                         MAX_DETAIL, DETAIL_KEY, 8))
+# LRU: the threads that are gone make room by themselves.
+EXIT_NOW_MAP = MapSpec(b"exit_now", THREAD_KEY, None, False, None, "detail",
+                       lambda p, ncpus: hash_bytes(p.max_threads,
+                                                   THREAD_KEY, 16))
+DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
+                          "detail", lambda p, ncpus: 8 * ncpus)
+# In the order retirement visits them.
+MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
+        DETAIL_MAP, EXIT_NOW_MAP, DETAIL_LOST_MAP)
+
+
+def pid_max():
+    """TIDs are below this (at most 2^22 on 64-bit Linux)."""
+    try:
+        return int(read_text("/proc/sys/kernel/pid_max"))
+    except (OSError, ValueError):
+        return 1 << 22
+
+
+def latency_macros(program):
+    return ["-DLATENCY",
+            "-DMAX_LATENCY=%d" % (LATENCY_PER_THREAD * program.max_threads)]
+
+
 def detail_macros(tp_dir=None):
-    """-DDETAIL, its table's room and the kinds' numbers; and whether
-    kvm_exit has intr_info (older kernels' tracepoint has not)."""
+    """-DDETAIL, its table's room, the kinds' numbers and the exit codes
+    its C tells apart; and whether kvm_exit has intr_info (older kernels'
+    tracepoint has not)."""
     tp_dir = tp_dir or tracepoint_dir()
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
     return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
+        ["-D%s=%d" % item for item in DETAIL_CODES.items()] + \
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
+
+
+class Feature(collections.namedtuple("Feature", "name cflags")):
+    """An option that adds to the program: its flags (cflags(program)), and
+    the maps whose spec names it."""
+
+    __slots__ = ()
+
+
+FEATURES = (Feature("latency", latency_macros),
+            Feature("detail", lambda program: detail_macros()))
+
+
+class Program(collections.namedtuple(
+        "Program", "probe selection max_threads layout features",
+        defaults=(frozenset(),))):
+    """One configuration of bpf/kvmexit.bpf.c, built once from the options:
+    what it compiles with, which maps it has, what memory they take."""
+
+    __slots__ = ()
+
+    def maps(self):
+        return [m for m in MAPS
+                if m.feature is None or m.feature in self.features]
+
+    def cflags(self):
+        return shared_macros() + self.probe.macros() + \
+            self.layout.macros() + self.selection.kernel_filter() + [
+                "-DTID_WORDS=%d" % ((pid_max() + 63) // 64),
+                "-DMAX_THREADS=%d" % self.max_threads,
+                "-DMAX_RARE=%d" % MAX_RARE,
+            ] + [flag for feature in FEATURES
+                 if feature.name in self.features
+                 for flag in feature.cflags(self)]
+
+    def memory(self, ncpus):
+        """Kernel memory of the preallocated tables, in bytes: per thread,
+        one counter block per possible CPU."""
+        return sum(m.memory(self, ncpus) for m in self.maps() if m.memory)
+
+
+#
+# BPF program: compile, load, attach
+#
+def bpf_source():
+    """bpf/kvmexit.bpf.c beside the real script (also when run through a
+    symlink, e.g. from bcc's tools directory), else where setup.cfg put it."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    # Installed, the module is in PREFIX/lib/python3*/*-packages.
+    prefix = os.path.normpath(os.path.join(here, "..", "..", ".."))
+    for path in (os.path.join(here, "bpf", "kvmexit.bpf.c"),
+                 os.path.join(prefix, "share", "kvmexit", "kvmexit.bpf.c"),
+                 "/usr/local/share/kvmexit/kvmexit.bpf.c",
+                 "/usr/share/kvmexit/kvmexit.bpf.c"):
+        if os.path.exists(path):
+            return path
+    raise Error("cannot find kvmexit.bpf.c beside %s or in share/kvmexit"
+                % here)
+
+
+def check_bcc():
+    if MISSING is None:
+        return
+    if isinstance(MISSING, ImportError):
+        raise Error("%s cannot import %s (Python %s): install python3-bpfcc "
+                    "and python3-numpy, or run kvmexit with the python3 that"
+                    " has them (e.g. /usr/bin/python3)"
+                    % (sys.executable, MISSING.name or "bcc",
+                       ".".join(map(str, sys.version_info[:3]))))
+    # bcc's module is there but its library is not (libbcc.so.0).
+    raise Error("bcc cannot load: %s: reinstall libbpfcc (python3-bpfcc)"
+                % (str(MISSING).splitlines() or ["?"])[0])
+
+
+class CapturedStderr:
+    """Holds what libbcc and clang write to fd 2 (they bypass sys.stderr),
+    so that a failure can be told in one line."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read()
+        self.file.close()
+
+    def first_error(self):
+        """The compiler's first error, else the verifier's verdict (the
+        line before its 'processed N insns' summary)."""
+        lines = [l.strip() for l in self.text.splitlines() if l.strip()]
+        for line in lines:
+            if "error:" in line:
+                return line
+        for before, line in zip(lines, lines[1:]):
+            if line.startswith("processed "):
+                return before
+        return lines[0] if lines else ""
+
+
+def mem_available(meminfo="/proc/meminfo"):
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", read_text(meminfo), re.M)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def gib(n):
+    return "%.1f GiB" % (n / 2 ** 30) if n >= 2 ** 30 else \
+        "%.1f MiB" % (n / 2 ** 20)
+
+
+def check_table_memory(program, ncpus, meminfo="/proc/meminfo"):
+    """Refuse tables that would take more than half of the memory available
+    now, before any is created: the kernel allocates them whole, outside
+    cgroup v1 limits, and on a hypervisor the OOM killer may pick a VM."""
+    need = program.memory(ncpus)
+    available = mem_available(meminfo)
+    if available is not None and need > available // 2:
+        raise Error("the counter tables would take %s of kernel memory "
+                    "(%d threads x %d possible CPUs x %d B), more than half "
+                    "of the %s available now; lower --max-threads"
+                    % (gib(need), program.max_threads, ncpus,
+                       8 * program.layout.words,
+                       gib(available)))
+
+
+def load_program(program, debug=False):
+    """Compile and load.  Tracepoint programs are attached by bcc as it
+    loads them; raw ones by attach_raw()."""
+    cflags = program.cflags()
+    if debug:
+        print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
+    source = bpf_source().encode()
+    err = CapturedStderr()
+    try:
+        with err:
+            b = bcc.BPF(src_file=source, cflags=cflags)
+    except Exception as e:
+        if debug:
+            sys.stderr.write(err.text)
+        stage = "compile" if "compile" in str(e) else "load"
+        raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
+    if debug:
+        sys.stderr.write(err.text)
+    try:
+        check_maps(b, program)
+    except Error:
+        b.cleanup()
+        raise
+    if "-DFILTER_TIDS" in program.selection.kernel_filter():
+        fill_tid_filter(b, program.selection.tids)
+    return b
+
+
+def ctype_fields(ctype):
+    """([field sizes], (field names) or None) of a key type bcc built."""
+    fields = getattr(ctype, "_fields_", None)
+    if not fields:
+        return [ctypes.sizeof(ctype)], None
+    return [ctypes.sizeof(t) for _, t in fields], \
+        tuple(name for name, _ in fields)
+
+
+def check_maps(b, program):
+    """The maps' keys and values as the C declares them (bcc's types) are
+    as their specs read them: a mismatch is a bug in kvmexit."""
+    for spec in program.maps():
+        table = b[spec.name]
+        sizes, names = ctype_fields(table.Key)
+        value = ctypes.sizeof(getattr(table, "sLeaf", table.Leaf))
+        words = spec.words and spec.words(program.layout)
+        if sizes != spec.key.field_sizes() or \
+                names not in (None, spec.key.names) or \
+                (words and value != 8 * words):
+            raise Error("map %s of %s is not as kvmexit.py reads it (key "
+                        "%s %s, value %d B): a bug in kvmexit"
+                        % (spec.name.decode(), bpf_source(), names, sizes,
+                           value))
+
+
+def fill_tid_filter(b, tids):
+    """Set the TIDs' bits in the filter bitmap, one word at a time."""
+    words = {}
+    for tid in tids:
+        words[tid // 64] = words.get(tid // 64, 0) | 1 << (tid % 64)
+    table = b[b"tid_filter"]
+    for word, bits in words.items():
+        table[ctypes.c_uint32(word)] = ctypes.c_uint64(bits)
+
+
+def attach_raw(b):
+    with CapturedStderr():
+        b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"raw_kvm_exit")
+
+
+def start_tracing(program, debug=False):
+    """Load and attach; a raw probe the kernel refuses falls back to the
+    regular tracepoint, unless raw was asked for.  Returns (BPF object,
+    the program as loaded)."""
+    b = load_program(program, debug)
+    probe = program.probe
+    if probe.raw:
+        try:
+            attach_raw(b)
+        except Exception as e:
+            b.cleanup()
+            if probe.fallback is None:
+                raise Error("cannot attach the raw tracepoint: %s" % e)
+            probe = probe.fallback
+            probe.why += " (%s)" % e
+            check_vcpu_ids(program.selection, probe)
+            program = program._replace(probe=probe)
+            b = load_program(program, debug)
+    return b, program
+
+
+#
+# Reading the maps
+#
+def map_keys(fd, key_size):
+    keys, key = [], None
+    bufs = (ctypes.create_string_buffer(key_size),
+            ctypes.create_string_buffer(key_size))
+    while libbcc.bpf_get_next_key(fd, key, bufs[len(keys) % 2]) == 0:
+        key = bufs[len(keys) % 2]
+        keys.append(key.raw)
+    return keys
+
+
+def lookup_batch(fd, key_size, words, ncpus, max_entries):
+    """(keys, uint64 array [key][cpu][word]) of a whole hash map through
+    BPF_MAP_LOOKUP_BATCH (Linux 5.6+), or None where the kernel has no
+    batch operations.  The buffers have room for a full map; the pages
+    the kernel does not fill are never touched, so they cost no memory."""
+    try:
+        keys = np.zeros((max_entries, key_size), dtype=np.uint8)
+        values = np.zeros((max_entries, ncpus, words), dtype=np.uint64)
+    except MemoryError:
+        return None     # not even the address space for it: key by key
+    token, count = ctypes.c_uint32(), ctypes.c_uint32()
+    total, first = 0, True
+    while total < max_entries:
+        count.value = max_entries - total
+        ret = libbcc.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
+                                   ctypes.byref(token),
+                                   ctypes.c_void_p(keys[total:].ctypes.data),
+                                   ctypes.c_void_p(
+                                       values[total:].ctypes.data),
+                                   ctypes.byref(count))
+        err = ctypes.get_errno()
+        total += count.value
+        if ret == 0:
+            first = False
+            continue
+        if err == errno.ENOENT:         # the end of the map
+            break
+        if first and total == 0:
+            return None                 # EINVAL etc.: no batch ops here
+        raise Error("reading map %d: %s" % (fd, os.strerror(err)))
+    raw = keys[:total].tobytes()
+    return ([raw[i:i + key_size] for i in range(0, len(raw), key_size)],
+            values[:total])
+
+
+def read_percpu(table, key_size, words, ncpus, keys=None):
+    """(keys, uint64 array [key][cpu][word]) of a per-CPU map: the whole
+    map in one batch where the kernel can, else one lookup per key,
+    straight into one buffer."""
+    fd = table.map_fd
+    if keys is None:
+        found = lookup_batch(fd, key_size, words, ncpus, table.max_entries)
+        if found is not None:
+            return found
+        keys = map_keys(fd, key_size)
+    values = np.zeros((len(keys), ncpus, words), dtype=np.uint64)
+    for i, key in enumerate(keys):
+        # A key can vanish only if someone else deletes it; keep zeroes.
+        libbcc.bpf_lookup_elem(fd, ctypes.c_char_p(key),
+                            ctypes.c_void_p(values[i].ctypes.data))
+    return keys, values
+
+
+def read_map(b, spec, layout, ncpus, keys=None):
+    """read_percpu() of a map by its spec (the whole map, or those keys)."""
+    return read_percpu(b[spec.name], spec.key.size, spec.words(layout),
+                       ncpus if spec.percpu else 1, keys=keys)
+
+
+def read_entries(b, spec, layout, ncpus, keys=None):
+    """{(tgid, tid) + fields: value} of a map whose entries add to a
+    Snapshot table (spec.merge), as that table keys and values them."""
+    keys, values = read_map(b, spec, layout, ncpus, keys)
+    table = spec.merge
+    at = [spec.key.names.index(field) for field in table.fields]
+    unpack = spec.key.layout.unpack
+    entries = {}
+    for key, value in zip(keys, table.values(values)):
+        fields = unpack(key)
+        entries[(fields[0] >> 32, fields[0] & 0xffffffff) +
+                tuple(fields[i] for i in at)] = value
+    return entries
+
+
+def read_lost(b, spec, layout, ncpus, count):
+    """[count] of each of a lost counters array's first `count` entries,
+    summed over CPUs."""
+    keys = [INDEX_KEY.layout.pack(i) for i in range(count)]
+    _, lost = read_map(b, spec, layout, ncpus, keys=keys)
+    return [int(x) for x in lost.sum(axis=(1, 2))]
+
+
+# A table this big is summed on several cores at once: one core's memory
+# bandwidth is the limit (a 640-CPU host's table of 4,096 threads is
+# 3.8 GiB), and numpy lets other threads run while it adds.
+PARALLEL_SUM_BYTES = 256 << 20
+PARALLEL_SUM_THREADS = 8
+
+
+def sum_over_cpus(values):
+    """values[thread][cpu][header + slots] -> uint64 [thread][slot]."""
+    out = np.empty((values.shape[0], values.shape[2] - 1), dtype=np.uint64)
+    workers = min(PARALLEL_SUM_THREADS, len(os.sched_getaffinity(0)))
+    if values.nbytes < PARALLEL_SUM_BYTES or workers < 2:
+        return np.sum(values[:, :, 1:], axis=1, dtype=np.uint64, out=out)
+    bounds = np.linspace(0, len(values), workers + 1).astype(int).tolist()
+
+    def part(start, end):
+        np.sum(values[start:end, :, 1:], axis=1, dtype=np.uint64,
+               out=out[start:end])
+    # map() raises here what a part raised there.
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        list(pool.map(part, bounds, bounds[1:]))
+    return out
+
+
+def merge_thread_counts(keys, values, cache_keys, cache_values):
+    """Sum each thread's counters over CPUs.
+
+    keys: pid_tgid per row of values [thread][cpu][header + slots];
+    cache_keys/cache_values [cpu][...]: each CPU's cache slot.  Counters
+    only grow, and a thread's cache slot and hash entry on one CPU are two
+    copies of the same counters taken at different times, so the larger
+    of the two is the current one, whatever order they were read in.
+    Returns (pid_tgid list, uint64 [thread][slot], header [thread])."""
+    keys = list(keys)
+    index = {k: i for i, k in enumerate(keys)}
+    extra = [k for k in cache_keys if k and k not in index]
+    if extra:
+        for k in dict.fromkeys(extra):
+            index[k] = len(keys)
+            keys.append(k)
+        pad = np.zeros((len(keys) - len(values),) + values.shape[1:],
+                       dtype=np.uint64)
+        values = np.concatenate([values, pad])
+    for cpu, k in enumerate(cache_keys):
+        if k:
+            row = values[index[k], cpu]
+            np.maximum(row, cache_values[cpu], out=row)
+    sums = sum_over_cpus(values)
+    headers = values[:, :, 0]
+    # The header (isa, vcpu_id) is set on every CPU the thread exited on.
+    seen = (headers >> np.uint64(32)) != 0
+    header = headers[np.arange(len(keys)), seen.argmax(axis=1)] \
+        if len(keys) else headers[:, 0]
+    return keys, sums, header
+
+
+class Snapshot:
+    """Counts since tracing began: {(tgid, tid, isa, code): count}, each
+    thread's vCPU id, the exits that could not be counted, with --latency
+    {(tgid, tid, isa, code): Latency}, and with --detail
+    {(tgid, tid, isa, code, kind, key, attr): count} and the sub-keys that
+    could not be counted.  TABLES says how each table merges."""
+
+    def __init__(self, counts, vcpu_ids, lost, latency=None, detail=None,
+                 detail_lost=0):
+        self.counts = counts
+        self.vcpu_ids = vcpu_ids
+        self.lost = lost
+        self.latency = latency or {}
+        self.detail = detail or {}
+        self.detail_lost = detail_lost
+
+    def minus(self, earlier):
+        """The counts of the interval since an earlier snapshot."""
+        interval = Snapshot({}, self.vcpu_ids,
+                            [a - b for a, b in zip(self.lost, earlier.lost)],
+                            detail_lost=self.detail_lost -
+                            earlier.detail_lost)
+        for table in TABLES:
+            then = getattr(earlier, table.name)
+            since = {k: table.since(v, then[k]) if k in then else v
+                     for k, v in getattr(self, table.name).items()}
+            setattr(interval, table.name,
+                    {k: v for k, v in since.items() if table.live(v)})
+        return interval
+
+
+def thread_counts(keys, values, cache_keys, cache_values, layout):
+    """({(tgid, tid, isa, code): count}, {(tgid, tid): vcpu_id}) from the
+    thread table's and the cache slots' per-CPU values, as
+    merge_thread_counts() takes them."""
+    keys, sums, header = merge_thread_counts(keys, values, cache_keys,
+                                             cache_values)
+    rows, slots = np.nonzero(sums)
+    header = header.tolist()
+    codes = [layout.code(slot) for slot in range(layout.slots)]
+    counts = {}
+    for row, slot, count in zip(rows.tolist(), slots.tolist(),
+                                sums[rows, slots].tolist()):
+        pid_tgid = keys[row]
+        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, header[row] >> 32,
+                codes[slot])] = count
+    vcpu_ids = {(pid_tgid >> 32, pid_tgid & 0xffffffff): h & 0xffffffff
+                for pid_tgid, h in zip(keys, header)}
+    return counts, vcpu_ids
+
+
+def snapshot(b, program, ncpus):
+    """Read every map of the program once and sum it up."""
+    layout = program.layout
+    # The cache first: see merge_thread_counts().
+    _, cache = read_map(b, CACHE_MAP, layout, ncpus,
+                        keys=[INDEX_KEY.layout.pack(0)])
+    raw_keys, values = read_map(b, THREAD_MAP, layout, ncpus)
+    counts, vcpu_ids = thread_counts(
+        [pid_tgid_of(k) for k in raw_keys], values,
+        [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
+    snap = Snapshot(counts, vcpu_ids, [])
+    for spec in program.maps():
+        if isinstance(spec.merge, Table):
+            add_counts(getattr(snap, spec.merge.name),
+                       read_entries(b, spec, layout, ncpus))
+    snap.lost = read_lost(b, LOST_MAP, layout, ncpus, len(LOST))
+    if DETAIL_LOST_MAP in program.maps():
+        snap.detail_lost = sum(read_lost(b, DETAIL_LOST_MAP, layout, ncpus,
+                                         1))
+    return snap
+
+
+#
+# Threads that have exited: retired from the kernel's tables
+#
+# How often the threads of ended VMs are retired, in seconds.  The thread
+# table needs room for the live vCPU threads, one dead thread per possible
+# CPU (held in its cache slot until another thread exits there), and the
+# threads that ended within one TICK.
+TICK = 1.0
+
+
+class ThreadTables:
+    """The loaded program's tables, as retirement reads and prunes them."""
+
+    def __init__(self, b, program, ncpus):
+        self.b, self.program, self.ncpus = b, program, ncpus
+
+    def snapshot(self):
+        return snapshot(self.b, self.program, self.ncpus)
+
+    def cached_threads(self):
+        """The pid_tgid each CPU's cache slot holds (0: none)."""
+        _, cache = read_map(self.b, CACHE_MAP, self.program.layout,
+                            self.ncpus, keys=[INDEX_KEY.layout.pack(0)])
+        return {int(k) for k in cache[0][:, 0]} - {0}
+
+    def keys(self, spec):
+        return map_keys(self.b[spec.name].map_fd, spec.key.size)
+
+    def delete(self, spec, keys):
+        fd = self.b[spec.name].map_fd
+        for key in keys:
+            libbcc.bpf_delete_elem(fd, ctypes.c_char_p(key))
+
+    def take_threads(self, keys):
+        """Counts and vCPU ids of these thread table entries, deleted."""
+        _, values = read_map(self.b, THREAD_MAP, self.program.layout,
+                             self.ncpus, keys=keys)
+        counts, vcpu_ids = thread_counts([pid_tgid_of(k) for k in keys],
+                                         values, [], None,
+                                         self.program.layout)
+        self.delete(THREAD_MAP, keys)
+        return counts, vcpu_ids
+
+    def take(self, spec, keys):
+        """The entries of these keys of a map that adds to a Snapshot
+        table, deleted."""
+        entries = read_entries(self.b, spec, self.program.layout,
+                               self.ncpus, keys)
+        self.delete(spec, keys)
+        return entries
+
+
+class Ledger:
+    """Final counts of threads that have exited, moved out of the kernel's
+    tables so that the threads of new VMs find room there.
+
+    A thread that has exited cannot exit again, so its counts are final.
+    retire() moves them here and deletes the thread's entries.  Readers
+    take the same lock, so that a report sees each thread once, in the
+    tables or here, never twice or not at all.
+
+    A dead thread that a CPU's cache slot still holds stays in the table:
+    the eviction that takes it out of the slot writes its counters back to
+    its entry, which must exist then.  Only the current thread enters a
+    cache slot, so a thread found dead and then in no slot never enters
+    one again (the slots are read after the deaths are seen: a thread that
+    exited, was cached and ended between the two reads would be missed the
+    other way round).
+
+    A TID reused by a new thread of the same process before the old one was
+    retired (the kernel's PIDs must wrap around within a TICK) continues
+    the old thread's entry: the two threads' exits are counted as one's."""
+
+    def __init__(self, proc="/proc", clock=time.monotonic):
+        self.lock = threading.Lock()
+        self.proc, self.clock = proc, clock
+        self.retired = self.empty()     # Snapshot table name: entries
+        self.vcpu_ids = {}      # (tgid, tid): vcpu id
+        self.gone_since = {}    # tgid: when its process was first missed
+        self.tgids = set()      # processes seen in the tables
+
+    @staticmethod
+    def empty():
+        return {table.name: {} for table in TABLES}
+
+    def threads_of(self, tgid):
+        """The TIDs a process has now (none if it is gone): one directory
+        read per process, not one stat per thread."""
+        try:
+            return {int(t) for t in os.listdir("%s/%d/task" % (self.proc,
+                                                              tgid))}
+        except OSError:
+            return set()
+
+    def retire(self, tables):
+        """Move the counts of threads that have exited out of the tables;
+        returns how many threads were retired."""
+        with self.lock:
+            return self._retire(tables)
+
+    def _retire(self, tables):
+        tids = {}           # tgid: its TIDs now
+
+        def dead(keys):
+            found = []
+            for key in keys:
+                pid_tgid = pid_tgid_of(key)
+                tgid = pid_tgid >> 32
+                if tgid not in tids:
+                    tids[tgid] = self.threads_of(tgid)
+                if pid_tgid & 0xffffffff not in tids[tgid]:
+                    found.append(key)
+            return found
+
+        gone = []
+        for spec in tables.program.maps():
+            if spec.merge == "threads":
+                threads = dead(tables.keys(spec))
+                # The cache slots after the deaths: a thread dead by now
+                # enters no slot again, so one found in none stays out (see
+                # the class doc).
+                held = tables.cached_threads() if threads else set()
+                gone = [k for k in threads if pid_tgid_of(k) not in held]
+                if gone:
+                    counts, vcpu_ids = tables.take_threads(gone)
+                    add_counts(self.retired[COUNTS.name], counts)
+                    self.vcpu_ids.update(vcpu_ids)
+            elif spec.merge == "pending":
+                tables.delete(spec, dead(tables.keys(spec)))
+            elif isinstance(spec.merge, Table):
+                keys = dead(tables.keys(spec))
+                if keys:
+                    add_counts(self.retired[spec.merge.name],
+                               tables.take(spec, keys))
+        self.tgids = set(tids)
+        return len(gone)
+
+    def read(self, tables, take=False):
+        """Retire, then a snapshot of the tables with the retired counts
+        added.  take: the retired counts leave the ledger with it (a report
+        of intervals shows them once); their keys are in .retired."""
+        with self.lock:
+            self._retire(tables)
+            snap = tables.snapshot()
+            merged = Snapshot({}, {**self.vcpu_ids, **snap.vcpu_ids},
+                              snap.lost, detail_lost=snap.detail_lost)
+            for table in TABLES:
+                entries = dict(getattr(snap, table.name))
+                add_counts(entries, self.retired[table.name])
+                setattr(merged, table.name, entries)
+            merged.retired = {name: set(entries)
+                              for name, entries in self.retired.items()}
+            if take:
+                self.retired, self.vcpu_ids = self.empty(), {}
+            return merged
+
+    def forget_gone(self, keep):
+        """Drop the retired counts of processes gone for `keep` seconds:
+        a process that lives on keeps all of its threads' counts, so its
+        series never go down.  Returns the tgids dropped."""
+        with self.lock:
+            now = self.clock()
+            for tgid in {k[0] for entries in self.retired.values()
+                         for k in entries}:
+                if os.path.exists("%s/%d" % (self.proc, tgid)):
+                    self.gone_since.pop(tgid, None)
+                else:
+                    self.gone_since.setdefault(tgid, now)
+            expired = {t for t, since in self.gone_since.items()
+                       if now - since >= keep}
+            if expired:
+                drop = lambda table: {k: v for k, v in table.items()
+                                      if k[0] not in expired}
+                self.retired = {name: drop(entries)
+                                for name, entries in self.retired.items()}
+                self.vcpu_ids = drop(self.vcpu_ids)
+                for tgid in expired:
+                    del self.gone_since[tgid]
+            return expired
+
+    def size(self):
+        """Entries held: what grows with the VMs that came and went."""
+        return sum(map(len, self.retired.values())) + len(self.vcpu_ids)
+
+
+def add_counts(table, more):
+    """Add {key: count or Latency} into table."""
+    for k, v in more.items():
+        table[k] = table[k] + v if k in table else v
+
+
+def without_retired(snap):
+    """An interval report has shown the retired counts: the next interval
+    starts from zero for their keys (a reused TID is a new thread)."""
+    for name, keys in snap.retired.items():
+        entries = getattr(snap, name)
+        for k in keys:
+            entries.pop(k, None)
+    return snap
+
+
+#
+# Report
+#
+def merge_by(table, key):
+    merged = {}
+    for k, v in table.items():
+        k = key(*k)
+        merged[k] = merged[k] + v if k in merged else v
+    return merged
+
+
+def limit_per_group(rows, top):
+    """The first `top` rows of each group (rows are sorted by group)."""
+    if not top:
+        return rows
+    kept, seen = [], {}
+    for row in rows:
+        seen[row[0]] = seen.get(row[0], 0) + 1
+        if seen[row[0]] <= top:
+            kept.append(row)
+    return kept
+
+
+def ordered_rows(counts, group, top=None):
+    """The one row order of every report, text and records alike:
+    [(group, isa, code, count)], groups ascending, each group's reasons by
+    count, largest first, then by exit code; at most `top` per group.
+
+    counts: {(tgid, tid, isa, code): count}; group(tgid, tid): the block a
+    thread's rows go to (None: one block for all)."""
+    merged = merge_by(counts, lambda tgid, tid, isa, code:
+                      (group(tgid, tid), isa, code))
+    # Sorted as plain tuples: no key function, for speed at scale.
+    order = sorted((g or (), -n, isa, code)
+                   for (g, isa, code), n in merged.items())
+    return limit_per_group([(g or None, isa, code, -n)
+                            for g, n, isa, code in order], top)
+
+
+def report_rows(selection, snap, top=None):
+    """The rows of the text report of a selection's view."""
+    return ordered_rows(selection.keep(snap.counts, snap.vcpu_ids),
+                        selection.group, top)
 
 
 def process_name(pid, proc="/proc"):
@@ -2479,17 +2613,20 @@ def main(argv=None):
     check_vcpu_ids(selection, probe)
     layout = slot_layout()
     ncpus = possible_cpus()
-    check_table_memory(max_threads, layout, ncpus, args.latency, args.detail)
+    program = Program(probe, selection, max_threads, layout,
+                      frozenset(feature.name for feature in FEATURES
+                                if getattr(args, feature.name)))
+    check_table_memory(program, ncpus)
     names = kernel_reason_names(tp_dir)
     if args.prometheus:
         server = listen(args.prometheus)    # a port in use: before loading
 
-    b, probe = start_tracing(probe, selection, max_threads, layout,
-                             args.latency, args.debug, args.detail)
+    b, program = start_tracing(program, args.debug)
+    probe = program.probe
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
               file=sys.stderr)
-    tables = ThreadTables(b, layout, ncpus, args.latency, args.detail)
+    tables = ThreadTables(b, program, ncpus)
     ledger = Ledger()
 
     # Blocked before any thread starts: only the main thread takes them.

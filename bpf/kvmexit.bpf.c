@@ -14,14 +14,15 @@
 //                       (TID_WORDS u64 words: one bit per possible TID)
 //   MAX_THREADS, MAX_RARE   capacity of the two hash tables
 //   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
-//   LATENCY             also time each exit until the vCPU re-enters
+//   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
 //                       tracepoint probe only)
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
 //                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
 //   ISA_VMX, ISA_SVM, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_SUB_BITS, LAT_SUB,
-//   LAT_MAX_LOG2, LAT_BUCKETS, NR_LOST and the LOST_* indexes of pcpu_lost.
+//   LAT_MAX_LOG2, LAT_BUCKETS, NR_LOST, the LOST_* indexes of pcpu_lost and
+//   MMIO_FAST_WRITE; with DETAIL, the exit codes of DETAIL_CODES.
 //
 // Layout: a vCPU thread tends to exit again on the CPU it last exited on,
 // so each CPU keeps the counters of the thread that exited there last in a
@@ -199,7 +200,7 @@ struct latency {
 };
 
 BPF_HASH(pending_exit, u64, struct exit_start, MAX_THREADS);
-BPF_HASH(exit_latency, struct latency_key, struct latency, MAX_THREADS * 8);
+BPF_HASH(exit_latency, struct latency_key, struct latency, MAX_LATENCY);
 // All zeroes, never written: a new entry's start (too big for the stack).
 BPF_ARRAY(blank_latency, struct latency, 1);
 
@@ -382,15 +383,10 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 // Fields are kept raw (masked to the bits that name the access) and
 // decoded in kvmexit.py, so that this path does shifts and masks only.
 
-// Architectural exit codes (uapi asm/vmx.h and asm/svm.h).
-#define VMX_EXCEPTION_NMI 0
-#define VMX_EXTERNAL_INTERRUPT 1
-#define VMX_CR_ACCESS 28
-#define VMX_IO_INSTRUCTION 30
-#define SVM_EXCP_BASE 0x40
-#define SVM_EXCP_END 0x60
-#define SVM_IOIO 0x7b
-#define SVM_NPF 0x400
+// Architectural exit codes (uapi asm/vmx.h and asm/svm.h) come from
+// kvmexit.py's DETAIL_CODES: VMX_EXCEPTION_NMI, VMX_EXTERNAL_INTERRUPT,
+// VMX_CR_ACCESS, VMX_IO_INSTRUCTION, SVM_EXCP_BASE, SVM_EXCP_END,
+// SVM_IOIO, SVM_NPF.
 
 #define VMX_INTR_INFO_VALID 0x80000000u
 #define PAGE_MASK_4K (~0xfffull)
@@ -525,9 +521,8 @@ static __always_inline void detail_user_exit(u32 reason, int err)
                  err < 0 ? -err : 0);
 }
 
-// MMIO access types beyond kvm_mmio's 0..2 (unsatisfied read, read,
-// write): a write KVM completed on its fast MMIO bus (ioeventfd).
-#define MMIO_FAST_WRITE 3
+// MMIO_FAST_WRITE (from kvmexit.py): the MMIO access type beyond
+// kvm_mmio's 0..2 of a write KVM completed on its fast MMIO bus.
 
 static __always_inline void detail_page_fault(u64 address, u64 error_code)
 {

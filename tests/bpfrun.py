@@ -11,11 +11,23 @@ import os
 import struct
 import threading
 
+import kvmexit
+
 SYS_BPF = 321                   # x86_64
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TestEntries(kvmexit.Program):
+    """A kvmexit program that also has the raw tracepoint entries that
+    BPF_PROG_TEST_RUN can run (-DTEST_ENTRIES): tests and benchmarks only."""
+
+    __slots__ = ()
+
+    def cflags(self):
+        return super().cflags() + ["-DTEST_ENTRIES"]
 
 
 def bpf(cmd, attr, size=None):

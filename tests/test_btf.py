@@ -160,8 +160,9 @@ def test_missing_btf_falls_back_to_tracepoint(tmp_path):
 
 def test_raw_new_program_with_debian61_offsets_loads_and_attaches(debian61):
     probe = kvmexit.choose_probe("auto", TP_DIR, debian61["amd"])
-    b = kvmexit.load_program(probe, kvmexit.Selection("all threads", "all"),
-                             64, kvmexit.SVM_LAYOUT)
+    b = kvmexit.load_program(kvmexit.Program(
+        probe, kvmexit.Selection("all threads", "all"), 64,
+        kvmexit.SVM_LAYOUT))
     try:
         kvmexit.attach_raw(b)
         assert list(b.raw_tracepoint_fds) == [b"kvm_exit"]

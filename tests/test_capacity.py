@@ -22,6 +22,9 @@ import bpfrun
 SVM = kvmexit.ISA_SVM
 PID = os.getpid()
 MAX_THREADS = 4
+PROGRAM = kvmexit.Program(kvmexit.Probe("raw-old", "test"),
+                          kvmexit.Selection("all threads", "all"),
+                          MAX_THREADS, kvmexit.SVM_LAYOUT)
 RARE = 0x9999               # no slot in either layout: the rare table
 TABLE_FULL = 0
 RARE_FULL = 1
@@ -29,16 +32,14 @@ RARE_FULL = 1
 
 @pytest.fixture
 def prog(bcc, cpus_0_1):
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                             kvmexit.Selection("all threads", "all"),
-                             MAX_THREADS, kvmexit.SVM_LAYOUT)
+    b = kvmexit.load_program(PROGRAM)
     b.fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
     yield b
     b.cleanup()
 
 
 def snap_of(b):
-    return kvmexit.snapshot(b, kvmexit.SVM_LAYOUT, kvmexit.possible_cpus())
+    return kvmexit.snapshot(b, PROGRAM, kvmexit.possible_cpus())
 
 
 def fire(thread, fd, events):
@@ -152,9 +153,7 @@ def test_a_full_rare_table_is_counted_as_lost_and_warned(bcc, cpus_0_1,
                                                          threads, capsys,
                                                          monkeypatch):
     monkeypatch.setattr(kvmexit, "MAX_RARE", 8)
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                             kvmexit.Selection("all threads", "all"),
-                             MAX_THREADS, kvmexit.SVM_LAYOUT)
+    b = kvmexit.load_program(PROGRAM)
     try:
         fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
         t = threads()

@@ -10,6 +10,7 @@ import json
 import pytest
 
 import kvmexit
+from helpers import program
 from kvmexit import Detail
 from kvmexit_conftest import assert_one_error_line, first_line, run_tool
 
@@ -218,8 +219,8 @@ def test_detail_takes_the_tracepoint_and_refuses_probe_raw(tmp_path):
 
 def test_detail_tables_are_counted_in_the_memory_check():
     layout = kvmexit.SVM_LAYOUT
-    plain = kvmexit.table_memory(1024, layout, 2)
-    assert kvmexit.table_memory(1024, layout, 2, detail=True) - plain == \
+    plain = program(1024, layout).memory(2)
+    assert program(1024, layout, {"detail"}).memory(2) - plain == \
         kvmexit.MAX_DETAIL * (40 + kvmexit.HASH_ELEM_OVERHEAD) + \
         1024 * (24 + kvmexit.HASH_ELEM_OVERHEAD) + 16
 

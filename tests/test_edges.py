@@ -16,6 +16,7 @@ import time
 import pytest
 
 import kvmexit
+from helpers import program
 from kvmexit_conftest import (
     HEADER_ALL, HEADER_COLLAPSED, SCRIPT, SYSTEM_PYTHON,
     assert_one_error_line, first_line, run_tool)
@@ -247,8 +248,8 @@ def test_oversized_thread_table_is_refused_before_any_map(ready):
     started = time.monotonic()
     result = run_tool(["--max-threads", "50000000", 1])
     assert time.monotonic() - started < 5       # no compile happened
-    need = kvmexit.table_memory(50000000, kvmexit.slot_layout(),
-                                kvmexit.possible_cpus())
+    need = program(50000000, kvmexit.slot_layout()).memory(
+        kvmexit.possible_cpus())
     line, = result.stderr.splitlines()
     assert line.startswith(
         "kvmexit: the counter tables would take %s of kernel memory "
@@ -266,14 +267,16 @@ def test_table_memory_check_against_a_chosen_meminfo(tmp_path):
                        "MemAvailable:    100000 kB\n")
     layout = kvmexit.SVM_LAYOUT
     # 102,400,000 B available: half is 51,200,000 B.
-    fits = kvmexit.table_memory(16000, layout, 2)
+    fits = program(16000, layout).memory(2)
     assert fits <= 51200000
-    kvmexit.check_table_memory(16000, layout, 2, meminfo=str(meminfo))
-    assert kvmexit.table_memory(17000, layout, 2) > 51200000
+    kvmexit.check_table_memory(program(16000, layout), 2,
+                               meminfo=str(meminfo))
+    assert program(17000, layout).memory(2) > 51200000
     with pytest.raises(kvmexit.Error) as exc:
-        kvmexit.check_table_memory(17000, layout, 2, meminfo=str(meminfo))
+        kvmexit.check_table_memory(program(17000, layout), 2,
+                                   meminfo=str(meminfo))
     # 17000 x (2 x 1544 + 64) + 1024 x (2 x 8 + 80) = 53,682,304 B.
-    assert kvmexit.table_memory(17000, layout, 2) == 53682304
+    assert program(17000, layout).memory(2) == 53682304
     assert str(exc.value) == (
         "the counter tables would take 51.2 MiB of kernel memory (17000 "
         "threads x 2 possible CPUs x 1544 B), more than half of the 97.7 "
@@ -283,8 +286,8 @@ def test_table_memory_check_against_a_chosen_meminfo(tmp_path):
 def test_table_memory_follows_the_per_cpu_formula():
     # 1544 B of counters per thread and CPU (SVM), plus the element.
     layout = kvmexit.SVM_LAYOUT
-    assert kvmexit.table_memory(1, layout, 640) - \
-        kvmexit.table_memory(0, layout, 640) == 1544 * 640 + 64
+    assert program(1, layout).memory(640) - \
+        program(0, layout).memory(640) == 1544 * 640 + 64
 
 
 def test_long_duration_within_bounds_runs_until_sigint(ready):

@@ -42,33 +42,31 @@ class Program:
                  layout=kvmexit.SVM_LAYOUT, max_threads=64):
         self.layout, self.selection = layout, selection
         self.ncpus = kvmexit.possible_cpus()
-        self.b = kvmexit.load_program(probe, selection, max_threads,
-                                      layout)
+        self.program = kvmexit.Program(probe, selection, max_threads, layout)
+        self.b = kvmexit.load_program(self.program)
         self.fd = self.b.load_func(b"raw_kvm_exit",
                                    bcc.BPF.RAW_TRACEPOINT).fd \
             if probe.kind != "tracepoint" else None
 
     def snap(self):
-        return kvmexit.snapshot(self.b, self.layout, self.ncpus)
+        return kvmexit.snapshot(self.b, self.program, self.ncpus)
 
     def cache(self):
         """Each CPU's cache slot: (pid_tgid, isa, slot counters)."""
-        zero = (0).to_bytes(4, "little")
-        _, values = kvmexit.read_percpu(self.b[b"pcpu_cache"], 4,
-                                        1 + self.layout.words, self.ncpus,
-                                        keys=[zero])
+        _, values = kvmexit.read_map(self.b, kvmexit.CACHE_MAP, self.layout,
+                                     self.ncpus, keys=[bytes(4)])
         return [(int(v[0]), int(v[1]) >> 32, v[2:]) for v in values[0]]
 
     def table(self):
         """The thread table: {pid_tgid: uint64 [cpu][header + slots]}."""
-        keys, values = kvmexit.read_percpu(self.b[b"pcpu_kvm_stat"], 8,
-                                           self.layout.words, self.ncpus)
+        keys, values = kvmexit.read_map(self.b, kvmexit.THREAD_MAP,
+                                        self.layout, self.ncpus)
         return {int.from_bytes(k, "little"): v for k, v in zip(keys, values)}
 
     def rare(self):
         """The rare codes table: {(pid_tgid, isa, code): total}."""
-        keys, values = kvmexit.read_percpu(self.b[b"pcpu_rare_stat"], 16, 1,
-                                           self.ncpus)
+        keys, values = kvmexit.read_map(self.b, kvmexit.RARE_MAP,
+                                        self.layout, self.ncpus)
         return {(int.from_bytes(k[:8], "little"),
                  int.from_bytes(k[8:12], "little"),
                  int.from_bytes(k[12:], "little")): int(v.sum())
@@ -175,7 +173,9 @@ def test_start_tracing_falls_back_to_the_tracepoint_if_raw_is_refused(bcc):
     probe = kvmexit.Probe("raw-old", "kernel BTF: kvm_exit(exit_reason, "
                           "vcpu, isa) passes the exit reason",
                           fallback=fallback)
-    b, chosen = kvmexit.start_tracing(probe, ALL, 64, kvmexit.SVM_LAYOUT)
+    b, chosen = kvmexit.start_tracing(kvmexit.Program(probe, ALL, 64,
+                                                      kvmexit.SVM_LAYOUT))
+    chosen = chosen.probe
     try:
         assert chosen is fallback
         assert chosen.why.startswith("fallback, the raw tracepoint did not "
@@ -192,7 +192,8 @@ def test_start_tracing_with_raw_asked_for_does_not_fall_back(bcc):
                           "vcpu, isa) passes the exit reason",
                           requested="raw")
     with pytest.raises(kvmexit.Error) as exc:
-        kvmexit.start_tracing(probe, ALL, 64, kvmexit.SVM_LAYOUT)
+        kvmexit.start_tracing(kvmexit.Program(probe, ALL, 64,
+                                              kvmexit.SVM_LAYOUT))
     assert str(exc.value).startswith("cannot attach the raw tracepoint: ")
 
 

@@ -50,9 +50,9 @@ class DetailProgram:
         if max_detail:
             monkeypatch.setattr(kvmexit, "MAX_DETAIL", max_detail)
         self.ncpus = kvmexit.possible_cpus()
-        self.b = kvmexit.load_program(TRACEPOINT, selection, 64,
-                                      kvmexit.SVM_LAYOUT, detail=True,
-                                      test_entries=True)
+        self.program = bpfrun.TestEntries(TRACEPOINT, selection, 64,
+                                          kvmexit.SVM_LAYOUT, {"detail"})
+        self.b = kvmexit.load_program(self.program)
         self.fd = {name[len("test_"):]: self.b.load_func(
             name.encode(), bcc.BPF.RAW_TRACEPOINT).fd for name in ENTRIES}
 
@@ -73,8 +73,7 @@ class DetailProgram:
             raise failed[0]
 
     def snap(self):
-        return kvmexit.snapshot(self.b, kvmexit.SVM_LAYOUT, self.ncpus,
-                                detail=True)
+        return kvmexit.snapshot(self.b, self.program, self.ncpus)
 
     def close(self):
         self.b.cleanup()
@@ -110,7 +109,8 @@ def test_detail_attaches_to_kvm_tracepoints(prog):
 
 
 def test_default_program_has_no_detail(bcc, cpus_0_1):
-    b = kvmexit.load_program(TRACEPOINT, ALL, 64, kvmexit.SVM_LAYOUT)
+    b = kvmexit.load_program(kvmexit.Program(TRACEPOINT, ALL, 64,
+                                             kvmexit.SVM_LAYOUT))
     try:
         assert list(b.tracepoint_fds) == [b"kvm:kvm_exit"]
         with pytest.raises(KeyError):

@@ -25,10 +25,10 @@ PID = os.getpid()
 
 @pytest.fixture(scope="module")
 def prog(bcc, cpus_0_1):
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                             kvmexit.Selection("all threads", "all"), 64,
-                             kvmexit.SVM_LAYOUT, latency=True,
-                             test_entries=True)
+    b = kvmexit.load_program(bpfrun.TestEntries(
+        kvmexit.Probe("raw-old", "test"),
+        kvmexit.Selection("all threads", "all"), 64, kvmexit.SVM_LAYOUT,
+        {"latency"}))
     yield b, b.load_func(b"test_exit_latency", bcc.BPF.RAW_TRACEPOINT).fd
     b.cleanup()
 
@@ -42,7 +42,8 @@ def record(prog, thread, code, times):
         for ns in times:
             bpfrun.test_run(fd, [code, SVM, ns])
     thread.call(job)
-    return kvmexit.read_latency(b)[(PID, thread.tid, SVM, code)]
+    return kvmexit.read_entries(b, kvmexit.LATENCY_MAP, kvmexit.SVM_LAYOUT,
+                                1)[(PID, thread.tid, SVM, code)]
 
 
 def edges():

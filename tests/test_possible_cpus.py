@@ -168,7 +168,10 @@ def test_snapshot_reads_every_map_for_all_possible_cpus(sys_cpu,
         return keys, out
 
     monkeypatch.setattr(kvmexit, "read_percpu", read_percpu)
-    snap = kvmexit.snapshot(FakeMaps(), LAYOUT, kvmexit.possible_cpus())
+    snap = kvmexit.snapshot(FakeMaps(), kvmexit.Program(
+        kvmexit.Probe("raw-old", "test"),
+        kvmexit.Selection("all threads", "all"), 16, LAYOUT),
+        kvmexit.possible_cpus())
     assert asked and set(asked.values()) == {NCPUS}
     assert {"pcpu_cache", "pcpu_kvm_stat", "pcpu_rare_stat",
             "pcpu_lost"} <= set(asked)
@@ -191,16 +194,16 @@ def test_read_percpu_sizes_its_buffer_for_the_possible_cpus(bcc, cpus_0_1,
     ncpus = kvmexit.possible_cpus()
     assert ncpus == len(get_possible_cpus())
     assert ncpus >= len(os.sched_getaffinity(0))
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                             kvmexit.Selection("all threads", "all"), 16,
-                             LAYOUT)
+    b = kvmexit.load_program(kvmexit.Program(
+        kvmexit.Probe("raw-old", "test"),
+        kvmexit.Selection("all threads", "all"), 16, LAYOUT))
     try:
         fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
         a, z = threads(2)
         a.exits(fd, 1, 0x7b, SVM, times=3)
         z.exits(fd, 1, 0x78, SVM, times=1)     # evicts a on CPU 1
-        keys, values = kvmexit.read_percpu(b[b"pcpu_kvm_stat"], 8,
-                                           LAYOUT.words, ncpus)
+        keys, values = kvmexit.read_map(b, kvmexit.THREAD_MAP, LAYOUT,
+                                        ncpus)
     finally:
         b.cleanup()
     table = {int.from_bytes(k, "little"): v for k, v in zip(keys, values)}

@@ -109,13 +109,14 @@ class Exported:
 
     def __init__(self, bcc, latency=False, selection=None, max_threads=64):
         selection = selection or kvmexit.Selection("all threads", "all")
-        self.b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                                      selection, max_threads,
-                                      kvmexit.SVM_LAYOUT, latency)
+        program = kvmexit.Program(kvmexit.Probe("raw-old", "test"),
+                                  selection, max_threads, kvmexit.SVM_LAYOUT,
+                                  {"latency"} if latency else ())
+        self.b = kvmexit.load_program(program)
         self.fd = self.b.load_func(b"raw_kvm_exit",
                                    bcc.BPF.RAW_TRACEPOINT).fd
-        self.tables = kvmexit.ThreadTables(self.b, kvmexit.SVM_LAYOUT,
-                                           kvmexit.possible_cpus(), latency)
+        self.tables = kvmexit.ThreadTables(self.b, program,
+                                           kvmexit.possible_cpus())
         self.ledger = kvmexit.Ledger()
         self.exporter = kvmexit.Exporter(
             lambda: self.ledger.read(self.tables), kvmexit.ReasonNames(),
@@ -203,7 +204,7 @@ def test_a_live_vms_counters_never_go_down_as_its_threads_are_retired(
     vm.exits(1, IOIO, 1)                       # evicts the ended thread
     vm.exits(0, IOIO, 1)
     e.tick()
-    assert (vm.pid, ended, SVM, IOIO) in e.ledger.counts
+    assert (vm.pid, ended, SVM, IOIO) in e.ledger.retired["counts"]
     assert e.scrape()["kvm_exits_total"] == {
         series("db", vm.pid, "IOIO"): 9}
     # Long after: the process lives, so nothing of it is dropped.
@@ -226,7 +227,7 @@ def test_a_gone_vm_is_served_with_its_name_for_keep_gone_then_dropped(
     now = [1000.0]
     e.ledger.clock = lambda: now[0]
     e.tick(keep=30)
-    assert gone.pid in {k[0] for k in e.ledger.counts}
+    assert gone.pid in {k[0] for k in e.ledger.retired["counts"]}
     expected = {series("old", gone.pid, "IOIO"): 6,
                 series("old", gone.pid, "HLT"): 1,
                 series("new", stays.pid, "INTR"): 3}

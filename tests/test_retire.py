@@ -25,10 +25,15 @@ RARE = 0x9999               # no slot in either layout: the rare table
 LOST = {macro: i for i, (macro, _) in enumerate(kvmexit.LOST)}
 
 
+def program(max_threads, latency=False):
+    return kvmexit.Program(kvmexit.Probe("raw-old", "test"),
+                           kvmexit.Selection("all threads", "all"),
+                           max_threads, kvmexit.SVM_LAYOUT,
+                           {"latency"} if latency else ())
+
+
 def load(bcc, max_threads, latency=False):
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "test"),
-                             kvmexit.Selection("all threads", "all"),
-                             max_threads, kvmexit.SVM_LAYOUT, latency)
+    b = kvmexit.load_program(program(max_threads, latency))
     b.fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
     return b
 
@@ -40,8 +45,8 @@ def loaded(bcc, cpus_0_1):
     def make(max_threads, latency=False):
         made.append(load(bcc, max_threads, latency))
         b = made[-1]
-        return b, kvmexit.ThreadTables(b, kvmexit.SVM_LAYOUT,
-                                       kvmexit.possible_cpus(), latency)
+        return b, kvmexit.ThreadTables(b, program(max_threads, latency),
+                                       kvmexit.possible_cpus())
 
     yield make
     for b in made:
@@ -77,7 +82,7 @@ def mine(counts):
 
 def thread_keys(tables):
     return {kvmexit.pid_tgid_of(k)
-            for k in tables.keys(b"pcpu_kvm_stat", 8)}
+            for k in tables.keys(kvmexit.THREAD_MAP)}
 
 
 def pid_tgid(tid):
@@ -168,7 +173,7 @@ def test_a_dead_thread_held_in_a_cache_slot_is_retired_once_evicted(
     live.exits(b.fd, 1, INTR, SVM)              # and from CPU 1
     assert ledger.retire(tables) == 1
     assert thread_keys(tables) == {pid_tgid(live.tid)}
-    assert ledger.counts == expected
+    assert ledger.retired["counts"] == expected
     # Live threads are never retired, whatever the caches hold.
     assert ledger.retire(tables) == 0
     snap = ledger.read(tables)
@@ -213,7 +218,7 @@ def test_a_failed_write_back_counts_the_evicted_threads_exits_as_lost(
     b, tables = loaded(4)
     held = threads()
     held.exits(b.fd, 0, IOIO, SVM, times=3)     # cached on CPU 0
-    tables.delete(b"pcpu_kvm_stat", [pid_tgid(held.tid).to_bytes(8,
+    tables.delete(kvmexit.THREAD_MAP, [pid_tgid(held.tid).to_bytes(8,
                                                                  "little")])
     for t in threads(4):
         t.exits(b.fd, 1, HLT, SVM)              # 4 entries: full
@@ -231,9 +236,9 @@ def test_rare_codes_of_ended_threads_are_retired_exactly(loaded):
     b, tables = loaded(64)
     ledger = kvmexit.Ledger()
     tids = [ended_thread(b.fd, [(n % 2, RARE + n, 1 + n)]) for n in range(5)]
-    assert len(tables.keys(b"pcpu_rare_stat", 16)) == 5
+    assert len(tables.keys(kvmexit.RARE_MAP)) == 5
     ledger.retire(tables)
-    assert tables.keys(b"pcpu_rare_stat", 16) == []
+    assert tables.keys(kvmexit.RARE_MAP) == []
     assert mine(ledger.read(tables).counts) == {
         (PID, tid, SVM, RARE + n): 1 + n for n, tid in enumerate(tids)}
 
@@ -260,11 +265,11 @@ def test_latency_of_ended_threads_is_retired_exactly(loaded, threads):
         b[b"pending_exit"][b[b"pending_exit"].Key(pid_tgid(tid))] = \
             b[b"pending_exit"].Leaf()
     ledger.retire(tables)
-    assert [kvmexit.pid_tgid_of(k) for k in tables.keys(b"exit_latency",
-                                                        16)] == \
+    assert [kvmexit.pid_tgid_of(k) for k in tables.keys(
+        kvmexit.LATENCY_MAP)] == \
         [pid_tgid(live.tid)]
-    assert [kvmexit.pid_tgid_of(k) for k in tables.keys(b"pending_exit",
-                                                        8)] == \
+    assert [kvmexit.pid_tgid_of(k) for k in tables.keys(
+        kvmexit.PENDING_MAP)] == \
         [pid_tgid(live.tid)]
     latency = ledger.read(tables).latency
     for tid, count in ((dead, 3), (live.tid, 5)):

@@ -54,13 +54,21 @@ def online_cpus():
         kvmexit.read_text("/sys/devices/system/cpu/online"))
 
 
+def program(layout, max_threads=kvmexit.MIN_MAX_THREADS, features=(),
+            selection=None):
+    """kvmexit's program in the raw-old mode."""
+    return kvmexit.Program(kvmexit.Probe("raw-old", "bench"),
+                           selection or kvmexit.Selection("all threads",
+                                                          "all"),
+                           max_threads, layout, features)
+
+
 def load_ours(bcc, max_threads, layout=kvmexit.SVM_LAYOUT,
               selection=None):
     """kvmexit's program in the raw-old mode, loaded but not attached:
     (BPF object, program fd)."""
-    selection = selection or kvmexit.Selection("all threads", "all")
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "bench"),
-                             selection, max_threads, layout)
+    b = kvmexit.load_program(program(layout, max_threads,
+                                     selection=selection))
     fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
     return b, fd
 

@@ -55,9 +55,9 @@ KVM_EXIT_IO = 2
 
 def load_detail(bcc):
     probe = kvmexit.Probe("tracepoint", "bench", tp_vcpu_id=True)
-    b = kvmexit.load_program(probe, kvmexit.Selection("all threads", "all"),
-                             kvmexit.MIN_MAX_THREADS, kvmexit.SVM_LAYOUT,
-                             detail=True, test_entries=True)
+    b = kvmexit.load_program(bpfrun.TestEntries(
+        probe, kvmexit.Selection("all threads", "all"),
+        kvmexit.MIN_MAX_THREADS, kvmexit.SVM_LAYOUT, {"detail"}))
     fds = {name: b.load_func(("test_" + name).encode(),
                              bcc.BPF.RAW_TRACEPOINT).fd
            for name in ("kvm_exit", "kvm_msr", "kvm_userspace_exit")}
@@ -141,9 +141,9 @@ def cost_table(samples, cpu):
 
 
 def instructions(bcc, source, probe, fn):
-    cflags = kvmexit.program_cflags(
+    cflags = kvmexit.Program(
         probe, kvmexit.Selection("all threads", "all"),
-        kvmexit.MIN_MAX_THREADS, kvmexit.SVM_LAYOUT)
+        kvmexit.MIN_MAX_THREADS, kvmexit.SVM_LAYOUT).cflags()
     b = bcc.BPF(src_file=source.encode(), cflags=cflags)
     try:
         code = bytearray(b.dump_func(fn.encode()))

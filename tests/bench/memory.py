@@ -284,7 +284,7 @@ def check_ours(bcc, rows, loads, name, layout, cpus):
             ok &= check(rows, "kvmexit %s M=%d %s" % (name, m, m_name),
                         memlock(b[m_name].map_fd), expect)
         fire_some(fd, name, threads)
-        snap = kvmexit.snapshot(b, layout, cpus)
+        snap = kvmexit.snapshot(b, benchlib.program(layout, m), cpus)
         assert len({k[:2] for k in snap.counts}) == CHECK_THREADS, \
             "not every thread was counted"
         assert not any(snap.lost), snap.lost
@@ -302,9 +302,7 @@ def check_ours(bcc, rows, loads, name, layout, cpus):
 def check_ours_latency(bcc, rows, cpus):
     """SVM, M not a power of two, --latency: the maps that depend on M."""
     layout, m = kvmexit.SVM_LAYOUT, CHECK_ODD_M
-    b = kvmexit.load_program(kvmexit.Probe("raw-old", "bench"),
-                             kvmexit.Selection("all threads", "all"), m,
-                             layout, latency=True)
+    b = kvmexit.load_program(benchlib.program(layout, m, {"latency"}))
     ok = True
     try:
         expect = ours(layout, cpus, m, latency=True)

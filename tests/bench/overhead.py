@@ -108,8 +108,8 @@ class InProcessTracers:
         self.programs = {}
         for probe in ("raw", "tracepoint"):
             chosen = kvmexit.choose_probe(probe, tp_dir)
-            b = kvmexit.load_program(chosen, selection,
-                                     kvmexit.MIN_MAX_THREADS, layout)
+            b = kvmexit.load_program(kvmexit.Program(
+                chosen, selection, kvmexit.MIN_MAX_THREADS, layout))
             self.programs[probe] = (chosen.kind, b)
             self.detach(probe)      # bcc attaches tracepoint programs
 

@@ -99,9 +99,9 @@ RAW_NEW_VMX = ["-DVMX_VCPU_OFF=0", "-DVMX_EXIT_REASON_OFF=8",
 
 def load_kvmexit(bcc, kind, cflags, layout):
     probe = kvmexit.Probe(kind, "bench", cflags)
-    b = kvmexit.load_program(bcc, probe,
-                             kvmexit.Selection("all threads", "all"),
-                             kvmexit.MIN_MAX_THREADS, layout)
+    b = kvmexit.load_program(kvmexit.Program(
+        probe, kvmexit.Selection("all threads", "all"),
+        kvmexit.MIN_MAX_THREADS, layout))
     return b, b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
 
 

@@ -103,7 +103,7 @@ def baseline_report(b, layout, ncpus, names, out):
 
 
 def kvmexit_report(b, layout, ncpus, names, selection, out):
-    snap = kvmexit.snapshot(b, layout, ncpus)
+    snap = kvmexit.snapshot(b, benchlib.program(layout), ncpus)
     print_report(selection, snap, names, out)
     return snap
 
@@ -237,7 +237,8 @@ def model(ncpus, nthreads):
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            snap = kvmexit.snapshot(benchlib.FakeMaps(), layout, ncpus)
+            snap = kvmexit.snapshot(benchlib.FakeMaps(),
+                                    benchlib.program(layout), ncpus)
             print_report(selection, snap, names, devnull)
             times.append(time.perf_counter() - t)
     assert sum(snap.counts.values()) == total, "model: counts do not add up"

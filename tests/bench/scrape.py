@@ -92,7 +92,8 @@ def real_maps(bcc):
     names = kvmexit.kernel_reason_names(kvmexit.tracepoint_dir())
     selection = kvmexit.Selection("all threads", "all")
     b, fd = benchlib.load_ours(bcc, max(KS) + 64, layout)
-    tables = kvmexit.ThreadTables(b, layout, ncpus)
+    tables = kvmexit.ThreadTables(
+        b, benchlib.program(layout, max(KS) + 64), ncpus)
     ledger = kvmexit.Ledger()
     exporter, registry = exporter_of(tables, ledger, selection, names)
     server = kvmexit.listen(("127.0.0.1", 0))
@@ -112,7 +113,7 @@ def real_maps(bcc):
             filled = k
             report = kvmexit.TextReport(selection, names, out=devnull)
             t_report, _ = benchlib.best_of(SCRAPES, lambda: report.report(
-                kvmexit.snapshot(b, layout, ncpus), None, time.time()))
+                tables.snapshot(), None, time.time()))
             t_scrape, text = benchlib.best_of(SCRAPES, lambda: generate_latest(
                 registry).decode())
             assert exits_in(text) == total, "the scrape lost exits"
@@ -155,7 +156,7 @@ class ModelTables(kvmexit.ThreadTables):
     """The model's tables: no thread has ended, so retirement finds
     nothing to take (its own cost is part 1's tick)."""
 
-    def keys(self, name, key_size):
+    def keys(self, spec):
         return []
 
 
@@ -177,7 +178,8 @@ def model(ncpus, nthreads):
     t_fill = time.perf_counter() - t0
 
     benchlib.model_maps(cache, raw_keys, values)
-    tables = ModelTables(benchlib.FakeMaps(), layout, ncpus)
+    tables = ModelTables(benchlib.FakeMaps(), benchlib.program(layout),
+                         ncpus)
     _, registry = exporter_of(tables, kvmexit.Ledger(proc="/nonexistent"),
                               kvmexit.Selection("all threads", "all"),
                               kvmexit.ReasonNames())
@@ -188,7 +190,7 @@ def model(ncpus, nthreads):
         for _ in range(3):
             t = time.perf_counter()
             kvmexit.TextReport(selection, names, out=devnull).report(
-                kvmexit.snapshot(benchlib.FakeMaps(), layout, ncpus), None, 0)
+                tables.snapshot(), None, 0)
             report_times.append(time.perf_counter() - t)
             t = time.perf_counter()
             text = generate_latest(registry)
