@@ -106,106 +106,6 @@ def shared_macros():
     return ["-D%s=%d" % item for item in values.items()]
 
 
-# Exit reason names, from the kernel's uapi asm/vmx.h (EXIT_REASON_*) and
-# asm/svm.h (SVM_EXIT_*) without their prefixes.  Codes the running kernel
-# knows beyond these are added from the tracepoint's format at run time.
-VMX_REASONS = {
-    0: "EXCEPTION_NMI", 1: "EXTERNAL_INTERRUPT", 2: "TRIPLE_FAULT",
-    3: "INIT_SIGNAL", 4: "SIPI_SIGNAL", 7: "INTERRUPT_WINDOW",
-    8: "NMI_WINDOW", 9: "TASK_SWITCH", 10: "CPUID", 12: "HLT", 13: "INVD",
-    14: "INVLPG", 15: "RDPMC", 16: "RDTSC", 18: "VMCALL", 19: "VMCLEAR",
-    20: "VMLAUNCH", 21: "VMPTRLD", 22: "VMPTRST", 23: "VMREAD",
-    24: "VMRESUME", 25: "VMWRITE", 26: "VMOFF", 27: "VMON",
-    28: "CR_ACCESS", 29: "DR_ACCESS", 30: "IO_INSTRUCTION", 31: "MSR_READ",
-    32: "MSR_WRITE", 33: "INVALID_STATE", 34: "MSR_LOAD_FAIL",
-    36: "MWAIT_INSTRUCTION", 37: "MONITOR_TRAP_FLAG",
-    39: "MONITOR_INSTRUCTION", 40: "PAUSE_INSTRUCTION",
-    41: "MCE_DURING_VMENTRY", 43: "TPR_BELOW_THRESHOLD", 44: "APIC_ACCESS",
-    45: "EOI_INDUCED", 46: "GDTR_IDTR", 47: "LDTR_TR", 48: "EPT_VIOLATION",
-    49: "EPT_MISCONFIG", 50: "INVEPT", 51: "RDTSCP", 52: "PREEMPTION_TIMER",
-    53: "INVVPID", 54: "WBINVD", 55: "XSETBV", 56: "APIC_WRITE",
-    57: "RDRAND", 58: "INVPCID", 59: "VMFUNC", 60: "ENCLS", 61: "RDSEED",
-    62: "PML_FULL", 63: "XSAVES", 64: "XRSTORS", 67: "UMWAIT", 68: "TPAUSE",
-    74: "BUS_LOCK", 75: "NOTIFY",
-}
-VMX_FAILED_VMENTRY = 0x80000000
-
-SVM_EXCP_BASE, SVM_EXCP_END = 0x40, 0x60    # SVM's exception exits
-SVM_EXCEPTIONS = {
-    0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD", 7: "NM",
-    8: "DF", 9: "OLD_MF", 10: "TS", 11: "NP", 12: "SS", 13: "GP", 14: "PF",
-    16: "MF", 17: "AC", 18: "MC", 19: "XM", 20: "VE", 21: "CP", 28: "HV",
-    29: "VC", 30: "SX",
-}
-SVM_REASONS = {
-    **{cr: "READ_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
-    **{0x10 + cr: "WRITE_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
-    **{0x20 + dr: "READ_DR%d" % dr for dr in range(8)},
-    **{0x30 + dr: "WRITE_DR%d" % dr for dr in range(8)},
-    **{SVM_EXCP_BASE + v: "EXCP_" + name
-       for v, name in SVM_EXCEPTIONS.items()},
-    0x60: "INTR", 0x61: "NMI", 0x62: "SMI", 0x63: "INIT", 0x64: "VINTR",
-    0x65: "CR0_SEL_WRITE", 0x66: "IDTR_READ", 0x67: "GDTR_READ",
-    0x68: "LDTR_READ", 0x69: "TR_READ", 0x6a: "IDTR_WRITE",
-    0x6b: "GDTR_WRITE", 0x6c: "LDTR_WRITE", 0x6d: "TR_WRITE",
-    0x6e: "RDTSC", 0x6f: "RDPMC", 0x70: "PUSHF", 0x71: "POPF",
-    0x72: "CPUID", 0x73: "RSM", 0x74: "IRET", 0x75: "SWINT", 0x76: "INVD",
-    0x77: "PAUSE", 0x78: "HLT", 0x79: "INVLPG", 0x7a: "INVLPGA",
-    0x7b: "IOIO", 0x7c: "MSR", 0x7d: "TASK_SWITCH", 0x7e: "FERR_FREEZE",
-    0x7f: "SHUTDOWN", 0x80: "VMRUN", 0x81: "VMMCALL", 0x82: "VMLOAD",
-    0x83: "VMSAVE", 0x84: "STGI", 0x85: "CLGI", 0x86: "SKINIT",
-    0x87: "RDTSCP", 0x88: "ICEBP", 0x89: "WBINVD", 0x8a: "MONITOR",
-    0x8b: "MWAIT", 0x8c: "MWAIT_COND", 0x8d: "XSETBV", 0x8e: "RDPRU",
-    0x8f: "EFER_WRITE_TRAP",
-    **{0x90 + cr: "CR%d_WRITE_TRAP" % cr for cr in range(16)},
-    0xa2: "INVPCID", 0x400: "NPF", 0x401: "AVIC_INCOMPLETE_IPI",
-    0x402: "AVIC_UNACCELERATED_ACCESS", 0x403: "VMGEXIT",
-    0xffffffff: "ERR",
-}
-
-# The exit codes --detail's C tells apart, by their macro names there.
-DETAIL_CODES = {
-    **{"VMX_" + name: code for code, name in VMX_REASONS.items()
-       if name in ("EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "CR_ACCESS",
-                   "IO_INSTRUCTION")},
-    **{"SVM_" + name: code for code, name in SVM_REASONS.items()
-       if name in ("IOIO", "NPF")},
-    "SVM_EXCP_BASE": SVM_EXCP_BASE, "SVM_EXCP_END": SVM_EXCP_END,
-}
-
-
-
-class SlotLayout:
-    """How exit codes map to counter slots (see slot_of() in the BPF C).
-
-    Sized for the vendor module in use; codes beyond the layout are still
-    counted exactly, in the table of rare codes."""
-
-    def __init__(self, direct, high):
-        self.direct, self.high = direct, high
-        self.slots = direct + high
-        self.words = 1 + self.slots       # u32 vcpu_id, u32 isa, u64 slot[]
-
-    def code(self, slot):
-        if slot < self.direct:
-            return slot
-        return HIGH_BASE + slot - self.direct
-
-    def macros(self):
-        return ["-DDIRECT_SLOTS=%d" % self.direct,
-                "-DHIGH_SLOTS=%d" % self.high]
-
-
-VMX_LAYOUT = SlotLayout(96, 0)          # VMX exit reasons 0..95
-SVM_LAYOUT = SlotLayout(176, 16)        # SVM 0x000..0x0af, 0x400..0x40f
-
-
-def slot_layout(sys_module="/sys/module"):
-    if os.path.exists(sys_module + "/kvm_intel") and \
-            not os.path.exists(sys_module + "/kvm_amd"):
-        return VMX_LAYOUT
-    return SVM_LAYOUT
-
 MIN_MAX_THREADS = 1024
 
 # QEMU names its vCPU threads "CPU <index>/KVM".
@@ -652,32 +552,6 @@ def parse_format_names(fmt):
     return tables
 
 
-class ReasonNames:
-    def __init__(self, vmx_extra=None, svm_extra=None):
-        # The kernel's own names only fill gaps, so that output stays the
-        # same across kernels for the codes both know.
-        self.vmx = {**(vmx_extra or {}), **VMX_REASONS}
-        self.svm = {**(svm_extra or {}), **SVM_REASONS}
-
-    def name(self, isa, code):
-        if isa == ISA_VMX:
-            name = self.vmx.get(code & 0xffff, str(code & 0xffff))
-            if code & VMX_FAILED_VMENTRY:
-                name += "|FAILED_VMENTRY"
-            return name
-        if isa == ISA_SVM:
-            return self.svm.get(code, "0x%x" % code)
-        return str(code)
-
-
-def kernel_reason_names(tp_dir):
-    try:
-        fmt = read_text(tp_dir + "/format")
-    except (OSError, TypeError):
-        return ReasonNames()
-    return ReasonNames(*parse_format_names(fmt))
-
-
 def check_kernel_headers(release=None, modules="/lib/modules"):
     """bcc compiles against the running kernel's headers.  kvmexit does not
     put them in place itself (that is the install step's job, and
@@ -839,6 +713,237 @@ def load_btf(name, base=None, btf_dir=BTF_DIR):
 
 
 #
+# The ISAs: all that differs between VMX and SVM, one table each
+#
+# Exit reason names, from the kernel's uapi asm/vmx.h (EXIT_REASON_*) and
+# asm/svm.h (SVM_EXIT_*) without their prefixes.  Codes the running kernel
+# knows beyond these are added from the tracepoint's format at run time.
+VMX_REASONS = {
+    0: "EXCEPTION_NMI", 1: "EXTERNAL_INTERRUPT", 2: "TRIPLE_FAULT",
+    3: "INIT_SIGNAL", 4: "SIPI_SIGNAL", 7: "INTERRUPT_WINDOW",
+    8: "NMI_WINDOW", 9: "TASK_SWITCH", 10: "CPUID", 12: "HLT", 13: "INVD",
+    14: "INVLPG", 15: "RDPMC", 16: "RDTSC", 18: "VMCALL", 19: "VMCLEAR",
+    20: "VMLAUNCH", 21: "VMPTRLD", 22: "VMPTRST", 23: "VMREAD",
+    24: "VMRESUME", 25: "VMWRITE", 26: "VMOFF", 27: "VMON",
+    28: "CR_ACCESS", 29: "DR_ACCESS", 30: "IO_INSTRUCTION", 31: "MSR_READ",
+    32: "MSR_WRITE", 33: "INVALID_STATE", 34: "MSR_LOAD_FAIL",
+    36: "MWAIT_INSTRUCTION", 37: "MONITOR_TRAP_FLAG",
+    39: "MONITOR_INSTRUCTION", 40: "PAUSE_INSTRUCTION",
+    41: "MCE_DURING_VMENTRY", 43: "TPR_BELOW_THRESHOLD", 44: "APIC_ACCESS",
+    45: "EOI_INDUCED", 46: "GDTR_IDTR", 47: "LDTR_TR", 48: "EPT_VIOLATION",
+    49: "EPT_MISCONFIG", 50: "INVEPT", 51: "RDTSCP", 52: "PREEMPTION_TIMER",
+    53: "INVVPID", 54: "WBINVD", 55: "XSETBV", 56: "APIC_WRITE",
+    57: "RDRAND", 58: "INVPCID", 59: "VMFUNC", 60: "ENCLS", 61: "RDSEED",
+    62: "PML_FULL", 63: "XSAVES", 64: "XRSTORS", 67: "UMWAIT", 68: "TPAUSE",
+    74: "BUS_LOCK", 75: "NOTIFY",
+}
+VMX_FAILED_VMENTRY = 0x80000000
+
+SVM_EXCP_BASE, SVM_EXCP_END = 0x40, 0x60    # SVM's exception exits
+SVM_EXCEPTIONS = {
+    0: "DE", 1: "DB", 2: "NMI", 3: "BP", 4: "OF", 5: "BR", 6: "UD", 7: "NM",
+    8: "DF", 9: "OLD_MF", 10: "TS", 11: "NP", 12: "SS", 13: "GP", 14: "PF",
+    16: "MF", 17: "AC", 18: "MC", 19: "XM", 20: "VE", 21: "CP", 28: "HV",
+    29: "VC", 30: "SX",
+}
+SVM_REASONS = {
+    **{cr: "READ_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
+    **{0x10 + cr: "WRITE_CR%d" % cr for cr in (0, 2, 3, 4, 8)},
+    **{0x20 + dr: "READ_DR%d" % dr for dr in range(8)},
+    **{0x30 + dr: "WRITE_DR%d" % dr for dr in range(8)},
+    **{SVM_EXCP_BASE + v: "EXCP_" + name
+       for v, name in SVM_EXCEPTIONS.items()},
+    0x60: "INTR", 0x61: "NMI", 0x62: "SMI", 0x63: "INIT", 0x64: "VINTR",
+    0x65: "CR0_SEL_WRITE", 0x66: "IDTR_READ", 0x67: "GDTR_READ",
+    0x68: "LDTR_READ", 0x69: "TR_READ", 0x6a: "IDTR_WRITE",
+    0x6b: "GDTR_WRITE", 0x6c: "LDTR_WRITE", 0x6d: "TR_WRITE",
+    0x6e: "RDTSC", 0x6f: "RDPMC", 0x70: "PUSHF", 0x71: "POPF",
+    0x72: "CPUID", 0x73: "RSM", 0x74: "IRET", 0x75: "SWINT", 0x76: "INVD",
+    0x77: "PAUSE", 0x78: "HLT", 0x79: "INVLPG", 0x7a: "INVLPGA",
+    0x7b: "IOIO", 0x7c: "MSR", 0x7d: "TASK_SWITCH", 0x7e: "FERR_FREEZE",
+    0x7f: "SHUTDOWN", 0x80: "VMRUN", 0x81: "VMMCALL", 0x82: "VMLOAD",
+    0x83: "VMSAVE", 0x84: "STGI", 0x85: "CLGI", 0x86: "SKINIT",
+    0x87: "RDTSCP", 0x88: "ICEBP", 0x89: "WBINVD", 0x8a: "MONITOR",
+    0x8b: "MWAIT", 0x8c: "MWAIT_COND", 0x8d: "XSETBV", 0x8e: "RDPRU",
+    0x8f: "EFER_WRITE_TRAP",
+    **{0x90 + cr: "CR%d_WRITE_TRAP" % cr for cr in range(16)},
+    0xa2: "INVPCID", 0x400: "NPF", 0x401: "AVIC_INCOMPLETE_IPI",
+    0x402: "AVIC_UNACCELERATED_ACCESS", 0x403: "VMGEXIT",
+    0xffffffff: "ERR",
+}
+
+# The exit codes --detail's C tells apart, by their macro names there.
+DETAIL_CODES = {
+    **{"VMX_" + name: code for code, name in VMX_REASONS.items()
+       if name in ("EXCEPTION_NMI", "EXTERNAL_INTERRUPT", "CR_ACCESS",
+                   "IO_INSTRUCTION")},
+    **{"SVM_" + name: code for code, name in SVM_REASONS.items()
+       if name in ("IOIO", "NPF")},
+    "SVM_EXCP_BASE": SVM_EXCP_BASE, "SVM_EXCP_END": SVM_EXCP_END,
+}
+
+
+class SlotLayout:
+    """How exit codes map to counter slots (see slot_of() in the BPF C).
+
+    Sized for the vendor module in use; codes beyond the layout are still
+    counted exactly, in the table of rare codes."""
+
+    def __init__(self, direct, high):
+        self.direct, self.high = direct, high
+        self.slots = direct + high
+        self.words = 1 + self.slots       # u32 vcpu_id, u32 isa, u64 slot[]
+
+    def code(self, slot):
+        if slot < self.direct:
+            return slot
+        return HIGH_BASE + slot - self.direct
+
+    def macros(self):
+        return ["-DDIRECT_SLOTS=%d" % self.direct,
+                "-DHIGH_SLOTS=%d" % self.high]
+
+
+VMX_LAYOUT = SlotLayout(96, 0)          # VMX exit reasons 0..95
+SVM_LAYOUT = SlotLayout(176, 16)        # SVM 0x000..0x0af, 0x400..0x40f
+
+
+def vmx_reason_name(names, code):
+    name = names.get(code & 0xffff, str(code & 0xffff))
+    if code & VMX_FAILED_VMENTRY:
+        name += "|FAILED_VMENTRY"
+    return name
+
+
+def svm_reason_name(names, code):
+    return names.get(code, "0x%x" % code)
+
+
+def svm_raw_reason(btf):
+    """({C macro: offset}, why) of the raw probe's way to SVM's exit code,
+    (None, why not), or None where the BTF has no vcpu_svm."""
+    if btf.offset("vcpu_svm", "vmcb") is None:
+        return None
+    offsets = (btf.offset("vcpu_svm", "vcpu"), btf.offset("vcpu_svm", "vmcb"),
+               btf.offset("vmcb", "control.exit_code"))
+    if None in offsets or btf.pointee("vcpu_svm", "vmcb") != "vmcb":
+        return None, "BTF lacks vcpu_svm.vmcb->control.exit_code"
+    return dict(zip(("SVM_VCPU_OFF", "SVM_VMCB_OFF", "VMCB_EXIT_CODE_OFF"),
+                    offsets)), \
+        "BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at %d" % offsets[1:]
+
+
+def vmx_raw_reason(btf):
+    """As svm_raw_reason(), for VMX's exit reason in vcpu_vmx."""
+    if btf.offset("vcpu_vmx", "exit_reason") is None:
+        return None
+    # TDX vCPUs (Linux 6.16+) also exit with isa VMX, but are not
+    # vcpu_vmx: where the kernel can run them, VMX offsets would read the
+    # wrong memory.
+    if btf.named(BTF_KIND_STRUCT, "vcpu_tdx") is not None:
+        return None, "BTF has vcpu_tdx: TDX vCPUs also exit as VMX but " \
+            "are not vcpu_vmx"
+    offsets = (btf.offset("vcpu_vmx", "vcpu"),
+               btf.offset("vcpu_vmx", "exit_reason"))
+    if None in offsets:
+        return None, "BTF lacks vcpu_vmx.vcpu"
+    return dict(zip(("VMX_VCPU_OFF", "VMX_EXIT_REASON_OFF"), offsets)), \
+        "BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
+
+
+# --detail's fields as each ISA has them: a port access's (size, in,
+# string, rep), a page fault's (access, name), an event's kind.
+def svm_port_access(attr):          # the IOIO exit information
+    return {1: 1, 2: 2, 4: 4}.get(attr >> 4 & 7), attr & 1, \
+        attr >> 2 & 1, attr >> 3 & 1
+
+
+def vmx_port_access(attr):          # the exit qualification
+    return (attr & 7) + 1, attr >> 3 & 1, attr >> 4 & 1, attr >> 5 & 1
+
+
+def svm_page_access(attr):          # the NPF error code
+    op = "write" if attr & 2 else "fetch" if attr & 0x10 else "read"
+    # RSVD: KVM marks MMIO pages so; not present: a first touch.
+    return op, "rsvd" if attr & 8 else None if attr & 1 else "not-present"
+
+
+def vmx_page_access(attr):          # the EPT violation's qualification
+    return "write" if attr & 2 else "fetch" if attr & 4 else "read", None
+
+
+# VMX's interruption types (bits 10:8 of the interruption information).
+VMX_EVENT_TYPES = {0: "external", 2: "nmi", 3: "exception",
+                   4: "soft-int", 5: "priv-soft-exc", 6: "soft-exc",
+                   7: "other"}
+
+
+def svm_vector_kind(attr):
+    return "exception"
+
+
+def vmx_vector_kind(attr):
+    return VMX_EVENT_TYPES.get(attr, str(attr))
+
+
+class Isa(collections.namedtuple("Isa", (
+        "code name module vcpu_struct fmt_table reasons reason_name layout "
+        "raw_reason port_access page_access vector_kind"))):
+    """What kvmexit knows of one ISA.  code: kvm_exit's isa argument;
+    name: as reports give it; module: its KVM vendor module; vcpu_struct:
+    the vendor's vCPU struct, where raw_reason(btf) finds the exit reason
+    for the raw probe; fmt_table: which of kvm_exit's print fmt tables
+    names its reasons; reasons: {code: name}, and reason_name(names, code)
+    a code's name; layout: its counter slots; then --detail's decoders."""
+
+    __slots__ = ()
+
+
+VMX = Isa(ISA_VMX, "vmx", "kvm_intel", "vcpu_vmx", 0, VMX_REASONS,
+          vmx_reason_name, VMX_LAYOUT, vmx_raw_reason, vmx_port_access,
+          vmx_page_access, vmx_vector_kind)
+SVM = Isa(ISA_SVM, "svm", "kvm_amd", "vcpu_svm", 1, SVM_REASONS,
+          svm_reason_name, SVM_LAYOUT, svm_raw_reason, svm_port_access,
+          svm_page_access, svm_vector_kind)
+# In the order the raw probe looks for their vCPU structs.
+ISAS = (SVM, VMX)
+ISA_BY_CODE = {isa.code: isa for isa in ISAS}
+
+
+def slot_layout(sys_module="/sys/module"):
+    """The layout of the one ISA whose module is loaded; else SVM's, the
+    larger."""
+    loaded = [isa for isa in ISAS
+              if os.path.exists("%s/%s" % (sys_module, isa.module))]
+    return loaded[0].layout if len(loaded) == 1 else SVM.layout
+
+
+class ReasonNames:
+    """Each ISA's reason names; extras: more {code: name} per table of
+    kvm_exit's print fmt (parse_format_names())."""
+
+    def __init__(self, *extras):
+        # The kernel's own names only fill gaps, so that output stays the
+        # same across kernels for the codes both know.
+        extras = list(extras) + [None] * len(ISAS)
+        self.names = {isa.code: {**(extras[isa.fmt_table] or {}),
+                                 **isa.reasons} for isa in ISAS}
+
+    def name(self, isa, code):
+        if isa not in ISA_BY_CODE:
+            return str(code)
+        return ISA_BY_CODE[isa].reason_name(self.names[isa], code)
+
+
+def kernel_reason_names(tp_dir):
+    try:
+        fmt = read_text(tp_dir + "/format")
+    except (OSError, TypeError):
+        return ReasonNames()
+    return ReasonNames(*parse_format_names(fmt))
+
+
+#
 # Which probe: raw tracepoint where it yields the exit reason
 #
 class Probe:
@@ -885,35 +990,16 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
     kvm = kvm or load_btf("kvm", vmlinux, btf_dir) or vmlinux
     vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
     common = {} if vcpu_id is None else {"KVM_VCPU_ID_OFF": vcpu_id}
-    # The vendor code is a module on distro kernels, else built in.
-    svm = load_btf("kvm_amd", vmlinux, btf_dir) or vmlinux
-    if svm.offset("vcpu_svm", "vmcb") is not None:
-        offsets = (svm.offset("vcpu_svm", "vcpu"),
-                   svm.offset("vcpu_svm", "vmcb"),
-                   svm.offset("vmcb", "control.exit_code"))
-        if None in offsets or svm.pointee("vcpu_svm", "vmcb") != "vmcb":
-            return None, "BTF lacks vcpu_svm.vmcb->control.exit_code"
-        return dict(zip(("SVM_VCPU_OFF", "SVM_VMCB_OFF", "VMCB_EXIT_CODE_OFF"),
-                        offsets), **common), \
-            "BTF: vcpu_svm.vmcb at %d, vmcb.control.exit_code at %d" \
-            % offsets[1:]
-    vmx = load_btf("kvm_intel", vmlinux, btf_dir) or vmlinux
-    if vmx.offset("vcpu_vmx", "exit_reason") is not None:
-        # TDX vCPUs (Linux 6.16+) also exit with isa VMX, but are not
-        # vcpu_vmx: where the kernel can run them, VMX offsets would read
-        # the wrong memory.
-        if vmx.named(BTF_KIND_STRUCT, "vcpu_tdx") is not None:
-            return None, "BTF has vcpu_tdx: TDX vCPUs also exit as VMX " \
-                "but are not vcpu_vmx"
-        offsets = (vmx.offset("vcpu_vmx", "vcpu"),
-                   vmx.offset("vcpu_vmx", "exit_reason"))
-        if None in offsets:
-            return None, "BTF lacks vcpu_vmx.vcpu"
-        return dict(zip(("VMX_VCPU_OFF", "VMX_EXIT_REASON_OFF"), offsets),
-                    **common), \
-            "BTF: vcpu_vmx.exit_reason at %d" % offsets[1]
-    return None, "no vcpu_svm or vcpu_vmx in the BTF of kvm_amd, kvm_intel " \
-        "or vmlinux in %s" % btf_dir
+    for isa in ISAS:
+        # The vendor code is a module on distro kernels, else built in.
+        found = isa.raw_reason(load_btf(isa.module, vmlinux, btf_dir) or
+                               vmlinux)
+        if found is not None:
+            offsets, why = found
+            return (dict(offsets, **common) if offsets else None), why
+    return None, "no %s in the BTF of %s or vmlinux in %s" % (
+        " or ".join(isa.vcpu_struct for isa in ISAS),
+        ", ".join(isa.module for isa in ISAS), btf_dir)
 
 
 def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False):
@@ -1119,10 +1205,6 @@ KVM_HYPERCALLS = {1: "VAPIC_POLL_IRQ", 3: "FEATURES", 5: "KICK_CPU",
                   9: "CLOCK_PAIRING", 10: "SEND_IPI", 11: "SCHED_YIELD",
                   12: "MAP_GPA_RANGE"}
 
-# VMX's interruption types (bits 10:8 of the interruption information).
-VMX_EVENT_TYPES = {0: "external", 2: "nmi", 3: "exception",
-                   4: "soft-int", 5: "priv-soft-exc", 6: "soft-exc",
-                   7: "other"}
 VMX_CR_ACCESS = {0: "write", 1: "read", 2: "clts", 3: "lmsw"}
 # kvm_mmio's types (its "unsatisfied-read": a read KVM sends out to user
 # space; "read" is then its completion), and a write on KVM's fast MMIO
@@ -1155,30 +1237,18 @@ LABEL_KEY = {
 
 
 def decode_port(isa, code, key, attr):
-    if isa == ISA_SVM:
-        size = {1: 1, 2: 2, 4: 4}.get(attr >> 4 & 7)
-        into, string, rep = attr & 1, attr >> 2 & 1, attr >> 3 & 1
-    else:
-        size = (attr & 7) + 1
-        into, string, rep = attr >> 3 & 1, attr >> 4 & 1, attr >> 5 & 1
+    size, into, string, rep = ISA_BY_CODE[isa].port_access(attr)
     op = ("in" if into else "out") + ("s" if string else "")
     return Detail("port", key, ("rep " if rep else "") + op, size)
 
 
 def decode_page(isa, code, key, attr):
-    if isa == ISA_SVM:        # the NPF error code
-        op = "write" if attr & 2 else "fetch" if attr & 0x10 else "read"
-        # RSVD: KVM marks MMIO pages so; not present: a first touch.
-        name = "rsvd" if attr & 8 else None if attr & 1 else "not-present"
-    else:                     # the EPT violation's exit qualification
-        op = "write" if attr & 2 else "fetch" if attr & 4 else "read"
-        name = None
+    op, name = ISA_BY_CODE[isa].page_access(attr)
     return Detail("page", key, op, name=name)
 
 
 def decode_vector(isa, code, key, attr):
-    kind = "exception" if isa == ISA_SVM else \
-        VMX_EVENT_TYPES.get(attr, str(attr))
+    kind = ISA_BY_CODE[isa].vector_kind(attr)
     name = "#" + SVM_EXCEPTIONS[key] if key in SVM_EXCEPTIONS and \
         kind in ("exception", "soft-exc") else None
     return Detail("vector", key, kind, name=name)
@@ -2087,7 +2157,7 @@ def process_name(pid, proc="/proc"):
 
 
 def isa_name(isa):
-    return {ISA_VMX: "vmx", ISA_SVM: "svm"}.get(isa, str(isa))
+    return ISA_BY_CODE[isa].name if isa in ISA_BY_CODE else str(isa)
 
 
 class Report:
