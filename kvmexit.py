@@ -12,6 +12,18 @@
 # reason, and prints the counts after `duration` seconds or on Ctrl-C, or
 # with --prometheus serves them on /metrics until SIGTERM.
 # The in-kernel half is bpf/kvmexit.bpf.c.  See kvmexit(8).
+#
+# Contents, in order; each part builds on those above it:
+#   numbers shared with the C (passed as -D)   arguments
+#   which threads to trace (/proc)             what the running kernel offers
+#   BTF                                        the ISAs: one Isa entry each
+#   which probe                                tables of counts
+#   exit handling times (--latency)            --detail's sub-keys
+#   the program: a MapSpec per map, a Feature per option that adds to
+#     it, and Program, the configuration built once from the options
+#   BPF program: compile, load, attach         reading the maps (Snapshot)
+#   threads that have exited (Ledger)          report (text, JSON, CSV)
+#   --prometheus                               main
 
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
@@ -57,6 +69,9 @@ TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_DIR = "/sys/kernel/btf"
 POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 
+#
+# Numbers shared with the C
+#
 # Numbers that this script and bpf/kvmexit.bpf.c must agree on.  They are
 # defined here only and handed to the C as -DNAME=VALUE (shared_macros()).
 ISA_VMX, ISA_SVM = 1, 2                 # kvm_exit's isa argument
@@ -153,6 +168,14 @@ examples = """examples:
 # the memory check (check_table_memory) refuses what the host cannot hold.
 MAX_SECONDS = 10 ** 9
 MAX_U32 = 2 ** 32 - 1
+DEFAULT_KEEP_GONE = 300     # --keep-gone's default, in seconds
+# Options that shape a printed report, which --prometheus does not print:
+# (argparse dest, how the user spells it).
+REPORT_OPTIONS = (("duration", "the duration"), ("interval", "-i"),
+                  ("count", "-c"), ("cumulative", "--cumulative"),
+                  ("timestamp", "--timestamp"), ("json", "--json"),
+                  ("csv", "--csv"), ("show_vcpu", "--show-vcpu"),
+                  ("comm", "--comm"), ("top", "--top"), ("alltids", "-a"))
 
 
 def bounded_int(low, high, what):
@@ -1054,6 +1077,23 @@ def check_vcpu_ids(selection, probe):
 
 
 #
+# Tables of counts: {key: count or Latency}
+#
+def add_counts(table, more):
+    """Add {key: count or Latency} into table."""
+    for k, v in more.items():
+        table[k] = table[k] + v if k in table else v
+
+
+def merge_by(table, key):
+    merged = {}
+    for k, v in table.items():
+        k = key(*k)
+        merged[k] = merged[k] + v if k in merged else v
+    return merged
+
+
+#
 # Exit handling times: a log-linear histogram, as bpf/kvmexit.bpf.c keeps it
 #
 PERCENTILES = (50, 90, 99)
@@ -1213,6 +1253,15 @@ MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write",
               MMIO_FAST_WRITE: "fast-write"}
 
 
+LABEL_KEY = {
+    "port": "port 0x%x".__mod__, "msr": "msr 0x%x".__mod__,
+    "page": "page 0x%x".__mod__, "mmio": "mmio 0x%x".__mod__,
+    "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
+    "hypercall": "hypercall %d".__mod__,
+    "user": lambda key: "to user space",
+}
+
+
 class Detail(collections.namedtuple("Detail", "kind key op size name",
                                     defaults=(None, None, None))):
     """One decoded sub-key: kind, key (port, MSR, address, vector, CR,
@@ -1225,15 +1274,6 @@ class Detail(collections.namedtuple("Detail", "kind key op size name",
         key = LABEL_KEY[self.kind](self.key)
         words = [key, self.op, self.size and "%dB" % self.size, self.name]
         return " ".join(w for w in words if w)
-
-
-LABEL_KEY = {
-    "port": "port 0x%x".__mod__, "msr": "msr 0x%x".__mod__,
-    "page": "page 0x%x".__mod__, "mmio": "mmio 0x%x".__mod__,
-    "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
-    "hypercall": "hypercall %d".__mod__,
-    "user": lambda key: "to user space",
-}
 
 
 def decode_port(isa, code, key, attr):
@@ -1580,34 +1620,6 @@ def check_table_memory(program, ncpus, meminfo="/proc/meminfo"):
                        gib(available)))
 
 
-def load_program(program, debug=False):
-    """Compile and load.  Tracepoint programs are attached by bcc as it
-    loads them; raw ones by attach_raw()."""
-    cflags = program.cflags()
-    if debug:
-        print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
-    source = bpf_source().encode()
-    err = CapturedStderr()
-    try:
-        with err:
-            b = bcc.BPF(src_file=source, cflags=cflags)
-    except Exception as e:
-        if debug:
-            sys.stderr.write(err.text)
-        stage = "compile" if "compile" in str(e) else "load"
-        raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
-    if debug:
-        sys.stderr.write(err.text)
-    try:
-        check_maps(b, program)
-    except Error:
-        b.cleanup()
-        raise
-    if "-DFILTER_TIDS" in program.selection.kernel_filter():
-        fill_tid_filter(b, program.selection.tids)
-    return b
-
-
 def ctype_fields(ctype):
     """([field sizes], (field names) or None) of a key type bcc built."""
     fields = getattr(ctype, "_fields_", None)
@@ -1642,6 +1654,34 @@ def fill_tid_filter(b, tids):
     table = b[b"tid_filter"]
     for word, bits in words.items():
         table[ctypes.c_uint32(word)] = ctypes.c_uint64(bits)
+
+
+def load_program(program, debug=False):
+    """Compile and load.  Tracepoint programs are attached by bcc as it
+    loads them; raw ones by attach_raw()."""
+    cflags = program.cflags()
+    if debug:
+        print("kvmexit: cflags: %s" % " ".join(cflags), file=sys.stderr)
+    source = bpf_source().encode()
+    err = CapturedStderr()
+    try:
+        with err:
+            b = bcc.BPF(src_file=source, cflags=cflags)
+    except Exception as e:
+        if debug:
+            sys.stderr.write(err.text)
+        stage = "compile" if "compile" in str(e) else "load"
+        raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
+    if debug:
+        sys.stderr.write(err.text)
+    try:
+        check_maps(b, program)
+    except Error:
+        b.cleanup()
+        raise
+    if "-DFILTER_TIDS" in program.selection.kernel_filter():
+        fill_tid_filter(b, program.selection.tids)
+    return b
 
 
 def attach_raw(b):
@@ -1697,12 +1737,10 @@ def lookup_batch(fd, key_size, words, ncpus, max_entries):
     total, first = 0, True
     while total < max_entries:
         count.value = max_entries - total
-        ret = libbcc.bpf_lookup_batch(fd, None if first else ctypes.byref(token),
-                                   ctypes.byref(token),
-                                   ctypes.c_void_p(keys[total:].ctypes.data),
-                                   ctypes.c_void_p(
-                                       values[total:].ctypes.data),
-                                   ctypes.byref(count))
+        ret = libbcc.bpf_lookup_batch(
+            fd, None if first else ctypes.byref(token), ctypes.byref(token),
+            ctypes.c_void_p(keys[total:].ctypes.data),
+            ctypes.c_void_p(values[total:].ctypes.data), ctypes.byref(count))
         err = ctypes.get_errno()
         total += count.value
         if ret == 0:
@@ -1732,7 +1770,7 @@ def read_percpu(table, key_size, words, ncpus, keys=None):
     for i, key in enumerate(keys):
         # A key can vanish only if someone else deletes it; keep zeroes.
         libbcc.bpf_lookup_elem(fd, ctypes.c_char_p(key),
-                            ctypes.c_void_p(values[i].ctypes.data))
+                               ctypes.c_void_p(values[i].ctypes.data))
     return keys, values
 
 
@@ -1983,8 +2021,8 @@ class Ledger:
         """The TIDs a process has now (none if it is gone): one directory
         read per process, not one stat per thread."""
         try:
-            return {int(t) for t in os.listdir("%s/%d/task" % (self.proc,
-                                                              tgid))}
+            path = "%s/%d/task" % (self.proc, tgid)
+            return {int(t) for t in os.listdir(path)}
         except OSError:
             return set()
 
@@ -2079,12 +2117,6 @@ class Ledger:
         return sum(map(len, self.retired.values())) + len(self.vcpu_ids)
 
 
-def add_counts(table, more):
-    """Add {key: count or Latency} into table."""
-    for k, v in more.items():
-        table[k] = table[k] + v if k in table else v
-
-
 def without_retired(snap):
     """An interval report has shown the retired counts: the next interval
     starts from zero for their keys (a reused TID is a new thread)."""
@@ -2098,14 +2130,6 @@ def without_retired(snap):
 #
 # Report
 #
-def merge_by(table, key):
-    merged = {}
-    for k, v in table.items():
-        k = key(*k)
-        merged[k] = merged[k] + v if k in merged else v
-    return merged
-
-
 def limit_per_group(rows, top):
     """The first `top` rows of each group (rows are sorted by group)."""
     if not top:
@@ -2148,30 +2172,36 @@ def process_name(pid, proc="/proc"):
     except OSError:
         return "?"
     comm = printable(comm[:-1] if comm.endswith("\n") else comm)
-    for flag, value in zip(argv, argv[1:]):
-        if flag in ("-name", "--name"):
-            params = dict(p.partition("=")[::2] for p in value.split(","))
-            guest = params.get("guest") or value.split(",")[0]
-            return "%s guest=%s" % (comm, printable(guest))
-    return comm
+    guest = guest_name(argv)
+    return comm if guest is None else "%s guest=%s" % (comm,
+                                                       printable(guest))
 
 
 def isa_name(isa):
     return ISA_BY_CODE[isa].name if isa in ISA_BY_CODE else str(isa)
 
 
+class ReportOptions(collections.namedtuple("ReportOptions", (
+        "interval timestamp cumulative json csv comm show_vcpu top latency "
+        "detail"), defaults=(None,) * 10)):
+    """The options that shape a report, taken once from the arguments."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{name: getattr(args, name) for name in cls._fields})
+
+
 class Report:
     """What the text and record reports share: the selection, reason
-    names, options, and the process names (taken once)."""
+    names, options (ReportOptions), and the process names (taken once)."""
 
     def __init__(self, selection, names, opts=None, out=None):
         self.selection, self.names = selection, names
-        self.opts = opts or argparse.Namespace()
+        self.opts = opts or ReportOptions()
         self.out = out or sys.stdout
         self.comms = {}
-
-    def option(self, name):
-        return getattr(self.opts, name, None)
 
     def comm(self, pid):
         if pid not in self.comms:
@@ -2196,12 +2226,12 @@ class TextReport(Report):
     '%-8u' count per row; the options add columns after bcc's."""
 
     def columns(self):
-        return self.selection.columns(self.option("comm"),
-                                      self.option("show_vcpu"))
+        return self.selection.columns(self.opts.comm,
+                                      self.opts.show_vcpu)
 
     def header(self):
         ids = "".join(col.header() for col in self.columns())
-        if self.option("latency"):
+        if self.opts.latency:
             return "%s%-35s %-8s %s" % (
                 ids, "KVM_EXIT_REASON", "COUNT", " ".join(
                     "%10s" % c for c in LATENCY_COLUMNS))
@@ -2221,21 +2251,21 @@ class TextReport(Report):
 
     def report(self, snap, start, end):
         self.snap = snap
-        head = "\n" if self.option("interval") else ""
-        if self.option("timestamp"):
+        head = "\n" if self.opts.interval else ""
+        if self.opts.timestamp:
             head += time.strftime("%H:%M:%S\n", time.localtime(end))
         lines = [head + self.header() + "\n"]
         tgid_of_tid = {k[1]: k[0] for k in snap.counts}
         latency = merge_by(self.selection.keep(snap.latency, snap.vcpu_ids),
                            lambda tgid, tid, isa, code:
                            (self.selection.group(tgid, tid), isa, code)) \
-            if self.option("latency") else None
+            if self.opts.latency else None
         subs = detail_rows(self.selection.keep(snap.detail, snap.vcpu_ids),
-                           self.selection.group, self.option("top")) \
-            if self.option("detail") else {}
+                           self.selection.group, self.opts.top) \
+            if self.opts.detail else {}
         cells_of, name_of = {}, {}
         for group, isa, code, count in report_rows(self.selection, snap,
-                                                   self.option("top")):
+                                                   self.opts.top):
             cells = cells_of.get(group)
             if cells is None:       # once per thread, not once per row
                 cells = cells_of[group] = self.id_cells(group, tgid_of_tid)
@@ -2252,7 +2282,7 @@ class TextReport(Report):
             lines.append(line + "\n")
             # Under its reason, indented, in the reason's and count's columns.
             lines.extend("%s  %-33s %-8u\n" % (" " * len(cells),
-                                                detail.label(), n)
+                                               detail.label(), n)
                          for detail, n in subs.get((group, isa, code), ()))
         self.write("".join(lines))
 
@@ -2279,18 +2309,18 @@ class RecordReport(Report):
         keep = lambda table: self.selection.keep(table, snap.vcpu_ids)
         latency = keep(snap.latency)
         subs = detail_rows(keep(snap.detail), lambda tgid, tid: (tgid, tid),
-                           self.option("top")) \
-            if self.option("detail") else {}
+                           self.opts.top) \
+            if self.opts.detail else {}
         for (tgid, tid), isa, code, count in ordered_rows(
                 keep(snap.counts), lambda tgid, tid: (tgid, tid),
-                self.option("top")):
+                self.opts.top):
             vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
             record = {"pid": tgid, "tid": tid,
                       "vcpu_id": None if vcpu == VCPU_ID_UNKNOWN else vcpu,
                       "comm": self.comm(tgid), "isa": isa_name(isa),
                       "exit_code": code, "name": self.names.name(isa, code),
                       "count": count}
-            if self.option("latency"):
+            if self.opts.latency:
                 # None (null, empty in CSV) where the vCPU never re-entered
                 # after such an exit, e.g. its last HLT.
                 lat = latency.get((tgid, tid, isa, code))
@@ -2299,27 +2329,27 @@ class RecordReport(Report):
                 if lat:
                     times[0] = round(times[0])
                 record.update(zip(self.LATENCY_FIELDS, times))
-            if self.option("detail"):
+            if self.opts.detail:
                 record["detail"] = [detail_record(d, n) for d, n in
                                     subs.get(((tgid, tid), isa, code), ())]
             yield record
 
     def report(self, snap, start, end):
-        if self.option("json"):
+        if self.opts.json:
             self.write(json.dumps({
                 "context": self.selection.context,
                 "view": self.selection.view,
                 "probe": self.probe.kind,
                 "start": round(start, 6), "end": round(end, 6),
-                "cumulative": bool(self.option("cumulative")),
+                "cumulative": bool(self.opts.cumulative),
                 "rows": list(self.records(snap)),
                 "lost": sum(snap.lost),
                 **({"detail_lost": snap.detail_lost}
-                   if self.option("detail") else {})}) + "\n")
+                   if self.opts.detail else {})}) + "\n")
             return
         fields = ("end",) + self.FIELDS + (
-            self.LATENCY_FIELDS if self.option("latency") else ()) + (
-            self.DETAIL_FIELDS if self.option("detail") else ())
+            self.LATENCY_FIELDS if self.opts.latency else ()) + (
+            self.DETAIL_FIELDS if self.opts.detail else ())
         text = io.StringIO()
         writer = csv.DictWriter(text, fields, lineterminator="\n")
         if not self.header_done:
@@ -2332,7 +2362,6 @@ class RecordReport(Report):
             for sub in details:
                 writer.writerow(self.csv_detail_row(record, sub))
         self.write(text.getvalue())
-
 
     def csv_detail_row(self, record, sub):
         row = {k: record[k] for k in ("end",) + self.FIELDS}
@@ -2357,18 +2386,10 @@ def warn_lost(snap):
 # --prometheus: /metrics for a Prometheus server
 #
 VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
-DEFAULT_KEEP_GONE = 300
 # Histogram edges, as log2(ns): every other power of two from 256 ns to
 # ~17 s.  Each is where a bucket of the in-kernel log-linear histogram
 # begins, so the count below each edge is exact.
 LATENCY_EDGES = tuple(range(8, 35, 2))
-# Options that shape a printed report, which --prometheus does not print:
-# (argparse dest, how the user spells it).
-REPORT_OPTIONS = (("duration", "the duration"), ("interval", "-i"),
-                  ("count", "-c"), ("cumulative", "--cumulative"),
-                  ("timestamp", "--timestamp"), ("json", "--json"),
-                  ("csv", "--csv"), ("show_vcpu", "--show-vcpu"),
-                  ("comm", "--comm"), ("top", "--top"), ("alltids", "-a"))
 
 
 def lost_label(macro):
@@ -2713,9 +2734,10 @@ def main(argv=None):
     emit(first_line(selection, args) + "\n",
          sys.stderr if machine else sys.stdout)
     if machine:
-        output = RecordReport(selection, names, probe, args)
+        output = RecordReport(selection, names, probe,
+                              ReportOptions.of(args))
     else:
-        output = TextReport(selection, names, args)
+        output = TextReport(selection, names, ReportOptions.of(args))
     if args.comm or machine:
         # Named now: a VM that ends before the report keeps its name.
         output.comms.update((pid, process_name(pid)) for pid in vmms)

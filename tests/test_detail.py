@@ -2,7 +2,6 @@
 intervals, --top, and the probe it takes.  Hand-made snapshots; the kernel
 side is in test_kernel_detail.py, real exits in the lab."""
 
-import argparse
 import csv
 import io
 import json
@@ -11,7 +10,6 @@ import pytest
 
 import kvmexit
 from helpers import program
-from kvmexit import Detail
 from kvmexit_conftest import assert_one_error_line, first_line, run_tool
 
 SVM, VMX = kvmexit.ISA_SVM, kvmexit.ISA_VMX
@@ -100,8 +98,8 @@ def snap():
 
 def text(selection, **opts):
     out = io.StringIO()
-    kvmexit.TextReport(selection, NAMES, argparse.Namespace(detail=True,
-                                                            **opts),
+    kvmexit.TextReport(selection, NAMES, kvmexit.ReportOptions(
+        detail=True, **opts),
                        out).report(snap(), 0, 0)
     return out.getvalue().splitlines()
 
@@ -150,7 +148,7 @@ def records(fmt, **opts):
     out = io.StringIO()
     report = kvmexit.RecordReport(
         ALL, NAMES, kvmexit.Probe("tracepoint", "x"),
-        argparse.Namespace(**{fmt: True}, detail=True, **opts), out)
+        kvmexit.ReportOptions(**{fmt: True}, detail=True, **opts), out)
     report.comms.update({5: "qemu-system-x86"})
     report.report(snap(), 100.5, 101.25)
     return out.getvalue()

@@ -15,7 +15,6 @@ BPF_PROG_TEST_RUN runs them from threads of this process pinned to a CPU
 (AMD APM vol. 2, Intel SDM vol. 3C); the sub-counts read back must be
 exact and decoded as the CPU meant them."""
 
-import argparse
 import io
 import os
 
@@ -289,7 +288,7 @@ def test_text_report_shows_sub_keys_under_their_reason(prog, threads):
     out = io.StringIO()
     tid_only = kvmexit.Selection("TID %d" % t.tid, "tid", tids=[t.tid])
     kvmexit.TextReport(tid_only, kvmexit.ReasonNames(),
-                       argparse.Namespace(detail=True), out).report(
+                       kvmexit.ReportOptions(detail=True), out).report(
         snap, 0, 0)
     assert out.getvalue().splitlines() == [
         "KVM_EXIT_REASON                     COUNT",

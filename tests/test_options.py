@@ -2,7 +2,6 @@
 columns, top-N.  Pure Python on hand-made snapshots; the lab checks them
 on real exits (tests/lab/test_lab_kvmexit.py)."""
 
-import argparse
 import csv
 import io
 import json
@@ -38,8 +37,8 @@ def snap():
 
 def text(selection, **opts):
     out = io.StringIO()
-    report = kvmexit.TextReport(selection, NAMES, argparse.Namespace(**opts),
-                                out)
+    report = kvmexit.TextReport(selection, NAMES,
+                                kvmexit.ReportOptions(**opts), out)
     report.comms.update({5: "qemu-system-x86 guest=vm1", 9: "crosvm"})
     traced = snap()
     if selection.tgid:          # as the in-kernel filter would have it
@@ -156,7 +155,7 @@ def record_report(fmt, **opts):
     out = io.StringIO()
     report = kvmexit.RecordReport(
         ALL, NAMES, kvmexit.Probe("raw-new", "x"),
-        argparse.Namespace(**{fmt: True}, **opts), out)
+        kvmexit.ReportOptions(**{fmt: True}, **opts), out)
     report.comms.update({5: "qemu-system-x86", 9: "crosvm"})
     report.report(snap(), 100.5, 101.25)
     return out.getvalue()

@@ -218,8 +218,8 @@ def test_a_failed_write_back_counts_the_evicted_threads_exits_as_lost(
     b, tables = loaded(4)
     held = threads()
     held.exits(b.fd, 0, IOIO, SVM, times=3)     # cached on CPU 0
-    tables.delete(kvmexit.THREAD_MAP, [pid_tgid(held.tid).to_bytes(8,
-                                                                 "little")])
+    tables.delete(kvmexit.THREAD_MAP,
+                  [kvmexit.THREAD_KEY.layout.pack(pid_tgid(held.tid))])
     for t in threads(4):
         t.exits(b.fd, 1, HLT, SVM)              # 4 entries: full
     threads().exits(b.fd, 0, INTR, SVM)         # evicts `held` from CPU 0
