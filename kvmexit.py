@@ -1385,7 +1385,8 @@ def summed(values):
 
 
 def latencies(values):
-    """struct latency {count, total_ns, max_ns, hist[]} -> Latency."""
+    """struct latency {count, total_ns, max_ns, hist[]} -> Latency (the
+    words of LATENCY_WORDS)."""
     return [Latency(w[0], w[1], w[2], w[3:])
             for w in values[:, 0].tolist()]
 
@@ -1434,7 +1435,8 @@ def one_word(layout):
 CACHE_MAP = MapSpec(b"pcpu_cache", INDEX_KEY,
                     lambda layout: 1 + layout.words, True, "cache", None,
                     None)
-# Measured: the 8-byte key is inside the per-element overhead here.
+# Its element, with the 8-byte key and the per-CPU value's pointer, is
+# HASH_ELEM_OVERHEAD (tests/bench/memory.py's percpu_hash()).
 THREAD_MAP = MapSpec(b"pcpu_kvm_stat", THREAD_KEY,
                      lambda layout: layout.words, True, "threads", None,
                      lambda p, ncpus: p.max_threads * (
@@ -1444,11 +1446,13 @@ RARE_MAP = MapSpec(b"pcpu_rare_stat", REASON_KEY, one_word, True, COUNTS,
                                                      8 * ncpus))
 LOST_MAP = MapSpec(b"pcpu_lost", INDEX_KEY, one_word, True, "lost", None,
                    None)
+# struct latency: count, total_ns, max_ns, then the histogram.
+LATENCY_WORDS = 3 + LAT_BUCKETS
 LATENCY_MAP = MapSpec(b"exit_latency", REASON_KEY,
-                      lambda layout: 3 + LAT_BUCKETS, False, LATENCIES,
+                      lambda layout: LATENCY_WORDS, False, LATENCIES,
                       "latency", lambda p, ncpus: hash_bytes(
                           LATENCY_PER_THREAD * p.max_threads, REASON_KEY,
-                          8 * (3 + LAT_BUCKETS)))
+                          8 * LATENCY_WORDS))
 PENDING_MAP = MapSpec(b"pending_exit", THREAD_KEY, None, False, "pending",
                       "latency", lambda p, ncpus: hash_bytes(
                           p.max_threads, THREAD_KEY, 16))

@@ -92,8 +92,8 @@ CHECK_THREADS = 64
 CHECK_RARE = 3
 CHECK_ODD_M = 1500          # the default M of a host with 750 vCPUs
 BIG_HOST_VCPUS = (512, 1024, 2048)
-LATENCY_KEY, LATENCY_VALUE = 16, 8 * (3 + kvmexit.LAT_BUCKETS)
-PENDING_KEY, PENDING_VALUE = 8, 16
+LATENCY_KEY, LATENCY_VALUE = kvmexit.REASON_KEY.size, 8 * kvmexit.LATENCY_WORDS
+PENDING_KEY, PENDING_VALUE = kvmexit.THREAD_KEY.size, 16
 # Allowed between the per-CPU allocator's growth and the formulas, per
 # CPU: a loaded program's per-CPU state beyond the map values (its run
 # statistics, each hash's 8 lock counters and freelist heads: ~100 B), and
