@@ -91,14 +91,14 @@ int two_reads(struct bpf_raw_tracepoint_args *ctx)
 """ % {"code": CODE}
 
 # kvmexit's raw-new program with offsets into struct fake_vcpu.
-RAW_NEW_SVM = ["-DSVM_VCPU_OFF=0", "-DSVM_VMCB_OFF=0",
-               "-DVMCB_EXIT_CODE_OFF=8", "-DKVM_VCPU_ID_OFF=12"]
-RAW_NEW_VMX = ["-DVMX_VCPU_OFF=0", "-DVMX_EXIT_REASON_OFF=8",
-               "-DKVM_VCPU_ID_OFF=12"]
+RAW_NEW_SVM = {"SVM_VCPU_OFF": 0, "SVM_VMCB_OFF": 0,
+               "VMCB_EXIT_CODE_OFF": 8, "KVM_VCPU_ID_OFF": 12}
+RAW_NEW_VMX = {"VMX_VCPU_OFF": 0, "VMX_EXIT_REASON_OFF": 8,
+               "KVM_VCPU_ID_OFF": 12}
 
 
-def load_kvmexit(bcc, kind, cflags, layout):
-    probe = kvmexit.Probe(kind, "bench", cflags)
+def load_kvmexit(bcc, kind, offsets, layout):
+    probe = kvmexit.Probe(kind, "bench", offsets)
     b = kvmexit.load_program(kvmexit.Program(
         probe, kvmexit.Selection("all threads", "all"),
         kvmexit.MIN_MAX_THREADS, layout))
@@ -134,7 +134,7 @@ def main():
     assert bpfrun.test_run(fds["two_reads"], [addr]) == CODE
 
     loaded = [micro]
-    old_b, old = load_kvmexit(bcc, "raw-old", [], kvmexit.SVM_LAYOUT)
+    old_b, old = load_kvmexit(bcc, "raw-old", {}, kvmexit.SVM_LAYOUT)
     svm_b, svm = load_kvmexit(bcc, "raw-new", RAW_NEW_SVM,
                               kvmexit.SVM_LAYOUT)
     vmx_b, vmx = load_kvmexit(bcc, "raw-new", RAW_NEW_VMX,
