@@ -11,6 +11,7 @@ kvmexit.snapshot() and printed with print_report()."""
 
 import io
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -644,3 +645,38 @@ def test_merge_of_nothing():
     keys, sums, hdr = kvmexit.merge_thread_counts(
         [], values, [0, 0], np.zeros((2, 4), dtype=np.uint64))
     assert (keys, sums.shape, len(hdr)) == ([], (0, 3), 0)
+
+
+@pytest.mark.parametrize("spec, wrong", [
+    # A key of another size, the same size with other fields, a value of
+    # another size.
+    (kvmexit.RARE_MAP, {"key": kvmexit.Key(struct.Struct("<QQ"),
+                                           ("pid_tgid", "isa_code"))}),
+    (kvmexit.RARE_MAP, {"key": kvmexit.Key(struct.Struct("<QII"),
+                                           ("pid_tgid", "code", "isa"))}),
+    (kvmexit.THREAD_MAP, {"words": lambda layout: layout.words + 1}),
+])
+def test_a_map_spec_unlike_the_c_is_refused_at_load(bcc, monkeypatch, spec,
+                                                    wrong):
+    monkeypatch.setattr(kvmexit, "MAPS", tuple(
+        m._replace(**wrong) if m is spec else m for m in kvmexit.MAPS))
+    with pytest.raises(kvmexit.Error) as exc:
+        kvmexit.load_program(kvmexit.Program(RAW_OLD, ALL, 64,
+                                             kvmexit.SVM_LAYOUT))
+    key = "('pid_tgid', 'isa', 'code') [8, 4, 4], value 8 B" \
+        if spec is kvmexit.RARE_MAP else "None [8], value 1544 B"
+    assert str(exc.value) == "map %s of %s is not as kvmexit.py reads it " \
+        "(key %s): a bug in kvmexit" % (spec.name.decode(),
+                                        kvmexit.bpf_source(), key)
+
+
+def test_every_map_spec_matches_the_c_with_every_feature(bcc):
+    program = kvmexit.Program(
+        kvmexit.Probe("tracepoint", "test", tp_vcpu_id=True), ALL, 64,
+        kvmexit.SVM_LAYOUT, {feature.name for feature in kvmexit.FEATURES})
+    b = kvmexit.load_program(program)
+    try:
+        assert [m.name for m in program.maps()] == [
+            m.name for m in kvmexit.MAPS]
+    finally:
+        b.cleanup()
