@@ -1,4 +1,4 @@
-"""The systemd unit, man/kvmexit.service, run by a real systemd.
+"""The systemd unit, deploy/kvmexit.service, run by a real systemd.
 
 This host's PID 1 is not systemd, so the test boots one: a container of
 systemd-nspawn (systemd-container) over the host's own /usr, with
@@ -34,7 +34,7 @@ import pytest
 import kvmexit
 from kvmexit_conftest import ROOT
 
-UNIT = os.path.join(ROOT, "man", "kvmexit.service")
+UNIT = os.path.join(ROOT, "deploy", "kvmexit.service")
 VENV = "/opt/kvmexit"
 SOURCE = "/srv/kvmexit"         # the checkout's copy, in the container
 # The syscalls and capabilities bcc needs, which nspawn's own seccomp
