@@ -14,9 +14,15 @@ systemd on the host there is no machined for machinectl or systemctl -M).
 nspawn runs in a mount namespace of its own with a tmpfs on /run, where it
 keeps its state (/run here is on disk), and in cgroups the test makes and
 removes, so a run leaves no mount, file or cgroup behind; the container is
-halted, or killed, whatever happens.  The unit's hardening is checked to
-matter too: with a runtime drop-in taking CAP_BPF, CAP_PERFMON and
-CAP_SYS_ADMIN out of its bounding set, kvmexit cannot load its program.
+halted, or killed, whatever happens.
+
+The unit runs kvmexit as a dynamic user with four capabilities, read back
+from /proc/PID/status, and is Type=notify: `systemctl start` returns once
+/metrics answers (kvmexit's sd_notify READY=1).  Its least privilege is
+checked to be enough and to matter: under ProtectProc=invisible it still
+sees another user's process (PID 1, root's) and loses it without
+CAP_SYS_PTRACE; without CAP_BPF and CAP_PERFMON it cannot load its program
+(runtime drop-ins, so that the unit file stays the repo's).
 
 Runs as root on the real kernel, never skipped (see conftest.py)."""
 
@@ -239,20 +245,44 @@ def scrape(port):
         return r.status, r.read().decode()
 
 
-def wait_for_metrics(machine, port):
-    """The service is active as soon as kvmexit runs; /metrics answers
-    once bcc has compiled and attached the program."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        state = machine.show("kvmexit", "ActiveState", "SubState")
-        assert state == {"ActiveState": "active", "SubState": "running"}, \
-            "%s; its journal:\n%s" % (state, machine.journal("kvmexit"))
-        try:
-            return scrape(port)
-        except (ConnectionRefusedError, urllib.error.URLError):
-            time.sleep(0.5)
-    raise AssertionError("no /metrics on port %d in %d s: %s" % (
-        port, START_TIMEOUT, machine.journal("kvmexit")))
+# The unit's capabilities, as the kernel numbers them (linux/capability.h).
+UNIT_CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19,
+                     "CAP_PERFMON": 38, "CAP_BPF": 39}
+# systemd's range for DynamicUser= (docs: UIDS-GIDS.md).
+DYNAMIC_UIDS = range(61184, 65520)
+
+
+def unit_directive(name):
+    with open(UNIT) as f:
+        return [line.split("=", 1)[1] for line in f.read().splitlines()
+                if line.startswith(name + "=")]
+
+
+def process_status(machine, pid):
+    """/proc/PID/status of a process in the container, as {field: value}."""
+    text = machine.check(["cat", "/proc/%s/status" % pid])
+    return dict((k, v.strip()) for k, v in (
+        line.split(":", 1) for line in text.splitlines()))
+
+
+def start(machine, port, options=""):
+    """Options in /etc/default/kvmexit, then `systemctl start`: with
+    Type=notify it returns once kvmexit says READY=1, or fails."""
+    machine.check(["sh", "-c", "cat >/etc/default/kvmexit"],
+                  input='KVMEXIT_OPTS="--prometheus 127.0.0.1:%d%s"\n'
+                  % (port, options))
+    return machine.run(["systemctl", "start", "kvmexit"],
+                       timeout=START_TIMEOUT + 30)
+
+
+def drop_in(machine, text):
+    machine.check(["sh", "-c", "mkdir -p %s && cat >%s/test.conf" % (
+        DROP_IN, DROP_IN)], input="[Service]\n" + text + "\n")
+    machine.check(["systemctl", "daemon-reload"])
+
+
+def new_journal_lines(machine, before):
+    return machine.journal("kvmexit").splitlines()[len(before):]
 
 
 def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
@@ -262,16 +292,20 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     with open(UNIT) as f:
         assert machine.check(["cat", "/etc/systemd/system/kvmexit.service"]) \
             == f.read()
-    assert machine.show("kvmexit", "FragmentPath", "LoadState") == {
+    assert machine.show("kvmexit", "FragmentPath", "LoadState", "Type") == {
         "FragmentPath": "/etc/systemd/system/kvmexit.service",
-        "LoadState": "loaded"}
+        "LoadState": "loaded", "Type": "notify"}
 
     # Enabled, as a user would: multi-user.target then holds the unit, so
     # that systemd keeps its exit status once it stops (a stopped unit
     # nothing refers to is unloaded and shows a fresh one's zeros).
+    # Type=notify: the start job ends only when kvmexit is ready, so
+    # /metrics answers at once, without waiting for it.
     machine.check(["systemctl", "enable", "--now", "kvmexit"],
-                  timeout=START_TIMEOUT)
-    status, text = wait_for_metrics(machine, port)
+                  timeout=START_TIMEOUT + 30)
+    assert machine.show("kvmexit", "ActiveState", "SubState") == {
+        "ActiveState": "active", "SubState": "running"}
+    status, text = scrape(port)
     assert status == 200
     lines = text.splitlines()
     # No VM runs here: no series of kvm_exits_total, but its family.
@@ -295,6 +329,22 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     assert machine.show("kvmexit", "ActiveState", "SubState", "MainPID") == {
         "ActiveState": "active", "SubState": "running", "MainPID": main_pid}
 
+    # Not root, and the unit's capabilities only: the same four in every
+    # set (ambient ones are inherited, permitted and effective), and no
+    # way to gain more.
+    assert sorted(unit_directive("CapabilityBoundingSet")[0].split()) == \
+        sorted(unit_directive("AmbientCapabilities")[0].split()) == \
+        sorted(UNIT_CAPABILITIES)
+    mask = "%016x" % sum(1 << bit for bit in UNIT_CAPABILITIES.values())
+    proc = process_status(machine, main_pid)
+    uids, gids = proc["Uid"].split(), proc["Gid"].split()
+    assert len(set(uids)) == 1 and int(uids[0]) in DYNAMIC_UIDS, uids
+    assert len(set(gids)) == 1 and int(gids[0]) in DYNAMIC_UIDS, gids
+    assert {key: proc[key] for key in ("CapInh", "CapPrm", "CapEff",
+                                       "CapBnd", "CapAmb", "NoNewPrivs")} \
+        == {"CapInh": mask, "CapPrm": mask, "CapEff": mask, "CapBnd": mask,
+            "CapAmb": mask, "NoNewPrivs": "1"}
+
     machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
     # Exited 0 on SIGTERM (CLD_EXITED is 1): killed by it would also be
     # Result=success, with ExecMainCode=2 and ExecMainStatus=15.
@@ -303,38 +353,56 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
                         "ExecMainCode", "ExecMainStatus") == {
         "ActiveState": "inactive", "Result": "success",
         "ExecMainPID": main_pid, "ExecMainCode": "1", "ExecMainStatus": "0"}
-    journal = machine.journal("kvmexit")
-    assert "Traceback" not in journal
-    assert journal.splitlines() == [
-        "Started kvmexit.service - %s." % DESCRIPTION,
+    journal = machine.journal("kvmexit").splitlines()
+    assert "Traceback" not in "\n".join(journal)
+    # "Started" once kvmexit is ready, after the line it prints then.
+    assert journal == [
+        "Starting kvmexit.service - %s..." % DESCRIPTION,
         "Display kvm exit reasons and statistics for all threads... Hit "
         "Ctrl-C to end.",
+        "Started kvmexit.service - %s." % DESCRIPTION,
         "Stopping kvmexit.service - %s..." % DESCRIPTION,
         "kvmexit.service: Deactivated successfully.",
         "Stopped kvmexit.service - %s." % DESCRIPTION]
     with pytest.raises(urllib.error.URLError):
         scrape(port)
 
-    # The hardening is what lets it run: without CAP_BPF, CAP_PERFMON and
-    # CAP_SYS_ADMIN in its bounding set the program cannot load.  A
-    # runtime drop-in, so the unit file stays the repo's.
-    machine.check(["sh", "-c", "mkdir -p %s && cat >%s/break.conf" % (
-        DROP_IN, DROP_IN)], input="[Service]\nCapabilityBoundingSet=~"
-        "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN\n")
-    machine.check(["systemctl", "daemon-reload"])
-    machine.check(["systemctl", "start", "kvmexit"])
-    deadline = time.monotonic() + START_TIMEOUT
-    while machine.show("kvmexit", "Result")["Result"] == "success":
-        assert time.monotonic() < deadline, machine.journal("kvmexit")
-        time.sleep(0.5)
-    assert machine.show("kvmexit", "Result", "ExecMainCode",
-                        "ExecMainStatus") == {
-        "Result": "exit-code", "ExecMainCode": "1", "ExecMainStatus": "1"}
-    assert machine.journal("kvmexit").splitlines()[len(journal.splitlines()):
-                                                   ][:4] == [
-        "Started kvmexit.service - %s." % DESCRIPTION,
-        "kvmexit: BPF compile failed: could not open bpf map: blank_counts,"
-        " error: Operation not permitted",
-        "kvmexit.service: Main process exited, code=exited, "
-        "status=1/FAILURE",
-        "kvmexit.service: Failed with result 'exit-code'."]
+    # Another user's process is visible under ProtectProc=invisible (its
+    # hidepid lets CAP_SYS_PTRACE through): -p 1 selects the container's
+    # systemd, which is root's.
+    proc = start(machine, port, " -p 1")
+    assert proc.returncode == 0, (proc.stderr, machine.journal("kvmexit"))
+    machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+    assert new_journal_lines(machine, journal)[:3] == [
+        "Starting kvmexit.service - %s..." % DESCRIPTION,
+        "Display kvm exit reasons and statistics for PID 1... Hit Ctrl-C "
+        "to end.",
+        "Started kvmexit.service - %s." % DESCRIPTION]
+    journal = machine.journal("kvmexit").splitlines()
+
+    # Each capability matters.  Without CAP_SYS_PTRACE PID 1 is hidden;
+    # without CAP_BPF and CAP_PERFMON the program cannot load.  Either way
+    # one kvmexit: line, status 1, and the start job fails.
+    for taken, options, why in (
+            ("CAP_SYS_PTRACE", " -p 1", "kvmexit: no such process: PID 1"),
+            ("CAP_BPF CAP_PERFMON", "", "kvmexit: BPF compile failed: could "
+             "not open bpf map: blank_counts, error: Operation not "
+             "permitted")):
+        drop_in(machine, "CapabilityBoundingSet=~" + taken)
+        proc = start(machine, port, options)
+        assert proc.returncode != 0, taken
+        assert machine.show("kvmexit", "Result", "ExecMainCode",
+                            "ExecMainStatus") == {
+            "Result": "exit-code", "ExecMainCode": "1",
+            "ExecMainStatus": "1"}, taken
+        # Then Restart=on-failure, 5 s later: stopped below.
+        assert new_journal_lines(machine, journal)[:5] == [
+            "Starting kvmexit.service - %s..." % DESCRIPTION,
+            why,
+            "kvmexit.service: Main process exited, code=exited, "
+            "status=1/FAILURE",
+            "kvmexit.service: Failed with result 'exit-code'.",
+            "Failed to start kvmexit.service - %s." % DESCRIPTION], taken
+        machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+        machine.check(["systemctl", "reset-failed", "kvmexit"])
+        journal = machine.journal("kvmexit").splitlines()
