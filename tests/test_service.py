@@ -305,7 +305,7 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     # /metrics answers at once, without waiting for it.
     proc = machine.run(["systemctl", "enable", "--now", "kvmexit"],
                        timeout=START_TIMEOUT)
-    assert proc.returncode == 0, (proc.stderr, machine.journal("kvmexit"))
+    assert proc.returncode == 0, machine.journal("kvmexit")
     assert machine.show("kvmexit", "ActiveState", "SubState") == {
         "ActiveState": "active", "SubState": "running"}
     status, text = scrape(port)
@@ -374,7 +374,7 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     # hidepid lets CAP_SYS_PTRACE through): -p 1 selects the container's
     # systemd, which is root's.
     proc = start(machine, port, " -p 1")
-    assert proc.returncode == 0, (proc.stderr, machine.journal("kvmexit"))
+    assert proc.returncode == 0, machine.journal("kvmexit")
     machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
     assert new_journal_lines(machine, journal)[:3] == [
         "Starting kvmexit.service - %s..." % DESCRIPTION,
