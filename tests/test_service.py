@@ -19,10 +19,11 @@ halted, or killed, whatever happens.
 The unit runs kvmexit as a dynamic user with four capabilities, read back
 from /proc/PID/status, and is Type=notify: `systemctl start` returns once
 /metrics answers (kvmexit's sd_notify READY=1).  Its least privilege is
-checked to be enough and to matter: under ProtectProc=invisible it still
-sees another user's process (PID 1, root's) and loses it without
-CAP_SYS_PTRACE; without CAP_BPF and CAP_PERFMON it cannot load its program
-(runtime drop-ins, so that the unit file stays the repo's).
+checked to be enough and to matter: under ProtectProc=invisible it finds
+vCPU 0 of another user's VMM (a root process holding a real VM's vCPU fd)
+and loses it without CAP_SYS_PTRACE; without CAP_BPF and CAP_PERFMON it
+cannot load its program (runtime drop-ins, so that the unit file stays the
+repo's).
 
 Runs as root on the real kernel, never skipped (see conftest.py)."""
 
@@ -166,6 +167,8 @@ def boot(tmp_path):
               "--bind-ro=/etc/alternatives", "--bind-ro=/etc/ld.so.cache",
               # bcc finds the tracepoint through debugfs or tracefs.
               "--bind=/sys/kernel/tracing", "--bind=/sys/kernel/debug",
+              # For a VMM of the test's (a real VM and vCPU).
+              "--bind=/dev/kvm",
               "--bind=%s:%s" % (tmp_path / "src", SOURCE),
               # /usr is read-only; this is where the command goes.
               "--tmpfs=/usr/local/bin"]
@@ -287,6 +290,31 @@ def new_journal_lines(machine, before):
     return machine.journal("kvmexit").splitlines()[len(before):]
 
 
+# A VMM as small as it gets: a VM with vCPU 0, held open (KVM_CREATE_VM,
+# KVM_CREATE_VCPU from linux/kvm.h); ready once it says so.
+VMM = """\
+import fcntl, os, time
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, 0xAE01, 0)
+vcpu = fcntl.ioctl(vm, 0xAE41, 0)
+print("vcpu", vcpu, flush=True)
+time.sleep(3600)
+"""
+
+
+def start_vmm(machine):
+    """The VMM as a transient root service in the container: its PID."""
+    machine.check(["systemd-run", "--unit=vmm", "--service-type=exec",
+                   "/usr/bin/python3", "-c", VMM])
+    deadline = time.monotonic() + 30
+    while "vcpu" not in machine.journal("vmm"):
+        assert machine.show("vmm", "ActiveState")["ActiveState"] == \
+            "active", machine.journal("vmm")
+        assert time.monotonic() < deadline, machine.journal("vmm")
+        time.sleep(0.2)
+    return machine.show("vmm", "MainPID")["MainPID"]
+
+
 def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     port = free_port()
     install(machine, port)
@@ -370,34 +398,42 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     with pytest.raises(urllib.error.URLError):
         scrape(port)
 
-    # Another user's process is visible under ProtectProc=invisible (its
-    # hidepid lets CAP_SYS_PTRACE through): -p 1 selects the container's
-    # systemd, which is root's.
-    proc = start(machine, port, " -p 1")
+    # Another user's VMM: a root process holding vCPU 0 of a real VM (the
+    # service's user is not root).  Under ProtectProc=invisible (its
+    # hidepid lets CAP_SYS_PTRACE through) kvmexit sees it, lists its fds
+    # and resolves them: -p PID -v 0 finds vCPU 0 through
+    # /proc/PID/fd/N -> anon_inode:kvm-vcpu:0.
+    vmm = start_vmm(machine)
+    options = " -p %s -v 0" % vmm
+    proc = start(machine, port, options)
     assert proc.returncode == 0, machine.journal("kvmexit")
     machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
     assert new_journal_lines(machine, journal)[:3] == [
         "Starting kvmexit.service - %s..." % DESCRIPTION,
-        "Display kvm exit reasons and statistics for PID 1... Hit Ctrl-C "
-        "to end.",
+        "Display kvm exit reasons and statistics for PID %s VCPU 0... Hit "
+        "Ctrl-C to end." % vmm,
         "Started kvmexit.service - %s." % DESCRIPTION]
     journal = machine.journal("kvmexit").splitlines()
 
-    # Each capability matters.  Without CAP_SYS_PTRACE PID 1 is hidden;
-    # without CAP_BPF and CAP_PERFMON the program cannot load.  Either way
-    # one kvmexit: line, status 1, and the start job fails.
-    for taken, options, why in (
-            ("CAP_SYS_PTRACE", " -p 1", "kvmexit: no such process: PID 1"),
-            ("CAP_BPF CAP_PERFMON", "", "kvmexit: BPF compile failed: could "
-             "not open bpf map: blank_counts, error: Operation not "
-             "permitted")):
-        drop_in(machine, "CapabilityBoundingSet=~" + taken)
+    # Each capability matters.  Without CAP_SYS_PTRACE the VMM is hidden,
+    # and where /proc hides nothing its vCPU fds do not resolve; without
+    # CAP_BPF and CAP_PERFMON the program cannot load.  Each time one
+    # kvmexit: line, status 1, and the start job fails.
+    for settings, options, why in (
+            ("CapabilityBoundingSet=~CAP_SYS_PTRACE", options,
+             "kvmexit: no such process: PID %s" % vmm),
+            ("CapabilityBoundingSet=~CAP_SYS_PTRACE\nProtectProc=default",
+             options, "kvmexit: PID %s has no vCPU 0" % vmm),
+            ("CapabilityBoundingSet=~CAP_BPF CAP_PERFMON", "",
+             "kvmexit: BPF compile failed: could not open bpf map: "
+             "blank_counts, error: Operation not permitted")):
+        drop_in(machine, settings)
         proc = start(machine, port, options)
-        assert proc.returncode != 0, taken
+        assert proc.returncode != 0, settings
         assert machine.show("kvmexit", "Result", "ExecMainCode",
                             "ExecMainStatus") == {
             "Result": "exit-code", "ExecMainCode": "1",
-            "ExecMainStatus": "1"}, taken
+            "ExecMainStatus": "1"}, settings
         # Then Restart=on-failure, 5 s later: stopped below.
         assert new_journal_lines(machine, journal)[:5] == [
             "Starting kvmexit.service - %s..." % DESCRIPTION,
@@ -405,7 +441,7 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
             "kvmexit.service: Main process exited, code=exited, "
             "status=1/FAILURE",
             "kvmexit.service: Failed with result 'exit-code'.",
-            "Failed to start kvmexit.service - %s." % DESCRIPTION], taken
+            "Failed to start kvmexit.service - %s." % DESCRIPTION], settings
         machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
         machine.check(["systemctl", "reset-failed", "kvmexit"])
         journal = machine.journal("kvmexit").splitlines()
