@@ -417,6 +417,7 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
 
     # Each capability matters.  Without CAP_SYS_PTRACE the VMM is hidden,
     # and where /proc hides nothing its vCPU fds do not resolve; without
+    # CAP_DAC_READ_SEARCH tracefs (root's, 0700) cannot be read; without
     # CAP_BPF and CAP_PERFMON the program cannot load.  Each time one
     # kvmexit: line, status 1, and the start job fails.
     for settings, options, why in (
@@ -424,6 +425,10 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
              "kvmexit: no such process: PID %s" % vmm),
             ("CapabilityBoundingSet=~CAP_SYS_PTRACE\nProtectProc=default",
              options, "kvmexit: PID %s has no vCPU 0" % vmm),
+            # (PrivateDevices= hides /dev/kvm, hence kvmexit's guess.)
+            ("CapabilityBoundingSet=~CAP_DAC_READ_SEARCH", "",
+             "kvmexit: KVM is not loaded: no /dev/kvm and no kvm:kvm_exit "
+             "tracepoint (modprobe kvm_intel or kvm_amd)"),
             ("CapabilityBoundingSet=~CAP_BPF CAP_PERFMON", "",
              "kvmexit: BPF compile failed: could not open bpf map: "
              "blank_counts, error: Operation not permitted")):
