@@ -424,14 +424,15 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
             ("CapabilityBoundingSet=~CAP_SYS_PTRACE", options,
              "kvmexit: no such process: PID %s" % vmm),
             ("CapabilityBoundingSet=~CAP_SYS_PTRACE\nProtectProc=default",
-             options, "kvmexit: PID %s has no vCPU 0" % vmm),
-            # (PrivateDevices= hides /dev/kvm, hence kvmexit's guess.)
+             options, "kvmexit: PID %s has no vCPU 0: cannot read its "
+             "/proc/%s/fd (another user's process: needs CAP_SYS_PTRACE and "
+             "CAP_DAC_READ_SEARCH)" % (vmm, vmm)),
             ("CapabilityBoundingSet=~CAP_DAC_READ_SEARCH", "",
-             "kvmexit: KVM is not loaded: no /dev/kvm and no kvm:kvm_exit "
-             "tracepoint (modprobe kvm_intel or kvm_amd)"),
+             "kvmexit: cannot search /sys/kernel/tracing for the kvm_exit "
+             "tracepoint: missing CAP_DAC_READ_SEARCH"),
             ("CapabilityBoundingSet=~CAP_BPF CAP_PERFMON", "",
-             "kvmexit: BPF compile failed: could not open bpf map: "
-             "blank_counts, error: Operation not permitted")):
+             "kvmexit: missing CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): "
+             "needed to load and attach the BPF program")):
         drop_in(machine, settings)
         proc = start(machine, port, options)
         assert proc.returncode != 0, settings
