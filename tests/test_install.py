@@ -134,7 +134,7 @@ def assert_installed(venv, env):
         assert installed.read() == shipped.read()
     unit = os.path.join(venv, "lib", "systemd", "system", "kvmexit.service")
     with open(unit, "rb") as installed, open(os.path.join(
-            REPO, "man", "kvmexit.service"), "rb") as shipped:
+            REPO, "deploy", "kvmexit.service"), "rb") as shipped:
         assert installed.read() == shipped.read()
 
     # A real run: bcc and numpy come from Debian, through the venv.

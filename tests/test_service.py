@@ -1,4 +1,4 @@
-"""The systemd unit, man/kvmexit.service, run by a real systemd.
+"""The systemd unit, deploy/kvmexit.service, run by a real systemd.
 
 This host's PID 1 is not systemd, so the test boots one: a container of
 systemd-nspawn (systemd-container) over the host's own /usr, with
@@ -14,9 +14,16 @@ systemd on the host there is no machined for machinectl or systemctl -M).
 nspawn runs in a mount namespace of its own with a tmpfs on /run, where it
 keeps its state (/run here is on disk), and in cgroups the test makes and
 removes, so a run leaves no mount, file or cgroup behind; the container is
-halted, or killed, whatever happens.  The unit's hardening is checked to
-matter too: with a runtime drop-in taking CAP_BPF, CAP_PERFMON and
-CAP_SYS_ADMIN out of its bounding set, kvmexit cannot load its program.
+halted, or killed, whatever happens.
+
+The unit runs kvmexit as a dynamic user with four capabilities, read back
+from /proc/PID/status, and is Type=notify: `systemctl start` returns once
+/metrics answers (kvmexit's sd_notify READY=1).  Its least privilege is
+checked to be enough and to matter: under ProtectProc=invisible it finds
+vCPU 0 of another user's VMM (a root process holding a real VM's vCPU fd)
+and loses it without CAP_SYS_PTRACE; without CAP_BPF and CAP_PERFMON it
+cannot load its program (runtime drop-ins, so that the unit file stays the
+repo's).
 
 Runs as root on the real kernel, never skipped (see conftest.py)."""
 
@@ -34,7 +41,7 @@ import pytest
 import kvmexit
 from kvmexit_conftest import ROOT
 
-UNIT = os.path.join(ROOT, "man", "kvmexit.service")
+UNIT = os.path.join(ROOT, "deploy", "kvmexit.service")
 VENV = "/opt/kvmexit"
 SOURCE = "/srv/kvmexit"         # the checkout's copy, in the container
 # The syscalls and capabilities bcc needs, which nspawn's own seccomp
@@ -42,8 +49,10 @@ SOURCE = "/srv/kvmexit"         # the checkout's copy, in the container
 SYSCALLS = "bpf perf_event_open"
 CAPABILITIES = "CAP_BPF,CAP_PERFMON"
 BOOT_TIMEOUT = 60
-# bcc compiles the program at start: 10-30 s here.
-START_TIMEOUT = 90
+# A start job waits for READY=1 (bcc compiles first: seconds here) or
+# fails at the unit's TimeoutStartSec=120; this is longer, so that
+# systemd's verdict is what a test sees.
+START_TIMEOUT = 150
 DESCRIPTION = "KVM exit counts for Prometheus (kvmexit)"
 DROP_IN = "/run/systemd/system/kvmexit.service.d"
 LOST_WHY = ("thread_table_full", "rare_table_full", "reason_unreadable",
@@ -158,6 +167,8 @@ def boot(tmp_path):
               "--bind-ro=/etc/alternatives", "--bind-ro=/etc/ld.so.cache",
               # bcc finds the tracepoint through debugfs or tracefs.
               "--bind=/sys/kernel/tracing", "--bind=/sys/kernel/debug",
+              # For a VMM of the test's (a real VM and vCPU).
+              "--bind=/dev/kvm",
               "--bind=%s:%s" % (tmp_path / "src", SOURCE),
               # /usr is read-only; this is where the command goes.
               "--tmpfs=/usr/local/bin"]
@@ -239,20 +250,69 @@ def scrape(port):
         return r.status, r.read().decode()
 
 
-def wait_for_metrics(machine, port):
-    """The service is active as soon as kvmexit runs; /metrics answers
-    once bcc has compiled and attached the program."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        state = machine.show("kvmexit", "ActiveState", "SubState")
-        assert state == {"ActiveState": "active", "SubState": "running"}, \
-            "%s; its journal:\n%s" % (state, machine.journal("kvmexit"))
-        try:
-            return scrape(port)
-        except (ConnectionRefusedError, urllib.error.URLError):
-            time.sleep(0.5)
-    raise AssertionError("no /metrics on port %d in %d s: %s" % (
-        port, START_TIMEOUT, machine.journal("kvmexit")))
+# The unit's capabilities, as the kernel numbers them (linux/capability.h).
+UNIT_CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SYS_PTRACE": 19,
+                     "CAP_PERFMON": 38, "CAP_BPF": 39}
+# systemd's range for DynamicUser= (docs: UIDS-GIDS.md).
+DYNAMIC_UIDS = range(61184, 65520)
+
+
+def unit_directive(name):
+    with open(UNIT) as f:
+        return [line.split("=", 1)[1] for line in f.read().splitlines()
+                if line.startswith(name + "=")]
+
+
+def process_status(machine, pid):
+    """/proc/PID/status of a process in the container, as {field: value}."""
+    text = machine.check(["cat", "/proc/%s/status" % pid])
+    return dict((k, v.strip()) for k, v in (
+        line.split(":", 1) for line in text.splitlines()))
+
+
+def start(machine, port, options=""):
+    """Options in /etc/default/kvmexit, then `systemctl start`: with
+    Type=notify it returns once kvmexit says READY=1, or fails."""
+    machine.check(["sh", "-c", "cat >/etc/default/kvmexit"],
+                  input='KVMEXIT_OPTS="--prometheus 127.0.0.1:%d%s"\n'
+                  % (port, options))
+    return machine.run(["systemctl", "start", "kvmexit"],
+                       timeout=START_TIMEOUT)
+
+
+def drop_in(machine, text):
+    machine.check(["sh", "-c", "mkdir -p %s && cat >%s/test.conf" % (
+        DROP_IN, DROP_IN)], input="[Service]\n" + text + "\n")
+    machine.check(["systemctl", "daemon-reload"])
+
+
+def new_journal_lines(machine, before):
+    return machine.journal("kvmexit").splitlines()[len(before):]
+
+
+# A VMM as small as it gets: a VM with vCPU 0, held open (KVM_CREATE_VM,
+# KVM_CREATE_VCPU from linux/kvm.h); ready once it says so.
+VMM = """\
+import fcntl, os, time
+kvm = os.open("/dev/kvm", os.O_RDWR)
+vm = fcntl.ioctl(kvm, 0xAE01, 0)
+vcpu = fcntl.ioctl(vm, 0xAE41, 0)
+print("vcpu", vcpu, flush=True)
+time.sleep(3600)
+"""
+
+
+def start_vmm(machine):
+    """The VMM as a transient root service in the container: its PID."""
+    machine.check(["systemd-run", "--unit=vmm", "--service-type=exec",
+                   "/usr/bin/python3", "-c", VMM])
+    deadline = time.monotonic() + 30
+    while "vcpu" not in machine.journal("vmm"):
+        assert machine.show("vmm", "ActiveState")["ActiveState"] == \
+            "active", machine.journal("vmm")
+        assert time.monotonic() < deadline, machine.journal("vmm")
+        time.sleep(0.2)
+    return machine.show("vmm", "MainPID")["MainPID"]
 
 
 def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
@@ -262,16 +322,21 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     with open(UNIT) as f:
         assert machine.check(["cat", "/etc/systemd/system/kvmexit.service"]) \
             == f.read()
-    assert machine.show("kvmexit", "FragmentPath", "LoadState") == {
+    assert machine.show("kvmexit", "FragmentPath", "LoadState", "Type") == {
         "FragmentPath": "/etc/systemd/system/kvmexit.service",
-        "LoadState": "loaded"}
+        "LoadState": "loaded", "Type": "notify"}
 
     # Enabled, as a user would: multi-user.target then holds the unit, so
     # that systemd keeps its exit status once it stops (a stopped unit
     # nothing refers to is unloaded and shows a fresh one's zeros).
-    machine.check(["systemctl", "enable", "--now", "kvmexit"],
-                  timeout=START_TIMEOUT)
-    status, text = wait_for_metrics(machine, port)
+    # Type=notify: the start job ends only when kvmexit is ready, so
+    # /metrics answers at once, without waiting for it.
+    proc = machine.run(["systemctl", "enable", "--now", "kvmexit"],
+                       timeout=START_TIMEOUT)
+    assert proc.returncode == 0, machine.journal("kvmexit")
+    assert machine.show("kvmexit", "ActiveState", "SubState") == {
+        "ActiveState": "active", "SubState": "running"}
+    status, text = scrape(port)
     assert status == 200
     lines = text.splitlines()
     # No VM runs here: no series of kvm_exits_total, but its family.
@@ -295,6 +360,22 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     assert machine.show("kvmexit", "ActiveState", "SubState", "MainPID") == {
         "ActiveState": "active", "SubState": "running", "MainPID": main_pid}
 
+    # Not root, and the unit's capabilities only: the same four in every
+    # set (ambient ones are inherited, permitted and effective), and no
+    # way to gain more.
+    assert sorted(unit_directive("CapabilityBoundingSet")[0].split()) == \
+        sorted(unit_directive("AmbientCapabilities")[0].split()) == \
+        sorted(UNIT_CAPABILITIES)
+    mask = "%016x" % sum(1 << bit for bit in UNIT_CAPABILITIES.values())
+    proc = process_status(machine, main_pid)
+    uids, gids = proc["Uid"].split(), proc["Gid"].split()
+    assert len(set(uids)) == 1 and int(uids[0]) in DYNAMIC_UIDS, uids
+    assert len(set(gids)) == 1 and int(gids[0]) in DYNAMIC_UIDS, gids
+    assert {key: proc[key] for key in ("CapInh", "CapPrm", "CapEff",
+                                       "CapBnd", "CapAmb", "NoNewPrivs")} \
+        == {"CapInh": mask, "CapPrm": mask, "CapEff": mask, "CapBnd": mask,
+            "CapAmb": mask, "NoNewPrivs": "1"}
+
     machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
     # Exited 0 on SIGTERM (CLD_EXITED is 1): killed by it would also be
     # Result=success, with ExecMainCode=2 and ExecMainStatus=15.
@@ -303,38 +384,70 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
                         "ExecMainCode", "ExecMainStatus") == {
         "ActiveState": "inactive", "Result": "success",
         "ExecMainPID": main_pid, "ExecMainCode": "1", "ExecMainStatus": "0"}
-    journal = machine.journal("kvmexit")
-    assert "Traceback" not in journal
-    assert journal.splitlines() == [
-        "Started kvmexit.service - %s." % DESCRIPTION,
+    journal = machine.journal("kvmexit").splitlines()
+    assert "Traceback" not in "\n".join(journal)
+    # "Started" once kvmexit is ready, after the line it prints then.
+    assert journal == [
+        "Starting kvmexit.service - %s..." % DESCRIPTION,
         "Display kvm exit reasons and statistics for all threads... Hit "
         "Ctrl-C to end.",
+        "Started kvmexit.service - %s." % DESCRIPTION,
         "Stopping kvmexit.service - %s..." % DESCRIPTION,
         "kvmexit.service: Deactivated successfully.",
         "Stopped kvmexit.service - %s." % DESCRIPTION]
     with pytest.raises(urllib.error.URLError):
         scrape(port)
 
-    # The hardening is what lets it run: without CAP_BPF, CAP_PERFMON and
-    # CAP_SYS_ADMIN in its bounding set the program cannot load.  A
-    # runtime drop-in, so the unit file stays the repo's.
-    machine.check(["sh", "-c", "mkdir -p %s && cat >%s/break.conf" % (
-        DROP_IN, DROP_IN)], input="[Service]\nCapabilityBoundingSet=~"
-        "CAP_BPF CAP_PERFMON CAP_SYS_ADMIN\n")
-    machine.check(["systemctl", "daemon-reload"])
-    machine.check(["systemctl", "start", "kvmexit"])
-    deadline = time.monotonic() + START_TIMEOUT
-    while machine.show("kvmexit", "Result")["Result"] == "success":
-        assert time.monotonic() < deadline, machine.journal("kvmexit")
-        time.sleep(0.5)
-    assert machine.show("kvmexit", "Result", "ExecMainCode",
-                        "ExecMainStatus") == {
-        "Result": "exit-code", "ExecMainCode": "1", "ExecMainStatus": "1"}
-    assert machine.journal("kvmexit").splitlines()[len(journal.splitlines()):
-                                                   ][:4] == [
-        "Started kvmexit.service - %s." % DESCRIPTION,
-        "kvmexit: BPF compile failed: could not open bpf map: blank_counts,"
-        " error: Operation not permitted",
-        "kvmexit.service: Main process exited, code=exited, "
-        "status=1/FAILURE",
-        "kvmexit.service: Failed with result 'exit-code'."]
+    # Another user's VMM: a root process holding vCPU 0 of a real VM (the
+    # service's user is not root).  Under ProtectProc=invisible (its
+    # hidepid lets CAP_SYS_PTRACE through) kvmexit sees it, lists its fds
+    # and resolves them: -p PID -v 0 finds vCPU 0 through
+    # /proc/PID/fd/N -> anon_inode:kvm-vcpu:0.
+    vmm = start_vmm(machine)
+    options = " -p %s -v 0" % vmm
+    proc = start(machine, port, options)
+    assert proc.returncode == 0, machine.journal("kvmexit")
+    machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+    assert new_journal_lines(machine, journal)[:3] == [
+        "Starting kvmexit.service - %s..." % DESCRIPTION,
+        "Display kvm exit reasons and statistics for PID %s VCPU 0... Hit "
+        "Ctrl-C to end." % vmm,
+        "Started kvmexit.service - %s." % DESCRIPTION]
+    journal = machine.journal("kvmexit").splitlines()
+
+    # Each capability matters.  Without CAP_SYS_PTRACE the VMM is hidden,
+    # and where /proc hides nothing its vCPU fds do not resolve; without
+    # CAP_DAC_READ_SEARCH tracefs (root's, 0700) cannot be read; without
+    # CAP_BPF and CAP_PERFMON the program cannot load.  Each time one
+    # kvmexit: line, status 1, and the start job fails.
+    for settings, options, why in (
+            ("CapabilityBoundingSet=~CAP_SYS_PTRACE", options,
+             "kvmexit: no such process: PID %s" % vmm),
+            ("CapabilityBoundingSet=~CAP_SYS_PTRACE\nProtectProc=default",
+             options, "kvmexit: PID %s has no vCPU 0: cannot read its "
+             "/proc/%s/fd (another user's process: needs CAP_SYS_PTRACE and "
+             "CAP_DAC_READ_SEARCH)" % (vmm, vmm)),
+            ("CapabilityBoundingSet=~CAP_DAC_READ_SEARCH", "",
+             "kvmexit: cannot search /sys/kernel/tracing for the kvm_exit "
+             "tracepoint: missing CAP_DAC_READ_SEARCH"),
+            ("CapabilityBoundingSet=~CAP_BPF CAP_PERFMON", "",
+             "kvmexit: missing CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN): "
+             "needed to load and attach the BPF program")):
+        drop_in(machine, settings)
+        proc = start(machine, port, options)
+        assert proc.returncode != 0, settings
+        assert machine.show("kvmexit", "Result", "ExecMainCode",
+                            "ExecMainStatus") == {
+            "Result": "exit-code", "ExecMainCode": "1",
+            "ExecMainStatus": "1"}, settings
+        # Then Restart=on-failure, 5 s later: stopped below.
+        assert new_journal_lines(machine, journal)[:5] == [
+            "Starting kvmexit.service - %s..." % DESCRIPTION,
+            why,
+            "kvmexit.service: Main process exited, code=exited, "
+            "status=1/FAILURE",
+            "kvmexit.service: Failed with result 'exit-code'.",
+            "Failed to start kvmexit.service - %s." % DESCRIPTION], settings
+        machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+        machine.check(["systemctl", "reset-failed", "kvmexit"])
+        journal = machine.journal("kvmexit").splitlines()
