@@ -373,3 +373,18 @@ def test_a_real_prometheus_scrapes_over_tls_with_basic_auth(bcc, pki,
     assert build["metric"]["job"] == "right"
     assert build["metric"]["version"] == kvmexit.VERSION
     assert (tool.returncode, err) == (0, "")
+
+
+def test_a_right_password_costs_one_bcrypt_check_not_one_per_scrape(
+        serve_with):
+    slow = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(14)).decode()
+    port = serve_with("basic_auth_users:\n  prom: %s\n" % slow)
+    times = []
+    for password in (PASSWORD, PASSWORD, "wrong"):
+        started = time.monotonic()
+        status = get(port, None, "prom", password)[0]
+        times.append((status, time.monotonic() - started))
+    (first, t1), (again, t2), (wrong, t3) = times
+    assert (first, again, wrong) == (200, 200, 401)
+    # Cost 14 is ~1 s or more here; remembered, well under.
+    assert t1 > 0.5 and t2 < t1 / 5 and t3 > 0.5
