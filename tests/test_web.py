@@ -388,3 +388,36 @@ def test_a_right_password_costs_one_bcrypt_check_not_one_per_scrape(
     assert (first, again, wrong) == (200, 200, 401)
     # Cost 14 is ~1 s or more here; remembered, well under.
     assert t1 > 0.5 and t2 < t1 / 5 and t3 > 0.5
+
+
+#
+# Listening on every address
+#
+EXPOSED = "kvmexit: warning: listening on every address ({where}): anyone " \
+    "who reaches this host can read its VMs' names and activity; give one " \
+    "address, or TLS and basic_auth_users with --web.config.file\n"
+
+
+@pytest.mark.parametrize("host, where", [("0.0.0.0", "0.0.0.0:{port}"),
+                                         ("::", "[::]:{port}")])
+@pytest.mark.parametrize("config", ["none", "tls", "auth", "tls+auth"])
+def test_every_address_without_tls_and_auth_warns(pki, hashed, capsys,
+                                                  host, where, config):
+    text = {"none": None, "tls": TLS,
+            "auth": "basic_auth_users:\n  prom: %s\n" % hashed,
+            "tls+auth": TLS + "basic_auth_users:\n  prom: %s\n" % hashed
+            }[config]
+    web = kvmexit.load_web_config(write_config(pki, text)) if text else None
+    port = free_port()
+    server = kvmexit.listen((host, port), web)
+    server.stop()
+    warned = "" if config == "tls+auth" else \
+        EXPOSED.format(where=where.format(port=port))
+    assert capsys.readouterr().err == warned
+    assert server.url() == "%s://%s/metrics" % (
+        "https" if "tls" in config else "http", where.format(port=port))
+
+
+def test_one_address_does_not_warn(capsys):
+    kvmexit.listen(("127.0.0.1", free_port())).stop()
+    assert capsys.readouterr().err == ""
