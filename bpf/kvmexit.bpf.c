@@ -57,10 +57,22 @@ struct rare_key {
 
 struct exit_event {
     u32 code;
-    u32 isa;
+    u32 isa;                    // not on raw-old: see isa_of()
     u32 vcpu_id;                // tracepoint only; raw paths read it lazily
     void *vcpu;                 // struct kvm_vcpu *, raw paths only
+    const u64 *args;            // raw-old: the tracepoint's arguments
 };
+
+// raw-old reads the isa only where it is needed, off the hit path: a
+// thread entering a cache slot, a rare code, --latency.
+static __always_inline u32 isa_of(struct exit_event *ev)
+{
+#ifdef PROBE_RAW_OLD
+    return ev->args[2];
+#else
+    return ev->isa;
+#endif
+}
 
 BPF_PERCPU_ARRAY(pcpu_cache, struct cache_slot, 1);
 // Preallocated: an element allocated at the first exit of a thread can
@@ -74,8 +86,8 @@ BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
 // for the BPF stack, and too big for an inlined memset).
 BPF_ARRAY(blank_counts, struct thread_counts, 1);
 
-// NR_SLOTS for a rare code.  The common case, a direct slot, is tested
-// first and alone, so that the hit path does not compute the others.
+// NR_SLOTS for a rare code.  Off the hit path, which tests for a direct
+// slot itself (count_exit()).
 static __always_inline u32 slot_of(u32 code)
 {
     if (__builtin_expect(code < DIRECT_SLOTS, 1))
@@ -124,47 +136,89 @@ static __always_inline u32 vcpu_id_of(struct exit_event *ev)
 #endif
 }
 
+// Copy a thread's counters between its table entry and a cache slot.
+// Plain loads and stores, not a helper: cheaper than bpf_probe_read_kernel
+// (which checks each word for faults) and than a map update (which takes
+// the bucket's lock).  clang expands each memcpy inline; chunks keep each
+// expansion under its limit of stores.
+#define COPY_WORDS (sizeof(struct thread_counts) / 8)
+#define COPY_CHUNK 64
+static __always_inline void copy_counts(struct thread_counts *dst,
+                                        const struct thread_counts *src)
+{
+    u64 *d = (u64 *)dst;
+    const u64 *s = (const u64 *)src;
+
+#pragma unroll
+    for (int i = 0; i < COPY_WORDS; i += COPY_CHUNK)
+        __builtin_memcpy(d + i, s + i,
+                         8 * (COPY_WORDS - i < COPY_CHUNK ?
+                              COPY_WORDS - i : COPY_CHUNK));
+}
+
+// The evicted thread's counters go back to its table entry.  It was
+// inserted when it was cached, and kvmexit.py retires (deletes) no thread
+// that a cache slot holds, so the entry is there; if it ever were not,
+// the update inserts it, and if that failed the counts would vanish:
+// count them.
+static __always_inline void write_back(struct cache_slot *cache)
+{
+    struct thread_counts *saved = pcpu_kvm_stat.lookup(&cache->pid_tgid);
+
+    if (saved)
+        copy_counts(saved, &cache->counts);
+    else if (pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
+        count_lost_counts(&cache->counts);
+}
+
+// A thread's first exit on this CPU since tracing began: it starts from
+// zero, and enters the table now, so that the write-back that evicts it
+// from the cache slot always finds its entry.
+static __always_inline struct thread_counts *
+enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
+{
+    struct thread_counts *blank;
+    int zero = 0;
+
+    blank = blank_counts.lookup(&zero);
+    if (!blank)
+        return NULL;
+    copy_counts(&cache->counts, blank);
+    if (pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
+        count_lost(LOST_THREAD_TABLE_FULL);
+        return NULL;
+    }
+    return &cache->counts;
+}
+
 // Make this CPU's cache slot hold the current thread; NULL if the thread
 // table is full (the exit is then counted as lost).
 static __always_inline struct thread_counts *
 switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
 {
-    struct thread_counts *saved;
-    int zero = 0;
-    bool fresh;
+    struct thread_counts *saved, *counts = &cache->counts;
 
-    // The evicted thread was inserted when it was cached, and kvmexit.py
-    // retires (deletes) no thread that a cache slot holds, so this update
-    // overwrites its entry in place and cannot fail for lack of room.  If
-    // it ever did, the thread's counts on this CPU would vanish: count them.
-    if (cache->pid_tgid &&
-        pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
-        count_lost_counts(&cache->counts);
+    if (cache->pid_tgid)
+        write_back(cache);
     cache->pid_tgid = 0;
 
     saved = pcpu_kvm_stat.lookup(&pid_tgid);
-    fresh = !saved;
-    if (fresh)
-        saved = blank_counts.lookup(&zero);
-    if (!saved)
+    if (saved)
+        copy_counts(counts, saved);
+    else
+        counts = enter_new_thread(cache, pid_tgid);
+    if (!counts)
         return NULL;
-    bpf_probe_read_kernel(&cache->counts, sizeof(cache->counts), saved);
-    // A thread is in the table from its first exit on, so that the update
-    // that evicts it from a cache slot always finds its entry.
-    if (fresh && pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
-        count_lost(LOST_THREAD_TABLE_FULL);
-        return NULL;
-    }
     // Kept on every CPU's copy, so the report finds them on any of them.
-    cache->counts.isa = ev->isa;
-    cache->counts.vcpu_id = vcpu_id_of(ev);
+    counts->isa = isa_of(ev);
+    counts->vcpu_id = vcpu_id_of(ev);
     cache->pid_tgid = pid_tgid;
-    return &cache->counts;
+    return counts;
 }
 
 static __always_inline void count_rare(u64 pid_tgid, struct exit_event *ev)
 {
-    struct rare_key key = {.pid_tgid = pid_tgid, .isa = ev->isa,
+    struct rare_key key = {.pid_tgid = pid_tgid, .isa = isa_of(ev),
                            .code = ev->code};
     u64 zero = 0, *count;
 
@@ -205,7 +259,7 @@ BPF_ARRAY(blank_latency, struct latency, 1);
 
 static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 {
-    struct exit_start start = {.ts = bpf_ktime_get_ns(), .isa = ev->isa,
+    struct exit_start start = {.ts = bpf_ktime_get_ns(), .isa = isa_of(ev),
                                .code = ev->code};
 
     pending_exit.update(&pid_tgid, &start);
@@ -322,23 +376,18 @@ static __always_inline bool filtered_out(u64 pid_tgid)
 #endif
 }
 
-static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+// Everything but the hit: a rare or high code, or another thread in the
+// cache slot (eviction), or none (this CPU's first exit).
+static __always_inline void count_cold(struct cache_slot *cache,
+                                       u64 pid_tgid, struct exit_event *ev)
 {
     struct thread_counts *counts;
-    struct cache_slot *cache;
     u32 slot = slot_of(ev->code);
-    int zero = 0;
-
-    start_exit(pid_tgid, ev);
 
     if (slot >= NR_SLOTS) {
         count_rare(pid_tgid, ev);
-        return 0;
+        return;
     }
-
-    cache = pcpu_cache.lookup(&zero);
-    if (!cache)
-        return 0;
     if (cache->pid_tgid == pid_tgid)
         counts = &cache->counts;
     else
@@ -348,6 +397,32 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
     asm volatile("" : "+r"(slot));
     if (counts && slot < NR_SLOTS)
         counts->slot[slot]++;
+}
+
+static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+{
+    struct cache_slot *cache;
+    u64 code = ev->code;
+    int zero = 0;
+
+    start_exit(pid_tgid, ev);
+
+    cache = pcpu_cache.lookup(&zero);
+    if (!cache)
+        return 0;
+    // The hit, on nearly every exit: the thread that exited here last
+    // exits again, with a code of a direct slot.  One comparison of each,
+    // one increment; nothing else is read.  The code is tested where it
+    // is used, in one register, so that the verifier sees the bound (clang
+    // may otherwise test a copy of it).
+    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1)) {
+        asm volatile("" : "+r"(code));
+        if (__builtin_expect(code < DIRECT_SLOTS, 1)) {
+            cache->counts.slot[code]++;
+            return 0;
+        }
+    }
+    count_cold(cache, pid_tgid, ev);
     return 0;
 }
 
@@ -661,7 +736,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_event ev = {.code = ctx->args[0], .isa = ctx->args[2],
+    struct exit_event ev = {.code = ctx->args[0], .args = ctx->args,
                             .vcpu_id = VCPU_ID_UNKNOWN,
                             .vcpu = (void *)ctx->args[1]};
 
