@@ -1036,9 +1036,11 @@ def table_memory(max_threads, layout, ncpus, latency=False, detail=False):
         total += max_threads * (24 + HASH_ELEM_OVERHEAD) + \
             8 * max_threads * (8 * (3 + LAT_BUCKETS) + 16 + HASH_ELEM_OVERHEAD)
     if detail:
-        # detail_counts, exit_now and detail_lost (kvmexit.bpf.c's DETAIL).
+        # detail_counts, exit_home, detail_lost and exit_slots
+        # (kvmexit.bpf.c's DETAIL).
         total += MAX_DETAIL * (32 + 8 + HASH_ELEM_OVERHEAD) + \
-            max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + 8 * ncpus
+            max_threads * (8 + 16 + HASH_ELEM_OVERHEAD) + \
+            (8 + 128) * ncpus
     return total
 
 
@@ -1935,7 +1937,9 @@ def detail_macros(tp_dir=None):
     kvm_exit has intr_info (older kernels' tracepoint has not)."""
     tp_dir = tp_dir or tracepoint_dir()
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
-    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
+    cpus = max(parse_cpu_list(read_text(POSSIBLE_CPUS))) + 1
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
+            "-DDETAIL_CPUS=%d" % cpus] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
