@@ -1474,15 +1474,19 @@ PENDING_MAP = MapSpec(b"pending_exit", THREAD_KEY, None, False, "pending",
 DETAIL_MAP = MapSpec(b"detail_counts", DETAIL_KEY, one_word, False, DETAILS,
                      "detail", lambda p, ncpus: hash_bytes(
                          MAX_DETAIL, DETAIL_KEY, 8))
+# Where each thread's last exit is (a CPU's slot, or the entry itself).
 # LRU: the threads that are gone make room by themselves.
-EXIT_NOW_MAP = MapSpec(b"exit_now", THREAD_KEY, None, False, None, "detail",
-                       lambda p, ncpus: hash_bytes(p.max_threads,
-                                                   THREAD_KEY, 16))
+EXIT_HOME_MAP = MapSpec(b"exit_home", THREAD_KEY, None, False, None,
+                        "detail", lambda p, ncpus: hash_bytes(
+                            p.max_threads, THREAD_KEY, 16))
+# Each CPU's last exit, 128 bytes a CPU (struct exit_slot).
+EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
+                         "detail", lambda p, ncpus: 128 * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
-        DETAIL_MAP, EXIT_NOW_MAP, DETAIL_LOST_MAP)
+        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP)
 
 
 def pid_max():
@@ -1504,7 +1508,9 @@ def detail_macros(tp_dir=None):
     tracepoint has not)."""
     tp_dir = tp_dir or tracepoint_dir()
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
-    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
+    cpus = max(parse_cpu_list(read_text(POSSIBLE_CPUS))) + 1
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
+            "-DDETAIL_CPUS=%d" % cpus] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
         ["-D%s=%d" % item for item in DETAIL_CODES.items()] + \
