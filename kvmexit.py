@@ -439,6 +439,16 @@ def tgid_of(tid, proc="/proc"):
     return int(match.group(1)) if match else None
 
 
+def process_start(pid, proc="/proc"):
+    """When the process started (clock ticks after boot: /proc's stat field
+    22), None if it is gone: with the PID, it names one process."""
+    try:
+        stat = read_text("%s/%d/stat" % (proc, pid))
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def thread_names(pid, proc="/proc"):
     """{tid: comm} for the threads of a process."""
     names = {}
@@ -1955,11 +1965,16 @@ class ThreadTables:
     def snapshot(self):
         return snapshot(self.b, self.program, self.ncpus)
 
-    def cached_threads(self):
-        """The pid_tgid each CPU's cache slot holds (0: none)."""
+    def cache_slots(self):
+        """([pid_tgid each CPU's cache slot holds, 0: none], their
+        counters [cpu][header + slots])."""
         _, cache = read_map(self.b, CACHE_MAP, self.program.layout,
                             self.ncpus, keys=[INDEX_KEY.layout.pack(0)])
-        return {int(k) for k in cache[0][:, 0]} - {0}
+        return [int(k) for k in cache[0][:, 0]], cache[0][:, 1:]
+
+    def cached_threads(self):
+        """The pid_tgid each CPU's cache slot holds (0: none)."""
+        return set(self.cache_slots()[0]) - {0}
 
     def keys(self, spec):
         return map_keys(self.b[spec.name].map_fd, spec.key.size)
@@ -1979,6 +1994,34 @@ class ThreadTables:
         self.delete(THREAD_MAP, keys)
         return counts, vcpu_ids
 
+    def final_counts(self, keys, slots):
+        """Counts and vCPU ids of dead threads that cache slots hold, read
+        from their entries and those slots, without deleting anything; the
+        keys whose slots could not be read still are left out (tried again
+        at the next TICK).
+
+        slots: cache_slots() read after the deaths were seen.  The slots
+        are read again after the entries.  A slot is moved out only by an
+        eviction, which writes the counters back to the thread's entry,
+        then clears the slot's pid_tgid, then loads the next thread's
+        counters (program order, which x86 keeps for a reader): a slot
+        that still holds the thread at the second read was not being
+        evicted during the first read, so the first read is whole, and the
+        entry is older than it (merge_thread_counts takes the larger)."""
+        first, values = slots
+        _, table = read_map(self.b, THREAD_MAP, self.program.layout,
+                            self.ncpus, keys=keys)
+        second, _ = self.cache_slots()
+        wanted = {pid_tgid_of(k) for k in keys}
+        moved = {a for a, b in zip(first, second) if a != b} & wanted
+        rows = [i for i, k in enumerate(keys)
+                if pid_tgid_of(k) not in moved]
+        held = [a if a in wanted and a not in moved else 0 for a in first]
+        counts, vcpu_ids = thread_counts(
+            [pid_tgid_of(keys[i]) for i in rows], table[rows], held, values,
+            self.program.layout)
+        return [keys[i] for i in rows], counts, vcpu_ids
+
     def take(self, spec, keys):
         """The entries of these keys of a map that adds to a Snapshot
         table, deleted."""
@@ -1997,17 +2040,27 @@ class Ledger:
     take the same lock, so that a report sees each thread once, in the
     tables or here, never twice or not at all.
 
-    A dead thread that a CPU's cache slot still holds stays in the table:
-    the eviction that takes it out of the slot writes its counters back to
-    its entry, which must exist then.  Only the current thread enters a
-    cache slot, so a thread found dead and then in no slot never enters
-    one again (the slots are read after the deaths are seen: a thread that
-    exited, was cached and ended between the two reads would be missed the
-    other way round).
+    A dead thread that a CPU's cache slot still holds is retired all the
+    same, at the next TICK (ThreadTables.final_counts says why its counts
+    read then are final), but its entry stays: the eviction that takes it
+    out of the slot writes its counters back there, and must find it.
+    User space cannot clear the slot instead: a per-CPU array's value is
+    written for every CPU at once, over the live threads' counters of the
+    others.  Until the eviction, which on an idle CPU may never come, the
+    thread is `held`: reads subtract what was retired from what the tables
+    still show of it, and once no slot holds it its entry is deleted the
+    same way, so that nothing is counted twice.  Only the current thread
+    enters a cache slot, so a thread found dead and then in no slot never
+    enters one again (the slots are read after the deaths are seen: a
+    thread that exited, was cached and ended between the two reads would
+    be missed the other way round).
 
-    A TID reused by a new thread of the same process before the old one was
-    retired (the kernel's PIDs must wrap around within a TICK) continues
-    the old thread's entry: the two threads' exits are counted as one's."""
+    A TID reused by a new thread of the same process continues the old
+    thread's entry; subtracting what was retired makes it start from zero
+    if the old thread was retired first (within a TICK, the kernel's PIDs
+    must wrap around, its exits are counted as the old thread's).  A PID
+    reused by a new process (its start time in /proc differs) is a new VM:
+    the old one's retired counts are dropped at the next forget_gone()."""
 
     def __init__(self, proc="/proc", clock=time.monotonic):
         self.lock = threading.Lock()
@@ -2016,6 +2069,9 @@ class Ledger:
         self.vcpu_ids = {}      # (tgid, tid): vcpu id
         self.gone_since = {}    # tgid: when its process was first missed
         self.tgids = set()      # processes seen in the tables
+        self.held = {}          # pid_tgid: {(isa, code): retired count}
+        self.starts = {}        # tgid: its process's start time
+        self.replaced = {}      # tgid: its old process's retired keys
 
     @staticmethod
     def empty():
@@ -2029,6 +2085,19 @@ class Ledger:
             return {int(t) for t in os.listdir(path)}
         except OSError:
             return set()
+
+    def note_start(self, tgid):
+        """Remember when a process seen in the tables started; if its PID
+        now belongs to a process that started later, the retired counts
+        so far are the old process's (see forget_gone())."""
+        start = process_start(tgid, self.proc)
+        # None: gone when first seen, so any process with its PID is new.
+        if tgid in self.starts and start not in (None, self.starts[tgid]):
+            self.replaced.setdefault(tgid, set()).update(
+                k for entries in self.retired.values() for k in entries
+                if k[0] == tgid)
+        if start is not None or tgid not in self.starts:
+            self.starts[tgid] = start
 
     def retire(self, tables):
         """Move the counts of threads that have exited out of the tables;
@@ -2045,24 +2114,16 @@ class Ledger:
                 pid_tgid = pid_tgid_of(key)
                 tgid = pid_tgid >> 32
                 if tgid not in tids:
+                    self.note_start(tgid)
                     tids[tgid] = self.threads_of(tgid)
                 if pid_tgid & 0xffffffff not in tids[tgid]:
                     found.append(key)
             return found
 
-        gone = []
+        retired = 0
         for spec in tables.program.maps():
             if spec.merge == "threads":
-                threads = dead(tables.keys(spec))
-                # The cache slots after the deaths: a thread dead by now
-                # enters no slot again, so one found in none stays out (see
-                # the class doc).
-                held = tables.cached_threads() if threads else set()
-                gone = [k for k in threads if pid_tgid_of(k) not in held]
-                if gone:
-                    counts, vcpu_ids = tables.take_threads(gone)
-                    add_counts(self.retired[COUNTS.name], counts)
-                    self.vcpu_ids.update(vcpu_ids)
+                retired = self.retire_threads(tables, dead(tables.keys(spec)))
             elif spec.merge == "pending":
                 tables.delete(spec, dead(tables.keys(spec)))
             elif isinstance(spec.merge, Table):
@@ -2071,7 +2132,54 @@ class Ledger:
                     add_counts(self.retired[spec.merge.name],
                                tables.take(spec, keys))
         self.tgids = set(tids)
-        return len(gone)
+        return retired
+
+    def retire_threads(self, tables, threads):
+        """Retire these dead threads' thread table entries: taken if no
+        cache slot holds them, else read and held (see the class doc)."""
+        if not threads:
+            return 0
+        # The cache slots after the deaths: a thread dead by now enters no
+        # slot again, so one found in none stays out.
+        slots = tables.cache_slots()
+        cached = set(slots[0])
+        gone = [k for k in threads if pid_tgid_of(k) not in cached]
+        retired = len([k for k in gone if pid_tgid_of(k) not in self.held])
+        if gone:
+            counts, vcpu_ids = tables.take_threads(gone)
+            self.add_threads(counts, vcpu_ids)
+            for k in gone:
+                self.held.pop(pid_tgid_of(k), None)
+        fresh = [k for k in threads if pid_tgid_of(k) in cached and
+                 pid_tgid_of(k) not in self.held]
+        if fresh:
+            keys, counts, vcpu_ids = tables.final_counts(fresh, slots)
+            self.add_threads(counts, vcpu_ids)
+            for k in keys:
+                self.held[pid_tgid_of(k)] = {}
+            for (tgid, tid, isa, code), n in counts.items():
+                self.held[tgid << 32 | tid][(isa, code)] = n
+            retired += len(keys)
+        return retired
+
+    def add_threads(self, counts, vcpu_ids):
+        """Add taken thread counts, less what was retired of held ones."""
+        add_counts(self.retired[COUNTS.name], self.unheld(counts))
+        self.vcpu_ids.update((k, v) for k, v in vcpu_ids.items()
+                             if (k[0] << 32 | k[1]) not in self.held)
+
+    def unheld(self, counts):
+        """Thread counts less what the ledger retired of held threads."""
+        if not self.held:
+            return counts
+        out = {}
+        for key, n in counts.items():
+            tgid, tid, isa, code = key
+            held = self.held.get(tgid << 32 | tid)
+            n -= held.get((isa, code), 0) if held is not None else 0
+            if n:
+                out[key] = n
+        return out
 
     def read(self, tables, take=False):
         """Retire, then a snapshot of the tables with the retired counts
@@ -2080,7 +2188,11 @@ class Ledger:
         with self.lock:
             self._retire(tables)
             snap = tables.snapshot()
-            merged = Snapshot({}, {**self.vcpu_ids, **snap.vcpu_ids},
+            snap.counts = self.unheld(snap.counts)
+            live = {k[:2] for k in snap.counts}
+            vcpu_ids = {k: v for k, v in snap.vcpu_ids.items()
+                        if k in live or (k[0] << 32 | k[1]) not in self.held}
+            merged = Snapshot({}, {**self.vcpu_ids, **vcpu_ids},
                               snap.lost, detail_lost=snap.detail_lost)
             for table in TABLES:
                 entries = dict(getattr(snap, table.name))
@@ -2093,8 +2205,9 @@ class Ledger:
             return merged
 
     def forget_gone(self, keep):
-        """Drop the retired counts of processes gone for `keep` seconds:
-        a process that lives on keeps all of its threads' counts, so its
+        """Drop the retired counts of processes gone for `keep` seconds,
+        and at once those of a process whose PID a new one took: a
+        process that lives on keeps all of its threads' counts, so its
         series never go down.  Returns the tgids dropped."""
         with self.lock:
             now = self.clock()
@@ -2102,19 +2215,25 @@ class Ledger:
                          for k in entries}:
                 if os.path.exists("%s/%d" % (self.proc, tgid)):
                     self.gone_since.pop(tgid, None)
+                    self.note_start(tgid)
                 else:
                     self.gone_since.setdefault(tgid, now)
             expired = {t for t, since in self.gone_since.items()
                        if now - since >= keep}
-            if expired:
-                drop = lambda table: {k: v for k, v in table.items()
-                                      if k[0] not in expired}
-                self.retired = {name: drop(entries)
+            replaced, self.replaced = self.replaced, {}
+            if expired or replaced:
+                old = set().union(*replaced.values())
+                old_threads = {k[:2] for k in old}
+                drop = lambda table, old: {
+                    k: v for k, v in table.items()
+                    if k[0] not in expired and k not in old}
+                self.retired = {name: drop(entries, old)
                                 for name, entries in self.retired.items()}
-                self.vcpu_ids = drop(self.vcpu_ids)
+                self.vcpu_ids = drop(self.vcpu_ids, old_threads)
                 for tgid in expired:
                     del self.gone_since[tgid]
-            return expired
+                    self.starts.pop(tgid, None)
+            return expired | set(replaced)
 
     def size(self):
         """Entries held: what grows with the VMs that came and went."""
