@@ -28,11 +28,13 @@
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
     import argparse
+    import base64
     import collections
     import concurrent.futures
     import csv
     import ctypes
     import errno
+    import hmac
     import io
     import json
     import os
@@ -46,22 +48,19 @@ try:
     import time
 
     # bcc and numpy are imported once, here; a missing or broken one is
-    # told in one line by main(), not as a traceback at import time.
+    # told in one line by main(), not as a traceback at import time.  Any
+    # exception counts: a broken install raises more than ImportError.
     try:
         import bcc
         from bcc.libbcc import lib as libbcc
         import numpy as np
         MISSING = None
-    except (ImportError, OSError) as e:   # OSError: libbcc.so cannot load
+    except Exception as e:          # OSError: libbcc.so cannot load
         np = bcc = libbcc = None
         MISSING = e
-    # Only --prometheus needs it (Debian: python3-prometheus-client).
-    try:
-        import prometheus_client
-        import prometheus_client.core
-        import prometheus_client.exposition
-    except ImportError:
-        prometheus_client = None
+    # prometheus_client, ssl, yaml and bcrypt: only for --prometheus, so
+    # imported there (import_prometheus_client, load_web_config).
+    prometheus_client = None
 except KeyboardInterrupt:
     raise SystemExit(130)
 
@@ -286,6 +285,18 @@ def build_parser():
                         help="with --prometheus: keep serving the counts of "
                              "a VM that has ended for SECS seconds (default: "
                              "%d)" % DEFAULT_KEEP_GONE)
+    parser.add_argument("--web.config.file", dest="web_config",
+                        metavar="FILE",
+                        help="with --prometheus: TLS and basic auth, in the "
+                             "web configuration format of Prometheus' "
+                             "exporters (see kvmexit(8))")
+    parser.add_argument("--web.max-requests", dest="web_max_requests",
+                        type=non_negative_int, metavar="N",
+                        help="with --prometheus: answer 503 beyond N "
+                             "requests at once; 0: no limit (default: %d)"
+                             % DEFAULT_MAX_REQUESTS)
+    parser.add_argument("--version", action="version",
+                        version="kvmexit " + VERSION)
     parser.add_argument("-d", "--debug", action="store_true",
                         help="say which probe was chosen and why, where "
                              "--prometheus listens, and show the compiler's "
@@ -307,8 +318,12 @@ def parse_args(argv=None):
             if getattr(args, dest):
                 parser.error("--prometheus prints no report: drop %s"
                              % spelling)
-    elif args.keep_gone is not None:
-        parser.error("--keep-gone needs --prometheus")
+    else:
+        for dest, spelling in PROMETHEUS_OPTIONS:
+            if getattr(args, dest) is not None:
+                parser.error("%s needs --prometheus" % spelling)
+    if args.web_max_requests is None:
+        args.web_max_requests = DEFAULT_MAX_REQUESTS
     return args
 
 
@@ -741,8 +756,8 @@ def load_btf(name, base=None, btf_dir=BTF_DIR):
     try:
         with open("%s/%s" % (btf_dir, name), "rb") as f:
             return Btf(f.read(), base)
-    except (OSError, ValueError, IndexError):
-        return None
+    except (OSError, ValueError, IndexError, struct.error):
+        return None             # unreadable, truncated or not BTF: no raw
 
 
 #
@@ -1469,15 +1484,19 @@ PENDING_MAP = MapSpec(b"pending_exit", THREAD_KEY, None, False, "pending",
 DETAIL_MAP = MapSpec(b"detail_counts", DETAIL_KEY, one_word, False, DETAILS,
                      "detail", lambda p, ncpus: hash_bytes(
                          MAX_DETAIL, DETAIL_KEY, 8))
+# Where each thread's last exit is (a CPU's slot, or the entry itself).
 # LRU: the threads that are gone make room by themselves.
-EXIT_NOW_MAP = MapSpec(b"exit_now", THREAD_KEY, None, False, None, "detail",
-                       lambda p, ncpus: hash_bytes(p.max_threads,
-                                                   THREAD_KEY, 16))
+EXIT_HOME_MAP = MapSpec(b"exit_home", THREAD_KEY, None, False, None,
+                        "detail", lambda p, ncpus: hash_bytes(
+                            p.max_threads, THREAD_KEY, 16))
+# Each CPU's last exit, 128 bytes a CPU (struct exit_slot).
+EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
+                         "detail", lambda p, ncpus: 128 * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
-        DETAIL_MAP, EXIT_NOW_MAP, DETAIL_LOST_MAP)
+        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP)
 
 
 def pid_max():
@@ -1499,7 +1518,9 @@ def detail_macros(tp_dir=None):
     tracepoint has not)."""
     tp_dir = tp_dir or tracepoint_dir()
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
-    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL] + \
+    cpus = max(parse_cpu_list(read_text(POSSIBLE_CPUS))) + 1
+    return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
+            "-DDETAIL_CPUS=%d" % cpus] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
         ["-D%s=%d" % item for item in DETAIL_CODES.items()] + \
@@ -1573,33 +1594,154 @@ def check_bcc():
                     " has them (e.g. /usr/bin/python3)"
                     % (sys.executable, MISSING.name or "bcc",
                        ".".join(map(str, sys.version_info[:3]))))
-    # bcc's module is there but its library is not (libbcc.so.0).
-    raise Error("bcc cannot load: %s: reinstall libbpfcc (python3-bpfcc)"
-                % (str(MISSING).splitlines() or ["?"])[0])
+    first = (str(MISSING).splitlines() or ["?"])[0]
+    if isinstance(MISSING, OSError):
+        # bcc's module is there but its library is not (libbcc.so.0).
+        raise Error("bcc cannot load: %s: reinstall libbpfcc (python3-bpfcc)"
+                    % first)
+    raise Error("bcc or numpy failed to import: %s: %s: reinstall "
+                "python3-bpfcc and python3-numpy"
+                % (type(MISSING).__name__, first))
+
+
+#
+# Privileges: capabilities, not uid 0
+#
+CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN = 2, 19, 21
+CAP_PERFMON, CAP_BPF = 38, 39           # Linux 5.8+
+
+
+def capabilities(status="/proc/self/status"):
+    """The effective capability set, as a bit mask."""
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", read_text(status),
+                      re.M)
+    return int(match.group(1), 16) if match else 0
+
+
+def last_capability(path="/proc/sys/kernel/cap_last_cap"):
+    try:
+        return int(read_text(path))
+    except (OSError, ValueError):
+        return CAP_BPF
+
+
+def missing_capabilities(caps, last_cap):
+    """What loading the program and attaching it to a tracepoint needs that
+    `caps` lacks: CAP_BPF and CAP_PERFMON where the kernel has them,
+    CAP_SYS_ADMIN (which also does) before."""
+    if caps >> CAP_SYS_ADMIN & 1:
+        return []
+    if last_cap < CAP_BPF:
+        return ["CAP_SYS_ADMIN"]
+    return [name for cap, name in ((CAP_BPF, "CAP_BPF"),
+                                   (CAP_PERFMON, "CAP_PERFMON"))
+            if not caps >> cap & 1]
+
+
+def check_privileges(status="/proc/self/status",
+                     last_cap="/proc/sys/kernel/cap_last_cap",
+                     tracefs_dirs=TRACEFS_DIRS):
+    """Root is not needed, the capabilities are; and tracefs, where the
+    tracepoint's format is read, is root's alone unless searched with
+    CAP_DAC_READ_SEARCH."""
+    missing = missing_capabilities(capabilities(status),
+                                   last_capability(last_cap))
+    if missing == ["CAP_SYS_ADMIN"]:
+        raise Error("missing CAP_SYS_ADMIN: needed to load and attach the "
+                    "BPF program (this kernel has no CAP_BPF)")
+    if missing:
+        raise Error("missing %s (or CAP_SYS_ADMIN): needed to load and "
+                    "attach the BPF program" % " and ".join(missing))
+    for d in tracefs_dirs:
+        try:
+            os.stat(d + "/events")
+            return
+        except PermissionError:
+            raise Error("cannot search %s for the kvm_exit tracepoint: "
+                        "missing CAP_DAC_READ_SEARCH" % d)
+        except OSError:
+            continue            # not mounted there: tracepoint_dir() tells
+
+
+def fds_hidden(pid, proc="/proc"):
+    """Whether a process's open files cannot be read: another user's
+    process, read without CAP_DAC_READ_SEARCH (to list /proc/PID/fd) and
+    CAP_SYS_PTRACE (to read its links, where vCPU fds show their ids)."""
+    fd_dir = "%s/%d/fd" % (proc, pid)
+    try:
+        for fd in os.listdir(fd_dir):
+            os.readlink("%s/%s" % (fd_dir, fd))
+            return False
+    except PermissionError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def select_readable(args, proc="/proc"):
+    """select_threads(), saying so when -v's vCPU was not found because the
+    VMM's /proc entries could not be read."""
+    try:
+        return select_threads(args, proc)
+    except Error as e:
+        if args.vcpu is not None and args.pid is not None and \
+                fds_hidden(args.pid, proc):
+            raise Error("%s: cannot read its /proc/%d/fd (another user's "
+                        "process: needs CAP_SYS_PTRACE and "
+                        "CAP_DAC_READ_SEARCH)" % (e, args.pid))
+        raise
+
+
+# bcc's messages that name the cause better than the compiler's errors
+# that follow them.
+BCC_CAUSES = ("Unable to find kernel headers",)
 
 
 class CapturedStderr:
-    """Holds what libbcc and clang write to fd 2 (they bypass sys.stderr),
-    so that a failure can be told in one line."""
+    """Holds what libbcc and clang write to fds 1 and 2 (they bypass
+    sys.stdout and sys.stderr; bcc prints some complaints to stdout, which
+    would land in the report), so that a failure can be told in one line.
+    Kept in memory (memfd): it needs no temporary directory, and if even
+    that fails the run goes on, showing the messages as they come."""
+
+    FDS = (1, 2)
+
+    def __init__(self):
+        self.text, self.file, self.saved = "", None, []
 
     def __enter__(self):
-        sys.stderr.flush()
-        self.file = tempfile.TemporaryFile(mode="w+")
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except OSError:
+                pass            # a full stream: the report tells later
+        self.file = capture_file()
+        if self.file is not None:
+            for fd in self.FDS:
+                self.saved.append((fd, os.dup(fd)))
+                os.dup2(self.file.fileno(), fd)
         return self
 
     def __exit__(self, *exc):
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
+        if self.file is None:
+            return
+        flush_c_stdio()     # bcc's C++ stdout is buffered in libc
+        for fd, saved in self.saved:
+            os.dup2(saved, fd)
+            os.close(saved)
         self.file.seek(0)
         self.text = self.file.read()
         self.file.close()
 
     def first_error(self):
-        """The compiler's first error, else the verifier's verdict (the
-        line before its 'processed N insns' summary)."""
+        """bcc's own word on the cause, else the compiler's first error,
+        else the verifier's verdict (the line before its 'processed N
+        insns' summary)."""
         lines = [l.strip() for l in self.text.splitlines() if l.strip()]
+        for line in lines:
+            if line.startswith(BCC_CAUSES):
+                return line
         for line in lines:
             if "error:" in line:
                 return line
@@ -1607,6 +1749,35 @@ class CapturedStderr:
             if line.startswith("processed "):
                 return before
         return lines[0] if lines else ""
+
+
+def capture_file():
+    """A file for CapturedStderr: in memory, else a temporary file, else
+    None (no usable temporary directory, RLIMIT_FSIZE...)."""
+    try:
+        fd = os.memfd_create("kvmexit-messages")
+    except (OSError, AttributeError):
+        try:
+            return tempfile.TemporaryFile(mode="w+", errors="replace")
+        except OSError:
+            return None
+    return open(fd, "w+", errors="replace")
+
+
+def flush_c_stdio():
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_program(b, source):
+    """An empty or gutted kvmexit.bpf.c compiles to nothing: say so before
+    its tables are looked for."""
+    if not libbcc.bpf_num_functions(b.module):
+        b.cleanup()
+        raise Error("%s defines no BPF program: reinstall kvmexit"
+                    % source.decode())
 
 
 def mem_available(meminfo="/proc/meminfo"):
@@ -1688,6 +1859,7 @@ def load_program(program, debug=False):
         raise Error("BPF %s failed: %s" % (stage, err.first_error() or e))
     if debug:
         sys.stderr.write(err.text)
+    check_program(b, source)
     try:
         check_maps(b, program)
     except Error:
@@ -2515,6 +2687,12 @@ VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
 LATENCY_EDGES = tuple(range(8, 35, 2))
 
 
+# Options of --prometheus only: (argparse dest, how the user spells it).
+PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"),
+                      ("web_config", "--web.config.file"),
+                      ("web_max_requests", "--web.max-requests"))
+
+
 def lost_label(macro):
     """The `why` label of a LOST_* reason: LOST_RARE_TABLE_FULL ->
     rare_table_full."""
@@ -2585,46 +2763,226 @@ def histogram_buckets(lat):
             for edge in LATENCY_EDGES] + [("+Inf", lat.count)]
 
 
+def import_prometheus_client():
+    """prometheus_client, imported for --prometheus only: a missing or
+    broken one does not stop a printed report."""
+    global prometheus_client
+    if prometheus_client is None:
+        try:
+            import prometheus_client as client
+            import prometheus_client.core
+            import prometheus_client.exposition
+        except ImportError:
+            raise Error("--prometheus needs the Python module "
+                        "prometheus_client (install "
+                        "python3-prometheus-client)")
+        except Exception as e:
+            raise Error("prometheus_client failed to import: %s: %s: "
+                        "reinstall python3-prometheus-client"
+                        % (type(e).__name__,
+                           (str(e).splitlines() or ["?"])[0]))
+        prometheus_client = client
+    return prometheus_client
+
+
+#
+# Self-metrics: kvmexit's own tables and programs, read through libbcc
+#
+BPF_HASH_TYPES = {1: "hash", 5: "percpu_hash", 9: "lru_hash",
+                  10: "lru_percpu_hash"}
+BPF_STATS_ENABLED = "/proc/sys/kernel/bpf_stats_enabled"
+# struct bpf_prog_info (linux/bpf.h): where run_time_ns and run_cnt are
+# (Linux 5.1+), and a size that holds them.
+PROG_INFO_SIZE = 232
+PROG_INFO_RUN_STATS = struct.Struct("<QQ")
+PROG_INFO_RUN_STATS_OFF = 192
+
+
+def bcc_native():
+    """libbcc with the prototypes of the calls made here (a handle of our
+    own, so that bcc's declarations are left as bcc set them)."""
+    lib = ctypes.CDLL(libbcc._name)
+    size_t, prog = ctypes.c_size_t, ctypes.c_void_p
+    for name, restype, argtypes in (
+            ("bpf_num_tables", size_t, [prog]),
+            ("bpf_table_name", ctypes.c_char_p, [prog, size_t]),
+            ("bpf_table_fd_id", ctypes.c_int, [prog, size_t]),
+            ("bpf_table_type_id", ctypes.c_int, [prog, size_t]),
+            ("bpf_table_max_entries_id", size_t, [prog, size_t]),
+            ("bpf_table_key_size_id", size_t, [prog, size_t]),
+            ("bpf_get_next_key", ctypes.c_int,
+             [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]),
+            ("bpf_obj_get_info", ctypes.c_int,
+             [ctypes.c_int, ctypes.c_void_p,
+              ctypes.POINTER(ctypes.c_uint32)])):
+        func = getattr(lib, name)
+        func.restype, func.argtypes = restype, argtypes
+    return lib
+
+
+class BpfSelf:
+    """What kvmexit's BPF object holds: the fill of its hash tables and,
+    when kernel.bpf_stats_enabled is 1, its programs' run time and count."""
+
+    def __init__(self, b):
+        self.b, self.lib = b, bcc_native()
+        self.tables = []        # (name, fd, key size, max entries)
+        for i in range(self.lib.bpf_num_tables(b.module)):
+            if self.lib.bpf_table_type_id(b.module, i) in BPF_HASH_TYPES:
+                self.tables.append((
+                    self.lib.bpf_table_name(b.module, i).decode(),
+                    self.lib.bpf_table_fd_id(b.module, i),
+                    self.lib.bpf_table_key_size_id(b.module, i),
+                    self.lib.bpf_table_max_entries_id(b.module, i)))
+
+    def entries(self, fd, key_size):
+        """Keys in a hash table, walked without reading the values."""
+        n, bufs = 0, (ctypes.create_string_buffer(key_size),
+                      ctypes.create_string_buffer(key_size))
+        key = None
+        while self.lib.bpf_get_next_key(fd, key, bufs[n % 2]) == 0:
+            key = bufs[n % 2]
+            n += 1
+        return n
+
+    def table_fill(self):
+        """[(table, entries, capacity)] of the hash tables."""
+        return [(name, self.entries(fd, key_size), capacity)
+                for name, fd, key_size, capacity in self.tables]
+
+    def run_stats(self):
+        """[(program, run seconds, runs)]: the kernel accounts them while
+        kernel.bpf_stats_enabled is 1 (or a BPF_ENABLE_STATS holder keeps
+        them on), so [] while it is off and they never ran accounted."""
+        stats = []
+        for name, func in sorted(self.b.funcs.items()):
+            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+            size = ctypes.c_uint32(PROG_INFO_SIZE)
+            if self.lib.bpf_obj_get_info(func.fd, info, ctypes.byref(size)) \
+                    or size.value < PROG_INFO_RUN_STATS_OFF + 16:
+                continue
+            ns, runs = PROG_INFO_RUN_STATS.unpack_from(
+                info.raw, PROG_INFO_RUN_STATS_OFF)
+            stats.append((name.decode() if isinstance(name, bytes) else name,
+                          ns / 1e9, runs))
+        if any(runs for _, _, runs in stats) or bpf_stats_enabled():
+            return stats
+        return []
+
+
+def bpf_stats_enabled():
+    try:
+        return read_text(BPF_STATS_ENABLED).strip() == "1"
+    except OSError:
+        return False
+
+
 class Exporter:
     """A prometheus_client collector: each scrape reads the tables (after
     retiring the threads that ended) and yields one series per VM, vCPU
-    and exit reason, summed over the VM's threads for that vCPU."""
+    and exit reason, summed over the VM's threads for that vCPU, then
+    kvmexit's own figures."""
 
     LABELS = ("vm", "pid", "vcpu", "isa", "reason")
 
-    def __init__(self, read, names, selection, vm_names, latency, build):
+    def __init__(self, read, names, selection, vm_names, latency, build,
+                 bpf_self=None):
+        import_prometheus_client()
         self.read, self.names = read, names
         self.selection, self.vm_names = selection, vm_names
         self.latency, self.build = latency, build
+        self.bpf_self = bpf_self
+        self.errors = 0
+        self.lock = threading.Lock()
+
+    def families(self):
+        """The metric families, empty: what describe() names (so that
+        /metrics?name[]=... finds them) and what collect() fills."""
+        core = prometheus_client.core
+        return {
+            "exits": core.CounterMetricFamily(
+                "kvm_exits", "VM exits by VM, vCPU and exit reason",
+                labels=self.LABELS),
+            "lost": core.CounterMetricFamily(
+                "kvmexit_lost_exits", "VM exits that kvmexit could not "
+                "count", labels=("why",)),
+            "latency": core.HistogramMetricFamily(
+                "kvm_exit_handling_seconds", "Time from a VM exit until its "
+                "vCPU enters the guest again", labels=self.LABELS),
+            "build": core.InfoMetricFamily(
+                "kvmexit_build", "kvmexit's version and how it counts",
+                labels=sorted(self.build)),
+            "duration": core.GaugeMetricFamily(
+                "kvmexit_collect_duration_seconds", "How long this scrape "
+                "took to read kvmexit's tables"),
+            "errors": core.CounterMetricFamily(
+                "kvmexit_collect_errors", "Scrapes that could not read "
+                "kvmexit's tables"),
+            "entries": core.GaugeMetricFamily(
+                "kvmexit_table_entries", "Entries in each of kvmexit's "
+                "kernel hash tables", labels=("table",)),
+            "capacity": core.GaugeMetricFamily(
+                "kvmexit_table_capacity", "Entries each of kvmexit's kernel "
+                "hash tables has room for", labels=("table",)),
+            "run_seconds": core.CounterMetricFamily(
+                "kvmexit_bpf_run_seconds", "Time kvmexit's BPF programs ran "
+                "while kernel.bpf_stats_enabled was 1",
+                labels=("program",)),
+            "runs": core.CounterMetricFamily(
+                "kvmexit_bpf_runs", "Runs of kvmexit's BPF programs while "
+                "kernel.bpf_stats_enabled was 1", labels=("program",)),
+        }
 
     def describe(self):
-        return []               # nothing at registration: scrape time only
+        # Names only: nothing is read at registration.
+        return [f for key, f in self.families().items()
+                if key != "latency" or self.latency]
 
     def collect(self):
-        snap = self.read()
-        exits = prometheus_client.core.CounterMetricFamily(
-            "kvm_exits", "VM exits by VM, vCPU and exit reason",
-            labels=self.LABELS)
+        f = self.families()
+        started = time.monotonic()
+        try:
+            snap = self.read()
+        except (Error, OSError) as e:
+            snap = None
+            with self.lock:
+                self.errors += 1
+            emit("kvmexit: warning: a scrape could not read the tables: %s\n"
+                 % e, sys.stderr)
+        if snap is not None:
+            yield from self.counts(f, snap)
+        f["duration"].add_metric((), time.monotonic() - started)
+        f["errors"].add_metric((), self.errors)
+        f["build"].add_metric((), self.build)
+        yield from (f["build"], f["duration"], f["errors"])
+        yield from self.self_metrics(f)
+
+    def counts(self, f, snap):
         for labels, n in self.series(snap, snap.counts).items():
-            exits.add_metric(labels, n)
-        yield exits
-        lost = prometheus_client.core.CounterMetricFamily(
-            "kvmexit_lost_exits", "VM exits that kvmexit could not count",
-            labels=("why",))
+            f["exits"].add_metric(labels, n)
+        yield f["exits"]
         for (macro, _), n in zip(LOST, snap.lost):
-            lost.add_metric((lost_label(macro),), n)
-        yield lost
+            f["lost"].add_metric((lost_label(macro),), n)
+        yield f["lost"]
         if self.latency:
-            hist = prometheus_client.core.HistogramMetricFamily(
-                "kvm_exit_handling_seconds", "Time from a VM exit until its "
-                "vCPU enters the guest again", labels=self.LABELS)
             for labels, lat in self.series(snap, snap.latency).items():
-                hist.add_metric(labels, histogram_buckets(lat),
-                                lat.total_ns / 1e9)
-            yield hist
-        yield prometheus_client.core.InfoMetricFamily(
-            "kvmexit_build", "kvmexit's version and how it counts",
-            value=self.build)
+                f["latency"].add_metric(labels, histogram_buckets(lat),
+                                        lat.total_ns / 1e9)
+            yield f["latency"]
+
+    def self_metrics(self, f):
+        if self.bpf_self is None:
+            return
+        for table, entries, capacity in self.bpf_self.table_fill():
+            f["entries"].add_metric((table,), entries)
+            f["capacity"].add_metric((table,), capacity)
+        yield from (f["entries"], f["capacity"])
+        stats = self.bpf_self.run_stats()
+        for program, seconds, runs in stats:
+            f["run_seconds"].add_metric((program,), seconds)
+            f["runs"].add_metric((program,), runs)
+        if stats:
+            yield from (f["run_seconds"], f["runs"])
 
     def series(self, snap, table):
         """{labels: value} of a snapshot table, summed per VM and vCPU.
@@ -2648,35 +3006,329 @@ class Exporter:
         return merged
 
 
+#
+# --web.config.file: TLS and basic auth, in the format of Prometheus'
+# exporter-toolkit (the file node_exporter reads), so one file serves both
+#
+DEFAULT_MAX_REQUESTS = 40       # node_exporter's --web.max-requests
+WEB_CONFIG_KEYS = {
+    "tls_server_config": ("cert_file", "key_file", "client_ca_file",
+                          "client_auth_type", "min_version", "max_version",
+                          "prefer_server_cipher_suites", "cipher_suites",
+                          "curve_preferences", "client_allowed_sans",
+                          "cert", "key", "client_ca"),
+    "http_server_config": ("http2", "headers"),
+    "basic_auth_users": None,       # user: bcrypt hash
+}
+# Keys of the format this server cannot honour.  Refused, not ignored: a
+# file that relies on one would be taken for safer than it is.
+WEB_UNSUPPORTED = {
+    "cipher_suites": "OpenSSL chooses the suites (Go's names do not apply)",
+    "curve_preferences": "OpenSSL chooses the curves",
+    "client_allowed_sans": "client certificates are verified, not matched "
+                           "by name",
+    "cert": "give the certificate as cert_file",
+    "key": "give the key as key_file",
+    "client_ca": "give the CA as client_ca_file",
+}
+TLS_VERSIONS = {"TLS10": "TLSv1", "TLS11": "TLSv1_1", "TLS12": "TLSv1_2",
+                "TLS13": "TLSv1_3"}
+# client_auth_type -> ssl verify mode.  RequestClientCert asks for a
+# certificate and lets any (or none) through, which for access is no client
+# certificate at all.  RequireAnyClientCert (any certificate, unverified)
+# has no equivalent in Python's ssl.
+CLIENT_AUTH = {"": "CERT_NONE", "NoClientCert": "CERT_NONE",
+               "RequestClientCert": "CERT_NONE",
+               "VerifyClientCertIfGiven": "CERT_OPTIONAL",
+               "RequireAndVerifyClientCert": "CERT_REQUIRED"}
+# Response headers the format allows in http_server_config.headers.
+WEB_HEADERS = ("Strict-Transport-Security", "X-Content-Type-Options",
+               "X-Frame-Options", "X-XSS-Protection",
+               "Content-Security-Policy")
+BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$"
+                         r"[./A-Za-z0-9]{53}")
+
+
+class WebConfig:
+    """What --web.config.file asks for: an ssl.SSLContext or None (plain
+    HTTP), {user: bcrypt hash} (empty: no auth), extra response headers."""
+
+    # Right passwords remembered, so that a scraper every few seconds does
+    # not cost a bcrypt check (~0.1 s at cost 10) each time; wrong ones
+    # always cost one.
+    MAX_REMEMBERED = 64
+
+    def __init__(self, tls=None, users=None, headers=()):
+        self.tls, self.users, self.headers = tls, users or {}, list(headers)
+        self.dummy = None
+        self.secret, self.remembered = os.urandom(32), set()
+
+    @property
+    def protected(self):
+        return self.tls is not None and bool(self.users)
+
+    def authorized(self, environ):
+        """Whether the request's basic auth matches a user's bcrypt hash.
+        An unknown user costs one bcrypt check too, so that timing does
+        not tell which users exist."""
+        import bcrypt
+        scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(
+            " ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(
+                value.strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        hashed = self.users.get(user)
+        if hashed is None:
+            if self.dummy is None:
+                self.dummy = bcrypt.hashpw(b"", bcrypt.gensalt(4))
+            bcrypt.checkpw(password.encode(), self.dummy)
+            return False
+        token = hmac.new(self.secret, b"\0".join(
+            (user.encode(), password.encode(), hashed.encode())),
+            "sha256").digest()
+        if token in self.remembered:
+            return True
+        if not sep or not bcrypt.checkpw(password.encode(), hashed.encode()):
+            return False
+        if len(self.remembered) >= self.MAX_REMEMBERED:
+            self.remembered.clear()
+        self.remembered.add(token)
+        return True
+
+
+def load_web_config(path):
+    """Parse and check --web.config.file; every problem is one Error."""
+    def fail(what):
+        return Error("--web.config.file %s: %s" % (path, what))
+
+    try:
+        import yaml
+    except Exception:
+        raise fail("needs the Python module yaml (install python3-yaml)")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise fail(e.strerror or str(e))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        raise fail("not YAML%s: %s" % (
+            " (line %d, column %d)" % (mark.line + 1, mark.column + 1)
+            if mark else "", getattr(e, "problem", None) or e))
+    config = {} if config is None else config
+    sections = {}
+    for key, value in web_mapping(config, "the file", fail).items():
+        if key not in WEB_CONFIG_KEYS:
+            raise fail("unknown key %r" % key)
+        known = WEB_CONFIG_KEYS[key]
+        sections[key] = web_mapping(value, key, fail) if value is not None \
+            else {}
+        for sub, v in sections[key].items():
+            if known is not None and sub not in known:
+                raise fail("unknown key %s.%s" % (key, sub))
+            if sub in WEB_UNSUPPORTED and v not in (None, "", []) and \
+                    known is not None:
+                raise fail("%s.%s is not supported: %s"
+                           % (key, sub, WEB_UNSUPPORTED[sub]))
+    directory = os.path.dirname(os.path.abspath(path))
+    return WebConfig(
+        tls_context(sections.get("tls_server_config", {}), directory, fail),
+        basic_auth_users(sections.get("basic_auth_users", {}), fail),
+        response_headers(sections.get("http_server_config", {}), fail))
+
+
+def web_mapping(value, where, fail):
+    if not isinstance(value, dict) or not all(isinstance(k, str)
+                                              for k in value):
+        raise fail("%s must be a mapping of names" % where)
+    return value
+
+
+def web_string(section, key, fail, directory=None):
+    """A string setting ("" if absent); a file name is taken relative to
+    the configuration file's directory, as the toolkit does."""
+    value = section.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise fail("tls_server_config.%s must be a string" % key)
+    if directory and value:
+        return os.path.join(directory, value)
+    return value
+
+
+def tls_context(tls, directory, fail):
+    """ssl.SSLContext for tls_server_config, or None: no cert_file and no
+    key_file mean plain HTTP, as with the toolkit."""
+    import ssl
+    cert = web_string(tls, "cert_file", fail, directory)
+    key = web_string(tls, "key_file", fail, directory)
+    client_ca = web_string(tls, "client_ca_file", fail, directory)
+    auth = web_string(tls, "client_auth_type", fail)
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise fail("tls_server_config: missing %s"
+                   % ("cert_file" if not cert else "key_file"))
+    if auth == "RequireAnyClientCert":
+        raise fail("client_auth_type RequireAnyClientCert (any certificate,"
+                   " unverified) is not possible with Python's ssl: use "
+                   "RequireAndVerifyClientCert with client_ca_file")
+    if auth not in CLIENT_AUTH:
+        raise fail("invalid client_auth_type %r" % auth)
+    if client_ca and CLIENT_AUTH[auth] == "CERT_NONE":
+        raise fail("client_ca_file is set but client_auth_type does not "
+                   "verify client certificates")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    versions = [web_string(tls, k, fail) or default for k, default in
+                (("min_version", "TLS12"), ("max_version", "TLS13"))]
+    for version in versions:
+        if version not in TLS_VERSIONS:
+            raise fail("unknown TLS version %r (TLS10 to TLS13)" % version)
+    low, high = (getattr(ssl.TLSVersion, TLS_VERSIONS[v]) for v in versions)
+    if low > high:
+        raise fail("min_version %s is above max_version %s" % tuple(versions))
+    context.minimum_version, context.maximum_version = low, high
+    if tls.get("prefer_server_cipher_suites", True) is not False:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise fail("cannot load cert_file %s and key_file %s: %s"
+                   % (cert, key, tls_problem(e)))
+    context.verify_mode = getattr(ssl, CLIENT_AUTH[auth])
+    try:
+        if client_ca:
+            context.load_verify_locations(client_ca)
+        elif context.verify_mode != ssl.CERT_NONE:
+            context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+    except (OSError, ssl.SSLError) as e:
+        raise fail("cannot load client_ca_file %s: %s"
+                   % (client_ca, tls_problem(e)))
+    return context
+
+
+def tls_problem(e):
+    """OpenSSL's reason (KEY_VALUES_MISMATCH: 'key values mismatch'), or
+    the system's for a file that cannot be read."""
+    reason = getattr(e, "reason", None)
+    if reason:
+        return reason.lower().replace("_", " ")
+    return e.strerror or str(e)
+
+
+def basic_auth_users(users, fail):
+    for user, hashed in users.items():
+        if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
+            raise fail("basic_auth_users: the password of %r is not a "
+                       "bcrypt hash" % user)
+    if users:
+        try:
+            __import__("bcrypt")
+        except Exception:
+            raise fail("basic_auth_users needs the Python module bcrypt "
+                       "(install python3-bcrypt)")
+    return dict(users)
+
+
+def response_headers(http, fail):
+    headers = web_mapping(http.get("headers") or {}, "headers", fail)
+    for name, value in headers.items():
+        if name not in WEB_HEADERS or not isinstance(value, str):
+            raise fail("http_server_config.headers: %r is not one of %s"
+                       % (name, ", ".join(WEB_HEADERS)))
+    return headers.items()
+
+
+def guarded(app, web, max_requests):
+    """The WSGI app behind the request limit and basic auth: beyond
+    max_requests at once a 503 (no scrape's memory or bcrypt check more),
+    without the right password a 401."""
+    slots = threading.BoundedSemaphore(max_requests) if max_requests \
+        else None
+    extra = web.headers if web else []
+
+    def answer(start_response, status, text, more=()):
+        start_response(status, [("Content-Type", "text/plain; "
+                                 "charset=utf-8")] + list(more) + extra)
+        return [text.encode()]
+
+    def with_headers(start_response):
+        return lambda status, headers, *exc: start_response(
+            status, headers + extra, *exc)
+
+    def serve(environ, start_response):
+        if slots is not None and not slots.acquire(blocking=False):
+            return answer(start_response, "503 Service Unavailable",
+                          "More than %d requests at once; try again later.\n"
+                          % max_requests)
+        try:
+            if web and web.users and not web.authorized(environ):
+                return answer(start_response, "401 Unauthorized",
+                              "Unauthorized\n",
+                              [("WWW-Authenticate", "Basic")])
+            return list(app(environ, with_headers(start_response)))
+        finally:
+            if slots is not None:
+                slots.release()
+    return serve
+
+
 class MetricsServer:
-    """The HTTP side.  Bound before the BPF program loads, so that a port in
-    use or a bad address is told at once; served by one thread per
-    connection, each with a timeout, so that a client that hangs holds only
-    its own thread.  Counting is in the kernel and never waits for it."""
+    """The HTTP(S) side.  Bound before the BPF program loads, so that a port
+    in use or a bad address is told at once; served by one thread per
+    connection, each with a timeout (TLS handshake included), so that a
+    client that hangs holds only its own thread.  Counting is in the kernel
+    and never waits for it."""
 
     CLIENT_TIMEOUT = 10     # seconds a client may take per read or write
 
-    def __init__(self, address, registry):
+    def __init__(self, address, registry, web=None,
+                 max_requests=DEFAULT_MAX_REQUESTS):
         from wsgiref.simple_server import WSGIRequestHandler, make_server
+        tls = web.tls if web else None
 
         class Handler(WSGIRequestHandler):
             timeout = self.CLIENT_TIMEOUT
+
+            def setup(self):
+                super().setup()         # the timeout first
+                if tls is not None:
+                    self.connection.do_handshake()
 
             def log_message(self, *args):
                 pass            # no line per scrape in the journal
 
         class Server(prometheus_client.exposition.ThreadingWSGIServer):
-            pass
+            # Many scrapers at once wait in the kernel's queue, not refused.
+            request_queue_size = socket.SOMAXCONN
+
+            def get_request(self):
+                conn, client = self.socket.accept()
+                if tls is not None:
+                    # Handshake in the connection's thread, under its
+                    # timeout: plain HTTP or a silent client fails there.
+                    conn = tls.wrap_socket(conn, server_side=True,
+                                           do_handshake_on_connect=False)
+                return conn, client
+
+            def handle_error(self, request, client):
+                pass    # a client's timeout, reset or failed handshake
 
         host, port = self.address = address
-        self.registry = registry
+        self.registry, self.tls = registry, tls
         try:
-            Server.address_family = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM,
-                flags=socket.AI_NUMERICHOST)[0][0]
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)[0]
+            Server.address_family = family
             self.httpd = make_server(
-                host, port, prometheus_client.make_wsgi_app(registry),
-                Server, handler_class=Handler)
+                sockaddr[0], port, guarded(
+                    prometheus_client.make_wsgi_app(registry), web,
+                    max_requests), Server, handler_class=Handler)
         except OSError as e:    # socket.gaierror is one
             raise Error("cannot listen on %s: %s"
                         % (self.where(), e.strerror or e))
@@ -2685,6 +3337,10 @@ class MetricsServer:
     def where(self):
         host, port = self.address
         return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+    def url(self):
+        return "%s://%s/metrics" % ("https" if self.tls else "http",
+                                    self.where())
 
     def start(self):
         self.thread = threading.Thread(target=self.httpd.serve_forever,
@@ -2697,37 +3353,73 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def build_info(probe, layout):
+def build_info(probe, layout, max_threads=None, latency=False,
+               detail=False):
+    """kvmexit_build_info's labels: the version and what shapes the data."""
     return {"version": VERSION, "probe": probe.kind,
             "slots": str(layout.slots),
-            "bcc": str(getattr(bcc, "__version__", "unknown"))}
+            "bcc": str(getattr(bcc, "__version__", "unknown")),
+            "max_threads": str(max_threads or ""),
+            "latency": "true" if latency else "false",
+            "detail": "true" if detail else "false"}
 
 
-def listen(address):
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def listen(address, web=None, max_requests=DEFAULT_MAX_REQUESTS):
     """The metrics server, bound but not serving yet."""
-    if prometheus_client is None:
-        raise Error("--prometheus needs the Python module prometheus_client "
-                    "(install python3-prometheus-client)")
-    registry = prometheus_client.CollectorRegistry()
-    prometheus_client.ProcessCollector(registry=registry)
-    prometheus_client.PlatformCollector(registry=registry)
-    return MetricsServer(address, registry)
+    client = import_prometheus_client()
+    # Collectors without describe() (process_*) are named by a collect()
+    # at registration, so that /metrics?name[]=... finds them too.
+    registry = client.CollectorRegistry(auto_describe=True)
+    client.ProcessCollector(registry=registry)
+    client.PlatformCollector(registry=registry)
+    server = MetricsServer(address, registry, web, max_requests)
+    if address[0] in WILDCARDS and not (web and web.protected):
+        emit("kvmexit: warning: listening on every address (%s): anyone "
+             "who reaches this host can read its VMs' names and activity; "
+             "give one address, or TLS and basic_auth_users with "
+             "--web.config.file\n" % server.where(), sys.stderr)
+    return server
+
+
+def sd_notify(state, environ=None):
+    """Tell systemd (Type=notify) READY=1 or STOPPING=1 through
+    $NOTIFY_SOCKET, a unix datagram socket ('@' starts an abstract name).
+    Nothing without it.  Returns whether it was sent."""
+    path = (os.environ if environ is None else environ).get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        emit("kvmexit: warning: cannot tell systemd %s through "
+             "NOTIFY_SOCKET: %s\n" % (state, e.strerror or e), sys.stderr)
+        return False
+    return True
 
 
 def serve(server, exporter, ledger, tables, keep, debug=False):
     """--prometheus: serve scrapes until SIGTERM or Ctrl-C, retiring the
     threads of ended VMs every TICK seconds and dropping the series of VMs
-    gone for `keep` seconds."""
+    gone for `keep` seconds.  systemd hears READY=1 once the server
+    answers, STOPPING=1 when it is told to stop."""
     server.registry.register(exporter)
     server.start()
     if debug:
-        emit("kvmexit: listening on http://%s/metrics\n" % server.where(),
-             sys.stderr)
+        emit("kvmexit: listening on %s\n" % server.url(), sys.stderr)
+    sd_notify("READY=1")
     try:
         while not wait_for_stop(TICK):
             ledger.retire(tables)
             exporter.vm_names.note(ledger.tgids)
             exporter.vm_names.forget(ledger.forget_gone(keep))
+        sd_notify("STOPPING=1")
     finally:
         server.stop()
 
@@ -2753,14 +3445,27 @@ def first_line(selection, args):
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
+# How long one sigtimedwait() waits when the wait has no end.
+LONG_WAIT = 3600.0
+
+
 def wait_for_stop(seconds):
     """Sleep; True if Ctrl-C or SIGTERM came first.  The signals are
     blocked and taken here, so one arriving while a report is being read or
-    printed waits for the next wait instead of cutting the report short."""
-    if seconds is None:
-        signal.sigwait(STOP_SIGNALS)
-        return True
-    return signal.sigtimedwait(STOP_SIGNALS, max(0.0, seconds)) is not None
+    printed waits for the next wait instead of cutting the report short.
+    Only a stop signal ends it: after a SIGSTOP/SIGCONT (Ctrl-Z, a
+    debugger) CPython 3.11's sigtimedwait() can return early, even with a
+    siginfo of no signal, so the answer is checked and the wait resumed."""
+    deadline = None if seconds is None else \
+        time.monotonic() + max(0.0, seconds)
+    while True:
+        left = LONG_WAIT if deadline is None else \
+            deadline - time.monotonic()
+        if left <= 0:
+            return False
+        info = signal.sigtimedwait(STOP_SIGNALS, left)
+        if info is not None and info.si_signo in STOP_SIGNALS:
+            return True
 
 
 def wait_ticking(until, tick=None):
@@ -2806,10 +3511,12 @@ def trace(read, report, args, tick=None):
             return
 
 
-def main(argv=None):
+def main(argv=None, stdout_closed=False):
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        raise Error("must be run as root (it loads a BPF program)")
+    if stdout_closed and not args.prometheus:
+        raise Error("standard output is closed: nothing to report to")
+    web = load_web_config(args.web_config) if args.web_config else None
+    check_privileges()
     check_bcc()
     tp_dir = tracepoint_dir()
     if tp_dir is None:
@@ -2818,7 +3525,7 @@ def main(argv=None):
                         "tracepoint (modprobe kvm_intel or kvm_amd)")
         raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
                     "mounted?)" % " or ".join(TRACEFS_DIRS))
-    selection = select_threads(args)
+    selection = select_readable(args)
     vmms = vmm_processes()
     max_threads = args.max_threads or max(MIN_MAX_THREADS,
                                           2 * sum(vmms.values()))
@@ -2833,7 +3540,8 @@ def main(argv=None):
     check_table_memory(program, ncpus)
     names = kernel_reason_names(tp_dir)
     if args.prometheus:
-        server = listen(args.prometheus)    # a port in use: before loading
+        # A port in use: told before loading.
+        server = listen(args.prometheus, web, args.web_max_requests)
 
     b, program = start_tracing(program, args.debug)
     probe = program.probe
@@ -2846,10 +3554,12 @@ def main(argv=None):
     # Blocked before any thread starts: only the main thread takes them.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if args.prometheus:
-        emit(first_line(selection, args) + "\n")
+        announce(first_line(selection, args) + "\n")
         exporter = Exporter(lambda: ledger.read(tables), names, selection,
                             VmNames(), args.latency,
-                            build_info(probe, layout))
+                            build_info(probe, layout, max_threads,
+                                       args.latency, args.detail),
+                            BpfSelf(b))
         serve(server, exporter, ledger, tables,
               args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
         return 0
@@ -2875,6 +3585,47 @@ def main(argv=None):
     return 0
 
 
+def announce(line):
+    """--prometheus's first line: stdout is no report there, so a closed or
+    full one does not stop the service."""
+    try:
+        emit(line)
+    except OutputError:
+        pass
+
+
+class ForgivingStream:
+    """sys.stderr that never raises: a warning or debug line lost to a full
+    or broken stderr must not cost the report on stdout."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Stopped(BaseException):
+    """SIGTERM before tracing began (afterwards it is blocked and waited
+    for): ends the run quietly."""
+
+
+def stop_requested(signum, frame):
+    raise Stopped()
+
+
 def open_std_streams():
     """Give a closed stdin, stdout or stderr /dev/null, so that no file the
     tool opens (a BPF map, a temporary file) takes its number and receives
@@ -2894,16 +3645,16 @@ def open_std_streams():
             setattr(sys, name, open(fd, "w", closefd=False))
         # Names from /proc are any bytes: never fail to print one.
         getattr(sys, name).reconfigure(errors="backslashreplace")
+    sys.stderr = ForgivingStream(sys.stderr)
     return 1 in closed
 
 
 def run():
     """The command: main() with errors as one 'kvmexit:' line."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_requested)
     try:
-        if open_std_streams():
-            raise Error("standard output is closed: nothing to report to")
-        status = main()
+        status = main(stdout_closed=open_std_streams())
     except OutputError as e:
         # A closed pipe (kvmexit | head -1) or a full disk: what was
         # counted could not be shown, so say so.
@@ -2912,6 +3663,8 @@ def run():
         status, message = 1, "kvmexit: %s" % e
     except KeyboardInterrupt:
         status, message = 130, None
+    except Stopped:
+        status, message = 0, None
     except OSError as e:
         # Not foreseen, but still one line: e.g. -h > /dev/full.
         status = 1

@@ -58,10 +58,22 @@ struct rare_key {
 
 struct exit_event {
     u32 code;
-    u32 isa;
+    u32 isa;                    // not on raw-old: see isa_of()
     u32 vcpu_id;                // tracepoint only; raw paths read it lazily
     void *vcpu;                 // struct kvm_vcpu *, raw paths only
+    const u64 *args;            // raw-old: the tracepoint's arguments
 };
+
+// raw-old reads the isa only where it is needed, off the hit path: a
+// thread entering a cache slot, a rare code, --latency.
+static __always_inline u32 isa_of(struct exit_event *ev)
+{
+#ifdef PROBE_RAW_OLD
+    return ev->args[2];
+#else
+    return ev->isa;
+#endif
+}
 
 BPF_PERCPU_ARRAY(pcpu_cache, struct cache_slot, 1);
 // Preallocated: an element allocated at the first exit of a thread can
@@ -75,8 +87,8 @@ BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
 // for the BPF stack, and too big for an inlined memset).
 BPF_ARRAY(blank_counts, struct thread_counts, 1);
 
-// NR_SLOTS for a rare code.  The common case, a direct slot, is tested
-// first and alone, so that the hit path does not compute the others.
+// NR_SLOTS for a rare code.  Off the hit path, which tests for a direct
+// slot itself (count_exit()).
 static __always_inline u32 slot_of(u32 code)
 {
     if (__builtin_expect(code < DIRECT_SLOTS, 1))
@@ -125,47 +137,89 @@ static __always_inline u32 vcpu_id_of(struct exit_event *ev)
 #endif
 }
 
+// Copy a thread's counters between its table entry and a cache slot.
+// Plain loads and stores, not a helper: cheaper than bpf_probe_read_kernel
+// (which checks each word for faults) and than a map update (which takes
+// the bucket's lock).  clang expands each memcpy inline; chunks keep each
+// expansion under its limit of stores.
+#define COPY_WORDS (sizeof(struct thread_counts) / 8)
+#define COPY_CHUNK 64
+static __always_inline void copy_counts(struct thread_counts *dst,
+                                        const struct thread_counts *src)
+{
+    u64 *d = (u64 *)dst;
+    const u64 *s = (const u64 *)src;
+
+#pragma unroll
+    for (int i = 0; i < COPY_WORDS; i += COPY_CHUNK)
+        __builtin_memcpy(d + i, s + i,
+                         8 * (COPY_WORDS - i < COPY_CHUNK ?
+                              COPY_WORDS - i : COPY_CHUNK));
+}
+
+// The evicted thread's counters go back to its table entry.  It was
+// inserted when it was cached, and kvmexit.py retires (deletes) no thread
+// that a cache slot holds, so the entry is there; if it ever were not,
+// the update inserts it, and if that failed the counts would vanish:
+// count them.
+static __always_inline void write_back(struct cache_slot *cache)
+{
+    struct thread_counts *saved = pcpu_kvm_stat.lookup(&cache->pid_tgid);
+
+    if (saved)
+        copy_counts(saved, &cache->counts);
+    else if (pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
+        count_lost_counts(&cache->counts);
+}
+
+// A thread's first exit on this CPU since tracing began: it starts from
+// zero, and enters the table now, so that the write-back that evicts it
+// from the cache slot always finds its entry.
+static __always_inline struct thread_counts *
+enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
+{
+    struct thread_counts *blank;
+    int zero = 0;
+
+    blank = blank_counts.lookup(&zero);
+    if (!blank)
+        return NULL;
+    copy_counts(&cache->counts, blank);
+    if (pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
+        count_lost(LOST_THREAD_TABLE_FULL);
+        return NULL;
+    }
+    return &cache->counts;
+}
+
 // Make this CPU's cache slot hold the current thread; NULL if the thread
 // table is full (the exit is then counted as lost).
 static __always_inline struct thread_counts *
 switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
 {
-    struct thread_counts *saved;
-    int zero = 0;
-    bool fresh;
+    struct thread_counts *saved, *counts = &cache->counts;
 
-    // The evicted thread was inserted when it was cached, and kvmexit.py
-    // retires (deletes) no thread that a cache slot holds, so this update
-    // overwrites its entry in place and cannot fail for lack of room.  If
-    // it ever did, the thread's counts on this CPU would vanish: count them.
-    if (cache->pid_tgid &&
-        pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
-        count_lost_counts(&cache->counts);
+    if (cache->pid_tgid)
+        write_back(cache);
     cache->pid_tgid = 0;
 
     saved = pcpu_kvm_stat.lookup(&pid_tgid);
-    fresh = !saved;
-    if (fresh)
-        saved = blank_counts.lookup(&zero);
-    if (!saved)
+    if (saved)
+        copy_counts(counts, saved);
+    else
+        counts = enter_new_thread(cache, pid_tgid);
+    if (!counts)
         return NULL;
-    bpf_probe_read_kernel(&cache->counts, sizeof(cache->counts), saved);
-    // A thread is in the table from its first exit on, so that the update
-    // that evicts it from a cache slot always finds its entry.
-    if (fresh && pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
-        count_lost(LOST_THREAD_TABLE_FULL);
-        return NULL;
-    }
     // Kept on every CPU's copy, so the report finds them on any of them.
-    cache->counts.isa = ev->isa;
-    cache->counts.vcpu_id = vcpu_id_of(ev);
+    counts->isa = isa_of(ev);
+    counts->vcpu_id = vcpu_id_of(ev);
     cache->pid_tgid = pid_tgid;
-    return &cache->counts;
+    return counts;
 }
 
 static __always_inline void count_rare(u64 pid_tgid, struct exit_event *ev)
 {
-    struct rare_key key = {.pid_tgid = pid_tgid, .isa = ev->isa,
+    struct rare_key key = {.pid_tgid = pid_tgid, .isa = isa_of(ev),
                            .code = ev->code};
     u64 zero = 0, *count;
 
@@ -206,7 +260,7 @@ BPF_ARRAY(blank_latency, struct latency, 1);
 
 static __always_inline void start_exit(u64 pid_tgid, struct exit_event *ev)
 {
-    struct exit_start start = {.ts = bpf_ktime_get_ns(), .isa = ev->isa,
+    struct exit_start start = {.ts = bpf_ktime_get_ns(), .isa = isa_of(ev),
                                .code = ev->code};
 
     pending_exit.update(&pid_tgid, &start);
@@ -323,23 +377,18 @@ static __always_inline bool filtered_out(u64 pid_tgid)
 #endif
 }
 
-static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+// Everything but the hit: a rare or high code, or another thread in the
+// cache slot (eviction), or none (this CPU's first exit).
+static __always_inline void count_cold(struct cache_slot *cache,
+                                       u64 pid_tgid, struct exit_event *ev)
 {
     struct thread_counts *counts;
-    struct cache_slot *cache;
     u32 slot = slot_of(ev->code);
-    int zero = 0;
-
-    start_exit(pid_tgid, ev);
 
     if (slot >= NR_SLOTS) {
         count_rare(pid_tgid, ev);
-        return 0;
+        return;
     }
-
-    cache = pcpu_cache.lookup(&zero);
-    if (!cache)
-        return 0;
     if (cache->pid_tgid == pid_tgid)
         counts = &cache->counts;
     else
@@ -349,6 +398,32 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
     asm volatile("" : "+r"(slot));
     if (counts && slot < NR_SLOTS)
         counts->slot[slot]++;
+}
+
+static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+{
+    struct cache_slot *cache;
+    u64 code = ev->code;
+    int zero = 0;
+
+    start_exit(pid_tgid, ev);
+
+    cache = pcpu_cache.lookup(&zero);
+    if (!cache)
+        return 0;
+    // The hit, on nearly every exit: the thread that exited here last
+    // exits again, with a code of a direct slot.  One comparison of each,
+    // one increment; nothing else is read.  The code is tested where it
+    // is used, in one register, so that the verifier sees the bound (clang
+    // may otherwise test a copy of it).
+    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1)) {
+        asm volatile("" : "+r"(code));
+        if (__builtin_expect(code < DIRECT_SLOTS, 1)) {
+            cache->counts.slot[code]++;
+            return 0;
+        }
+    }
+    count_cold(cache, pid_tgid, ev);
     return 0;
 }
 
@@ -367,6 +442,7 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
+//   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
 //   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
 // for BPF_PROG_TEST_RUN.
@@ -378,7 +454,7 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 //    handles the exit: kvm_msr, kvm_hypercall, kvm_mmio, kvm_fast_mmio,
 //    kvm_page_fault (VMX's EPT violations: their address is not in
 //    kvm_exit's fields) and kvm_userspace_exit.  These count under the
-//    reason of the thread's last exit, which exit_now keeps.
+//    reason of the thread's last exit (see "The exit being handled").
 //
 // Fields are kept raw (masked to the bits that name the access) and
 // decoded in kvmexit.py, so that this path does shifts and masks only.
@@ -401,16 +477,7 @@ struct detail_key {
     u32 attr;                   // the access: direction, size, type, ...
 };
 
-// The thread's last exit, for the events that come while it is handled.
-struct exit_now {
-    u32 isa;                    // 0: no exit seen yet
-    u32 code;
-    u32 went_to_user;           // its return to user space is counted
-};
-
 BPF_HASH(detail_counts, struct detail_key, u64, MAX_DETAIL);
-// LRU: threads that are gone make room by themselves.
-BPF_TABLE("lru_hash", u64, struct exit_now, exit_now, MAX_THREADS);
 // Sub-keys not counted for lack of room (their exits are counted).
 BPF_PERCPU_ARRAY(detail_lost, u64, 1);
 
@@ -433,15 +500,206 @@ static __always_inline void count_detail(u64 pid_tgid, u32 isa, u32 code,
         (*count)++;
 }
 
+// The exit being handled
+//
+// kvm_exit keeps each thread's last exit for the events that come while
+// the thread handles it.  Nearly always the same thread exits again on
+// the same CPU, so each CPU's slot (exit_slots, indexed by CPU) holds the
+// last exit of the thread that took it last, and kvm_exit writes it there
+// after one comparison, with no hash lookup.  But a thread can be
+// preempted, and moved to another CPU, between its kvm_exit and its
+// events: its exit_home entry, written only when it takes a slot, says
+// where its exit is.  Exact by these rules:
+//  - A thread is in one slot at most: taking a slot, it clears its old one
+//    (compare-and-swap, so only if that still holds it).  So a slot holding
+//    the current thread holds its last exit.
+//  - exit_home's state is one word, either IN (the CPU of the thread's
+//    slot, and which of its takings of a slot) or AWAY (the exit itself).
+//    A thread taking the slot of another moves that one's exit into the
+//    other's state with a compare-and-swap from IN this CPU and taking:
+//    if the other has taken a slot since, its newer state stays.  The
+//    slot changes hands only after that, so whoever finds its own slot
+//    taken finds AWAY.
+//  - Only a thread itself changes an AWAY state, or writes into its slot.
+//    An event that finds the exit in another CPU's slot reads it (and
+//    checks the slot still holds the thread after); its return to user
+//    space moves it AWAY first, to mark it there.
+// An exit word: code | isa << 32 | went_to_user << 40; 0 if none.
+#define EXIT_ISA(w) ((u32)((w) >> 32) & 0xff)
+#define EXIT_CODE(w) ((u32)(w))
+#define EXIT_WENT (1ULL << 40)   // its return to user space is counted
+#define HOME_IN (1ULL << 63)
+#define HOME_IN_AT(cpu, taking) (HOME_IN | (u64)(taking) << 32 | (cpu))
+#define HOME_CPU(state) ((u32)(state))
+
+struct exit_slot {
+    u64 pid_tgid;               // 0: free
+    u64 exit;                   // an exit word
+    u32 taking;                 // the thread's taking of a slot
+    // A cache line or two of its own, so that CPUs write no shared line.
+    u8 pad[128 - 20];
+};
+
+struct exit_home {
+    u64 state;                  // HOME_IN_AT(cpu, taking), or an exit word
+    u32 takings;                // how many slots the thread has taken
+};
+
+BPF_ARRAY(exit_slots, struct exit_slot, DETAIL_CPUS);
+// LRU: threads that are gone make room by themselves.
+BPF_TABLE("lru_hash", u64, struct exit_home, exit_home, MAX_THREADS);
+
+static __always_inline struct exit_slot *slot_of_cpu(u32 cpu)
+{
+    return exit_slots.lookup(&cpu);
+}
+
+// The thread in `slot` on `cpu` loses it: its exit goes AWAY, unless it
+// has taken a slot since (or it is not known, its entry lost to LRU).
+static __always_inline void evict_exit(struct exit_slot *slot, u32 cpu,
+                                       u64 owner)
+{
+    struct exit_home *home = exit_home.lookup(&owner);
+
+    if (home)
+        __sync_val_compare_and_swap(&home->state,
+                                    HOME_IN_AT(cpu, slot->taking),
+                                    slot->exit);
+}
+
+static __always_inline struct exit_home *home_of(u64 pid_tgid)
+{
+    struct exit_home blank = {};
+
+    return exit_home.lookup_or_try_init(&pid_tgid, &blank);
+}
+
+// The current thread's first exit on this CPU since another took it.
+static __always_inline void take_slot(struct exit_slot *slot, u32 cpu,
+                                      u64 pid_tgid, u64 exit)
+{
+    u64 owner = slot->pid_tgid, was;
+    struct exit_home *home;
+    struct exit_slot *old;
+    u32 taking;
+
+    if (owner)
+        evict_exit(slot, cpu, owner);
+    home = home_of(pid_tgid);
+    if (!home) {
+        // Nowhere to say where its exit is (not expected of an LRU
+        // table): free the slot rather than hold an exit nothing finds.
+        slot->pid_tgid = 0;
+        return;
+    }
+    was = home->state;
+    taking = home->takings + 1;
+    home->takings = taking;
+    home->state = HOME_IN_AT(cpu, taking);
+    slot->pid_tgid = pid_tgid;
+    // Readers on other CPUs rely on this order (see exit_elsewhere()).
+    asm volatile("" ::: "memory");
+    slot->taking = taking;
+    slot->exit = exit;
+    if ((was & HOME_IN) && HOME_CPU(was) != cpu) {
+        old = slot_of_cpu(HOME_CPU(was));
+        if (old)
+            __sync_val_compare_and_swap(&old->pid_tgid, pid_tgid, 0);
+    }
+}
+
 static __always_inline void remember_exit(u64 pid_tgid, u32 isa, u32 code)
 {
-    struct exit_now now = {.isa = isa, .code = code}, *saved;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct exit_slot *slot = slot_of_cpu(cpu);
+    u64 exit = code | (u64)isa << 32;
 
-    saved = exit_now.lookup(&pid_tgid);
-    if (saved)
-        *saved = now;
+    if (!slot)
+        return;
+    if (slot->pid_tgid == pid_tgid)
+        slot->exit = exit;
     else
-        exit_now.update(&pid_tgid, &now);
+        take_slot(slot, cpu, pid_tgid, exit);
+}
+
+// The current thread's exit, found in another CPU's slot or AWAY; 0 if
+// none.  `state` is read from home first.
+static __always_inline u64 exit_elsewhere(u64 pid_tgid,
+                                          struct exit_home *home, u64 *state)
+{
+    struct exit_slot *slot;
+    u64 exit;
+
+    *state = home->state;
+    if (!(*state & HOME_IN))
+        return *state;
+    slot = slot_of_cpu(HOME_CPU(*state));
+    if (!slot || slot->pid_tgid != pid_tgid)
+        goto moved;
+    exit = slot->exit;
+    // The thread that takes the slot writes its own exit there after it
+    // writes pid_tgid: if the slot still holds this thread, `exit` is its.
+    asm volatile("" ::: "memory");
+    if (slot->pid_tgid == pid_tgid)
+        return exit;
+moved:
+    // Taken meanwhile: the taker moved the exit AWAY before.
+    *state = home->state;
+    return *state & HOME_IN ? 0 : *state;
+}
+
+// The exit the current thread is handling (an exit word, 0 if none).
+static __always_inline u64 exit_being_handled(u64 pid_tgid)
+{
+    struct exit_slot *slot = slot_of_cpu(bpf_get_smp_processor_id());
+    struct exit_home *home;
+    u64 state;
+
+    if (slot && slot->pid_tgid == pid_tgid)
+        return slot->exit;
+    home = exit_home.lookup(&pid_tgid);
+    return home ? exit_elsewhere(pid_tgid, home, &state) : 0;
+}
+
+// As exit_being_handled(), and marks the exit as returned to user space;
+// 0 if it already was.
+static __always_inline u64 exit_going_to_user(u64 pid_tgid)
+{
+    struct exit_slot *slot = slot_of_cpu(bpf_get_smp_processor_id());
+    struct exit_home *home;
+    struct exit_slot *there;
+    u64 exit, state;
+
+    if (slot && slot->pid_tgid == pid_tgid) {
+        exit = slot->exit;
+        if (exit & EXIT_WENT)
+            return 0;
+        slot->exit = exit | EXIT_WENT;
+        return exit;
+    }
+    home = exit_home.lookup(&pid_tgid);
+    if (!home)
+        return 0;
+    exit = exit_elsewhere(pid_tgid, home, &state);
+    if (!exit || (exit & EXIT_WENT))
+        return 0;
+    if (state & HOME_IN) {
+        // In another CPU's slot: move it AWAY, marked, and free the slot
+        // (its CPU may be moving it AWAY too: one of the two wins).
+        if (__sync_val_compare_and_swap(&home->state, state,
+                                        exit | EXIT_WENT) == state) {
+            there = slot_of_cpu(HOME_CPU(state));
+            if (there)
+                __sync_val_compare_and_swap(&there->pid_tgid, pid_tgid, 0);
+            return exit;
+        }
+        state = home->state;
+        if ((state & HOME_IN) || (state & EXIT_WENT) || !state)
+            return 0;
+        exit = state;
+    }
+    home->state = exit | EXIT_WENT;
+    return exit;
 }
 
 static __always_inline void detail_svm(u64 pid_tgid, u32 code, u64 info1,
@@ -500,10 +758,11 @@ static __always_inline void detail_exit(u64 pid_tgid, u32 isa, u32 code,
 static __always_inline void detail_event(u32 kind, u64 sub, u32 attr)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_now *now = exit_now.lookup(&pid_tgid);
+    u64 exit = exit_being_handled(pid_tgid);
 
-    if (now && now->isa)
-        count_detail(pid_tgid, now->isa, now->code, kind, sub, attr);
+    if (exit)
+        count_detail(pid_tgid, EXIT_ISA(exit), EXIT_CODE(exit), kind, sub,
+                     attr);
 }
 
 // KVM_RUN returns to user space once per exit that needs the VMM, and
@@ -512,13 +771,11 @@ static __always_inline void detail_event(u32 kind, u64 sub, u32 attr)
 static __always_inline void detail_user_exit(u32 reason, int err)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_now *now = exit_now.lookup(&pid_tgid);
+    u64 exit = exit_going_to_user(pid_tgid);
 
-    if (!now || !now->isa || now->went_to_user)
-        return;
-    now->went_to_user = 1;
-    count_detail(pid_tgid, now->isa, now->code, DETAIL_USER, reason,
-                 err < 0 ? -err : 0);
+    if (exit)
+        count_detail(pid_tgid, EXIT_ISA(exit), EXIT_CODE(exit), DETAIL_USER,
+                     reason, err < 0 ? -err : 0);
 }
 
 // MMIO_FAST_WRITE (from kvmexit.py): the MMIO access type beyond
@@ -527,13 +784,13 @@ static __always_inline void detail_user_exit(u32 reason, int err)
 static __always_inline void detail_page_fault(u64 address, u64 error_code)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_now *now = exit_now.lookup(&pid_tgid);
+    u64 exit = exit_being_handled(pid_tgid);
 
     // SVM's NPF has its address in kvm_exit's fields already.  VMX's
     // EPT violation passes its exit qualification (read, write, fetch in
     // 2:0) as the error code.
-    if (now && now->isa == ISA_VMX)
-        count_detail(pid_tgid, ISA_VMX, now->code, DETAIL_PAGE,
+    if (exit && EXIT_ISA(exit) == ISA_VMX)
+        count_detail(pid_tgid, ISA_VMX, EXIT_CODE(exit), DETAIL_PAGE,
                      address & PAGE_MASK_4K, error_code & 7);
 }
 
@@ -656,7 +913,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_event ev = {.code = ctx->args[0], .isa = ctx->args[2],
+    struct exit_event ev = {.code = ctx->args[0], .args = ctx->args,
                             .vcpu_id = VCPU_ID_UNKNOWN,
                             .vcpu = (void *)ctx->args[1]};
 

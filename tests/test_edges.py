@@ -434,3 +434,328 @@ def test_help_on_a_full_device():
     assert result.stderr.splitlines() == [
         "kvmexit: No space left on device"]
     assert result.returncode == 1
+
+
+#
+# Issue 17's edges (F1, the stop/continue, is in test_signals.py; the
+# web configuration's in test_web.py)
+#
+def start_serving(args, **kw):
+    port = free_port()
+    tool = subprocess.Popen([SYSTEM_PYTHON, SCRIPT, "--prometheus",
+                             "127.0.0.1:%d" % port, "-d"] +
+                            [str(a) for a in args], stderr=subprocess.PIPE,
+                            text=True, **kw)
+    line = tool.stderr.readline()
+    while line.startswith("kvmexit: cflags") or \
+            line.startswith("kvmexit: probe"):
+        line = tool.stderr.readline()
+    assert line == "kvmexit: listening on http://127.0.0.1:%d/metrics\n" \
+        % port
+    return tool, port
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(port, path="/metrics", timeout=10):
+    import urllib.request
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path),
+                                timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def stop_serving(tool):
+    tool.send_signal(signal.SIGTERM)
+    err = tool.stderr.read()
+    assert tool.wait(timeout=30) == 0
+    assert err == ""
+
+
+@pytest.mark.parametrize("stdout", ["closed", "/dev/full"])
+def test_f8_prometheus_runs_with_stdout_closed_or_full(ready, stdout):
+    if stdout == "closed":
+        tool, port = start_serving([], stdout=subprocess.DEVNULL,
+                                   preexec_fn=lambda: os.close(1))
+    else:
+        with open(stdout, "w") as full:
+            tool, port = start_serving([], stdout=full)
+    try:
+        status, text = metrics(port)
+        assert status == 200 and "kvmexit_build_info{" in text
+    finally:
+        stop_serving(tool)
+
+
+@pytest.mark.parametrize("args, lines", [
+    (["--json", 1], 1),
+    (["-d", 1], 2),
+    (["--csv", "-i", 1, "-c", 2], 1),
+])
+def test_f7_a_full_stderr_does_not_lose_the_report(ready, args, lines):
+    with open("/dev/full", "w") as full:
+        argv = [SYSTEM_PYTHON, SCRIPT] + [str(a) for a in args]
+        result = subprocess.run(argv,
+                                stdout=subprocess.PIPE, stderr=full,
+                                text=True, timeout=60)
+    assert result.returncode == 0
+    out = result.stdout.splitlines()
+    assert len(out) == lines
+    if "--json" in args:
+        assert json.loads(out[0])["rows"] == []
+    elif "--csv" in args:
+        assert out == ["end,pid,tid,vcpu_id,comm,isa,exit_code,name,count"]
+    else:
+        assert out == [first_line("all threads", 1), HEADER_ALL]
+
+
+def test_f3_no_file_size_allowed_works(ready):
+    result = run_tool([1], prefix=["prlimit", "--fsize=0"])
+    assert (result.stdout, result.stderr, result.returncode) == (
+        first_line("all threads", 1) + "\n" + HEADER_ALL + "\n", "", 0)
+
+
+def test_f3_read_only_temporary_directories_work(ready):
+    script = "mount -t tmpfs -o ro none /tmp && " \
+        "mount -t tmpfs -o ro none /var/tmp && exec %s %s 1" % (
+            SYSTEM_PYTHON, SCRIPT)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, TMPDIR="/tmp"))
+    assert (result.stdout, result.stderr, result.returncode) == (
+        first_line("all threads", 1) + "\n" + HEADER_ALL + "\n", "", 0)
+
+
+def test_f3_capture_without_any_file_leaves_the_streams_alone(monkeypatch):
+    def refused(*args, **kw):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    monkeypatch.setattr(kvmexit.tempfile, "TemporaryFile", refused)
+    before = os.fstat(2)
+    with kvmexit.CapturedStderr() as err:
+        assert os.fstat(2) == before
+    assert (err.text, err.first_error()) == ("", "")
+
+
+def truncated_btf(path):
+    with open("/sys/kernel/btf/vmlinux", "rb") as f:
+        path.write_bytes(f.read(100000))
+
+
+@pytest.mark.parametrize("content", ["empty", "truncated", "bad header"])
+def test_f4_a_broken_vmlinux_btf_falls_back_to_the_tracepoint(
+        ready, tmp_path, content):
+    fake = tmp_path / "vmlinux"
+    if content == "truncated":
+        truncated_btf(fake)
+    elif content == "empty":
+        fake.write_bytes(b"")
+    else:
+        fake.write_bytes(b"\x9e\xeb" + b"\0" * 200)
+    # The unit: the same directory, given to choose_probe.
+    probe = kvmexit.choose_probe("auto", kvmexit.tracepoint_dir(),
+                                 btf_dir=str(tmp_path))
+    assert (probe.kind, probe.why) == (
+        "tracepoint", "fallback, kernel BTF has no kvm_exit prototype")
+    # The command, with that file over the kernel's.
+    script = "mount --bind %s /sys/kernel/btf/vmlinux && exec %s %s -d 1" \
+        % (fake, SYSTEM_PYTHON, SCRIPT)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert [line for line in result.stderr.splitlines()
+            if not line.startswith("kvmexit: cflags")] == [
+        "kvmexit: probe: tracepoint (fallback, kernel BTF has no kvm_exit "
+        "prototype)"]
+    assert result.stdout == first_line("all threads", 1) + "\n" + \
+        HEADER_ALL + "\n"
+
+
+def copy_with_source(tmp_path, source):
+    import shutil
+    (tmp_path / "bpf").mkdir()
+    shutil.copy(SCRIPT, tmp_path / "kvmexit.py")
+    (tmp_path / "bpf" / "kvmexit.bpf.c").write_text(source)
+    return str(tmp_path / "kvmexit.py")
+
+
+@pytest.mark.parametrize("args", [[1], ["-t", PID, 1]])
+def test_f5_an_empty_bpf_source_is_one_line(ready, tmp_path, args):
+    script = copy_with_source(tmp_path, "")
+    assert_one_error_line(run_tool(args, script=script),
+                          "kvmexit: %s/bpf/kvmexit.bpf.c defines no BPF "
+                          "program: reinstall kvmexit" % tmp_path)
+
+
+def broken_module(tmp_path, name, error):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("raise %s\n" % error)
+    return dict(os.environ, PYTHONPATH=str(tmp_path))
+
+
+def test_f6_a_bcc_raising_anything_is_one_line(tmp_path):
+    env = broken_module(tmp_path, "bcc", "RuntimeError('half installed')")
+    assert_one_error_line(run_tool([1], env=env),
+                          "kvmexit: bcc or numpy failed to import: "
+                          "RuntimeError: half installed: reinstall "
+                          "python3-bpfcc and python3-numpy")
+
+
+def test_f6_a_broken_prometheus_client_stops_only_prometheus(ready,
+                                                             tmp_path):
+    env = broken_module(tmp_path, "prometheus_client",
+                        "ZeroDivisionError('division by zero')")
+    result = run_tool([1], env=env)
+    assert (result.stdout, result.stderr, result.returncode) == (
+        first_line("all threads", 1) + "\n" + HEADER_ALL + "\n", "", 0)
+    assert_one_error_line(run_tool(["--prometheus", 9417], env=env),
+                          "kvmexit: prometheus_client failed to import: "
+                          "ZeroDivisionError: division by zero: reinstall "
+                          "python3-prometheus-client")
+
+
+def test_f6_prometheus_client_is_imported_only_for_prometheus():
+    code = "import sys; sys.path.insert(0, %r); import kvmexit; " \
+        "print('prometheus_client' in sys.modules)" % os.path.dirname(SCRIPT)
+    result = subprocess.run([SYSTEM_PYTHON, "-c", code], capture_output=True,
+                            text=True, timeout=60)
+    assert (result.stdout, result.stderr) == ("False\n", "")
+
+
+def test_bcc_saying_it_has_no_headers_is_one_line_not_on_stdout(ready):
+    result = run_tool([1], env=dict(os.environ,
+                                    BCC_KERNEL_SOURCE="/nonexistent"))
+    assert_one_error_line(result, "kvmexit: BPF compile failed: Unable to "
+                          "find kernel headers. Try rebuilding kernel with "
+                          "CONFIG_IKHEADERS=m (module) or installing the "
+                          "kernel development package for your running "
+                          "kernel version.")
+
+
+def test_version():
+    result = run_tool(["--version"])
+    assert (result.stdout, result.stderr, result.returncode) == (
+        "kvmexit %s\n" % kvmexit.VERSION, "", 0)
+
+
+#
+# The metrics server under load: idle clients, many at once, a cap
+#
+@pytest.fixture
+def server(monkeypatch):
+    """kvmexit's server on loopback with a collector that can be held."""
+    import threading
+    from prometheus_client.core import GaugeMetricFamily
+    made = []
+
+    class Held:
+        def __init__(self):
+            self.entered = threading.Semaphore(0)
+            self.release = threading.Event()
+            self.release.set()
+
+        def describe(self):
+            return []
+
+        def collect(self):
+            self.entered.release()
+            self.release.wait(30)
+            yield GaugeMetricFamily("held", "a test gauge", value=1)
+
+    def make(client_timeout=None, **kw):
+        if client_timeout:
+            monkeypatch.setattr(kvmexit.MetricsServer, "CLIENT_TIMEOUT",
+                                client_timeout)
+        port = free_port()
+        s = kvmexit.listen(("127.0.0.1", port), **kw)
+        held = Held()
+        s.registry.register(held)
+        s.start()
+        made.append(s)
+        return port, held
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def test_f2_idle_clients_time_out_without_a_traceback(server, capfd):
+    import socket
+    port, _ = server(client_timeout=0.5)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    try:
+        for s in idle:
+            s.settimeout(5)
+            assert s.recv(1) == b""     # closed by the server, in time
+        assert metrics(port)[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+    assert capfd.readouterr().err == ""
+
+
+def test_f9_two_hundred_scrapes_at_once_are_all_answered(server):
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    port, _ = server()
+
+    def scrape(_):
+        # Connected within 0.9 s: before the client's first SYN
+        # retransmission (1 s), so a connection the listen queue had no
+        # room for fails here instead of being retried.
+        with socket.create_connection(("127.0.0.1", port), timeout=0.9) as s:
+            s.settimeout(20)
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                answer += data
+        return answer.split(b" ", 2)[1]
+
+    with ThreadPoolExecutor(200) as pool:
+        codes = list(pool.map(scrape, range(200)))
+    assert set(codes) <= {b"200", b"503"} and codes.count(b"200") >= 40
+
+
+def test_f9_beyond_max_requests_is_503(server):
+    import threading
+    import urllib.error
+    port, held = server(max_requests=1)
+    held.release.clear()
+    first = []
+    t = threading.Thread(target=lambda: first.append(metrics(port)))
+    t.start()
+    assert held.entered.acquire(timeout=10)
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        metrics(port)
+    assert exc.value.code == 503
+    assert exc.value.read() == b"More than 1 requests at once; try again " \
+        b"later.\n"
+    held.release.set()
+    t.join(10)
+    assert first[0][0] == 200 and "\nheld 1.0\n" in first[0][1]
+    assert metrics(port)[0] == 200     # the slot is free again
+
+
+def test_f9_max_requests_0_is_no_limit(server):
+    import threading
+    port, held = server(max_requests=0)
+    held.release.clear()
+    answers = []
+    workers = [threading.Thread(target=lambda: answers.append(
+        metrics(port)[0])) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for _ in workers:
+        assert held.entered.acquire(timeout=10)    # all three at once
+    held.release.set()
+    for t in workers:
+        t.join(10)
+    assert answers == [200, 200, 200]

@@ -56,13 +56,18 @@ class DetailProgram:
             name.encode(), bcc.BPF.RAW_TRACEPOINT).fd for name in ENTRIES}
 
     def events(self, thread, *events):
-        """Run (entry, args) events in order from `thread`, on CPU 0."""
+        """Run (entry, args) events in order from `thread`, on CPU 0 or
+        where a move_to(cpu) among them takes it."""
         failed = []
 
         def job():
             os.sched_setaffinity(0, {0})
             try:
                 for entry, args in events:
+                    if entry == "move_to":
+                        os.sched_setaffinity(0, {args})
+                        assert bpfrun._libc.sched_getcpu() == args
+                        continue
                     bpfrun.test_run(self.fd[entry],
                                     [a & (1 << 64) - 1 for a in args])
             except Exception as e:      # raised here, not in the thread
@@ -80,6 +85,16 @@ class DetailProgram:
 
 def exit_(code, isa=SVM, info1=0, info2=0, intr_info=0, vcpu=0):
     return ("kvm_exit", (code, isa, info1, info2, intr_info, vcpu))
+
+
+def move_to(cpu):
+    """The thread goes on on another CPU (as the scheduler may move a vCPU
+    thread between its kvm_exit and the events of that exit)."""
+    return ("move_to", cpu)
+
+
+def user(reason=2, err=0):
+    return ("kvm_userspace_exit", (reason, err))
 
 
 def repeat(n, *events):
@@ -220,6 +235,103 @@ def test_user_space_exits_count_once_per_exit(prog, threads):
         Detail("port", 0xf4, "out", None): 4,
         Detail("user", 2, name="KVM_EXIT_IO"): 4}
     assert mine(snap, t.tid, code=SVM_HLT) == {
+        Detail("user", 10, name="errno EINTR"): 1}
+
+
+#
+# Exact when a thread is preempted or moves between its exit and the
+# events of that exit: the exit is kept in a slot of the CPU it happened on.
+#
+def test_events_after_a_move_count_under_the_exit_on_the_other_cpu(
+        prog, threads, cpus_0_1):
+    t = threads()
+    prog.events(t, exit_(SVM_MSR, info1=1), move_to(1),
+                ("kvm_msr", (1, 0x6e0)), user(), user(),
+                move_to(0), user(), ("kvm_msr", (1, 0x6e0)),
+                # A new exit on CPU 1, its events on CPU 0.
+                move_to(1), exit_(SVM_IOIO, info1=0x70 << 16), move_to(0),
+                user(), move_to(1), user())
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_MSR) == {
+        Detail("msr", 0x6e0, "write", name="IA32_TSC_DEADLINE"): 2,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, t.tid, code=SVM_IOIO) == {
+        Detail("port", 0x70, "out", None): 1,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+
+
+def test_a_slot_left_on_another_cpu_is_not_taken_for_the_last_exit(
+        prog, threads, cpus_0_1):
+    t = threads()
+    # HLT on CPU 0, then MSR on CPU 1: CPU 0's slot must not answer for
+    # the MSR exit when the thread comes back there before its next exit.
+    prog.events(t, exit_(SVM_HLT), move_to(1), exit_(SVM_MSR), move_to(0),
+                ("kvm_msr", (0, 0x1b)), user(10, -4),
+                # And back: VMMCALL on CPU 0, its hypercall on CPU 1.
+                exit_(SVM_VMMCALL), move_to(1), ("kvm_hypercall", (5,)),
+                # Exits on both CPUs in turn, events after each move.
+                *repeat(3, move_to(0), exit_(SVM_MSR, info1=1), move_to(1),
+                        ("kvm_msr", (1, 0x830)), exit_(SVM_HLT), move_to(0),
+                        user(10, -4)))
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_MSR) == {
+        Detail("msr", 0x1b, "read", name="IA32_APIC_BASE"): 1,
+        Detail("user", 10, name="errno EINTR"): 1,
+        Detail("msr", 0x830, "write", name="X2APIC_ICR"): 3}
+    assert mine(snap, t.tid, code=SVM_VMMCALL) == {
+        Detail("hypercall", 5, name="KICK_CPU"): 1}
+    assert mine(snap, t.tid, code=SVM_HLT) == {
+        Detail("user", 10, name="errno EINTR"): 3}
+
+
+def test_a_thread_preempted_by_another_on_its_cpu_keeps_its_exit(
+        prog, threads, cpus_0_1):
+    t, u = threads(2)
+    prog.events(t, exit_(SVM_MSR, info1=1))
+    # u exits on CPU 0 while t is off it, and takes the CPU's slot.
+    prog.events(u, exit_(SVM_HLT))
+    prog.events(t, ("kvm_msr", (1, 0x6e0)), user(), user())
+    prog.events(u, user(10, -4))
+    # t takes the slot back; u, preempted, goes on on CPU 1.
+    prog.events(t, exit_(SVM_IOIO, info1=0x71 << 16 | SVM_IN))
+    prog.events(u, move_to(1), user(10, -4), ("kvm_msr", (0, 0x1b)))
+    prog.events(t, user(), move_to(1), user())
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_MSR) == {
+        Detail("msr", 0x6e0, "write", name="IA32_TSC_DEADLINE"): 1,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, t.tid, code=SVM_IOIO) == {
+        Detail("port", 0x71, "in", None): 1,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, u.tid) == {
+        Detail("user", 10, name="errno EINTR"): 1,
+        Detail("msr", 0x1b, "read", name="IA32_APIC_BASE"): 1}
+    assert snap.counts[(PID, u.tid, SVM, SVM_HLT)] == 1
+
+
+def test_preempted_then_moved_then_exiting_again(prog, threads, cpus_0_1):
+    t, u = threads(2)
+    # t's exit on CPU 0 goes away when u takes the slot; t returns to
+    # user space on CPU 1, then exits there and on CPU 0 again.
+    prog.events(t, exit_(SVM_VMMCALL))
+    prog.events(u, exit_(SVM_HLT), ("kvm_msr", (0, 0x1b)))
+    prog.events(t, move_to(1), ("kvm_hypercall", (1,)), user(),
+                exit_(SVM_MSR), ("kvm_msr", (1, 0x6e0)), move_to(0),
+                ("kvm_msr", (1, 0x6e0)), user(), user(),
+                exit_(SVM_IOIO, info1=0x80 << 16), move_to(1), user())
+    prog.events(u, user(10, -4), move_to(1), ("kvm_msr", (0, 0x1b)))
+    snap = prog.snap()
+    assert mine(snap, t.tid, code=SVM_VMMCALL) == {
+        Detail("hypercall", 1, name="VAPIC_POLL_IRQ"): 1,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, t.tid, code=SVM_MSR) == {
+        Detail("msr", 0x6e0, "write", name="IA32_TSC_DEADLINE"): 2,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, t.tid, code=SVM_IOIO) == {
+        Detail("port", 0x80, "out", None): 1,
+        Detail("user", 2, name="KVM_EXIT_IO"): 1}
+    assert mine(snap, u.tid) == {
+        Detail("msr", 0x1b, "read", name="IA32_APIC_BASE"): 2,
         Detail("user", 10, name="errno EINTR"): 1}
 
 

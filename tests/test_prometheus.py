@@ -14,6 +14,7 @@ Runs as root on the real kernel, never skipped (see conftest.py)."""
 import os
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -23,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+import bpfrun
 import kvmexit
 from kvmexit_conftest import SCRIPT, SYSTEM_PYTHON, TESTS
 
@@ -121,7 +123,8 @@ class Exported:
         self.exporter = kvmexit.Exporter(
             lambda: self.ledger.read(self.tables), kvmexit.ReasonNames(),
             selection, kvmexit.VmNames(), latency,
-            {"version": kvmexit.VERSION, "probe": "raw-old"})
+            {"version": kvmexit.VERSION, "probe": "raw-old"},
+            kvmexit.BpfSelf(self.b))
         self.registry = CollectorRegistry()
         self.registry.register(self.exporter)
 
@@ -191,6 +194,71 @@ def test_exits_per_vm_vcpu_and_reason_named_by_qemu_guest_or_process(
                                        "write_back_failed")}
     assert got["kvmexit_build_info"] == {
         (("probe", "raw-old"), ("version", kvmexit.VERSION)): 1}
+
+
+def test_a_name_filter_serves_only_that_metric(served, vms):
+    e, port = served
+    vm = vms(e.fd, guest="only")
+    vm.exits(0, IOIO, 4)
+    status, text = get(port, "/metrics?name[]=kvm_exits_total")
+    assert status == 200
+    assert parse(text) == {"kvm_exits_total": {
+        series("only", vm.pid, "IOIO"): 4}}
+    status, text = get(port, "/metrics?name[]=kvmexit_lost_exits_total"
+                             "&name[]=process_open_fds")
+    assert sorted(parse(text)) == ["kvmexit_lost_exits_total",
+                                   "process_open_fds"]
+
+
+BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
+
+
+def test_self_metrics_table_fill_and_bpf_run_time(exported, vms):
+    e = exported()
+    # Accounting on for as long as the fd is held, as the sysctl would,
+    # without changing the sysctl under other users of this kernel.
+    stats_fd, _ = bpfrun.bpf(BPF_ENABLE_STATS,
+                             struct.pack("<I", BPF_STATS_RUN_TIME))
+    try:
+        a, b = vms(e.fd, guest="a"), vms(e.fd, guest="b")
+        a.exits(0, IOIO, 5)
+        b.thread_exits(1, HLT, 2)
+        b.exits(1, INTR, 3)
+    finally:
+        os.close(stats_fd)
+    got = e.scrape()
+    entries = {dict(k)["table"]: v
+               for k, v in got["kvmexit_table_entries"].items()}
+    capacity = {dict(k)["table"]: v
+                for k, v in got["kvmexit_table_capacity"].items()}
+    # bcc's own walk of each table agrees; the thread table has room for
+    # --max-threads, the rare one for MAX_RARE.
+    assert entries == {name: len(list(e.b[name.encode()].keys()))
+                       for name in entries}
+    assert sorted(entries) == sorted(capacity)
+    assert sum(entries.values()) > 0
+    assert capacity["pcpu_kvm_stat"] == 64
+    assert capacity["pcpu_rare_stat"] == kvmexit.MAX_RARE
+    assert got["kvmexit_bpf_runs_total"] == {
+        (("program", "raw_kvm_exit"),): 10}
+    (run_seconds,) = got["kvmexit_bpf_run_seconds_total"].values()
+    assert 0 < run_seconds < 0.01
+    assert got["kvmexit_collect_errors_total"] == {(): 0}
+    (took,) = got["kvmexit_collect_duration_seconds"].values()
+    assert 0 < took < 5
+
+
+def test_a_failed_read_is_counted_and_the_rest_still_served(exported):
+    e = exported()
+
+    def broken():
+        raise OSError(5, "Input/output error")
+
+    e.exporter.read = broken
+    got = parse(generate_latest(e.registry).decode())
+    assert "kvm_exits_total" not in got
+    assert got["kvmexit_collect_errors_total"] == {(): 1}
+    assert "kvmexit_build_info" in got
 
 
 def test_a_live_vms_counters_never_go_down_as_its_threads_are_retired(
@@ -314,12 +382,26 @@ def test_a_port_in_use_is_one_error(exported):
         "already in use" % port
 
 
-# ADDR is an IP address: no name lookup that could hang a start.
-@pytest.mark.parametrize("host", ["192.0.2.1", "999.1.1.1", "localhost"])
+@pytest.mark.parametrize("host", ["192.0.2.1", "999.1.1.1"])
 def test_an_address_it_cannot_listen_on_is_one_error(host):
     with pytest.raises(kvmexit.Error) as exc:
         kvmexit.listen((host, 9417))
     assert str(exc.value).startswith("cannot listen on %s:9417: " % host)
+
+
+def test_localhost_is_resolved(exported):
+    e = exported()
+    port = free_port()
+    server = kvmexit.listen(("localhost", port))
+    server.registry.register(e.exporter)
+    server.start()
+    try:
+        status, text = get(port)
+    finally:
+        server.stop()
+    assert status == 200
+    assert server.httpd.server_address == ("127.0.0.1", port)
+    assert 'kvmexit_lost_exits_total{why="thread_table_full"} 0.0' in text
 
 
 def test_a_garbage_request_fails_alone(served, vms):
@@ -443,6 +525,12 @@ def test_the_command_tells_a_port_in_use_in_one_line(bcc):
     (["--prometheus", "9417", "5"],
      "--prometheus prints no report: drop the duration"),
     (["--keep-gone", "60"], "--keep-gone needs --prometheus"),
+    (["--web.config.file", "web.yml"],
+     "--web.config.file needs --prometheus"),
+    (["--web.max-requests", "3", "1"],
+     "--web.max-requests needs --prometheus"),
+    (["--prometheus", "9417", "--web.max-requests", "-1"],
+     "argument --web.max-requests: must be a non-negative integer: '-1'"),
 ])
 def test_prometheus_arguments_that_cannot_work(args, message):
     tool = start(args)

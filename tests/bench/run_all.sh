@@ -4,7 +4,7 @@
 #   tests/bench/run_all.sh
 #
 # Each prints a table and a target line (met / MISSED); the exit status is
-# non-zero if any target was missed or a check failed.  About 1.5 minutes.
+# non-zero if any target was missed or a check failed.  About 4 minutes.
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 PYTHON=${PYTHON:-/usr/bin/python3}     # the Python bcc imports under
