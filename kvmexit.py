@@ -1385,6 +1385,7 @@ class Key(collections.namedtuple("Key", "layout names")):
 
 
 INDEX_KEY = Key(struct.Struct("<I"), ("index",))      # arrays
+TGID_KEY = Key(struct.Struct("<I"), ("tgid",))
 THREAD_KEY = Key(struct.Struct("<Q"), ("pid_tgid",))
 REASON_KEY = Key(struct.Struct("<QII"), ("pid_tgid", "isa", "code"))
 DETAIL_KEY = Key(struct.Struct("<QIIQII"),
@@ -1494,9 +1495,14 @@ EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
                          "detail", lambda p, ncpus: 128 * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
+# The names the kernel took of VMs whose threads ended (16 bytes each).
+VM_COMM_MAP = MapSpec(b"vm_comm", TGID_KEY, lambda layout: 2, False,
+                      "names", "names", lambda p, ncpus: hash_bytes(
+                          p.max_threads, TGID_KEY, 16))
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
-        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP)
+        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP,
+        VM_COMM_MAP)
 
 
 def pid_max():
@@ -1527,6 +1533,23 @@ def detail_macros(tp_dir=None):
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
+def task_offsets(btf_dir=BTF_DIR):
+    """(task_struct.group_leader, task_struct.comm) from the kernel's BTF,
+    for the names the kernel takes (-DVM_NAMES); None without BTF."""
+    vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
+    if vmlinux is None:
+        return None
+    found = (vmlinux.offset("task_struct", "group_leader"),
+             vmlinux.offset("task_struct", "comm"))
+    return None if None in found else found
+
+
+def names_macros(program):
+    leader, comm = task_offsets()
+    return ["-DVM_NAMES", "-DTASK_GROUP_LEADER_OFF=%d" % leader,
+            "-DTASK_COMM_OFF=%d" % comm]
+
+
 class Feature(collections.namedtuple("Feature", "name cflags")):
     """An option that adds to the program: its flags (cflags(program)), and
     the maps whose spec names it."""
@@ -1535,7 +1558,8 @@ class Feature(collections.namedtuple("Feature", "name cflags")):
 
 
 FEATURES = (Feature("latency", latency_macros),
-            Feature("detail", lambda program: detail_macros()))
+            Feature("detail", lambda program: detail_macros()),
+            Feature("names", names_macros))
 
 
 class Program(collections.namedtuple(
@@ -2166,6 +2190,15 @@ class ThreadTables:
         self.delete(THREAD_MAP, keys)
         return counts, vcpu_ids
 
+    def take_names(self, spec):
+        """{tgid: process name} the kernel took (VM_COMM_MAP), deleted."""
+        keys, values = read_map(self.b, spec, self.program.layout,
+                                self.ncpus)
+        self.delete(spec, keys)
+        return {spec.key.layout.unpack(k)[0]: printable(
+            v.tobytes().split(b"\0")[0].decode("utf-8", "backslashreplace"))
+            for k, v in zip(keys, values)}
+
     def final_counts(self, keys, slots):
         """Counts and vCPU ids of dead threads that cache slots hold, read
         from their entries and those slots, without deleting anything; the
@@ -2232,7 +2265,11 @@ class Ledger:
     if the old thread was retired first (within a TICK, the kernel's PIDs
     must wrap around, its exits are counted as the old thread's).  A PID
     reused by a new process (its start time in /proc differs) is a new VM:
-    the old one's retired counts are dropped at the next forget_gone()."""
+    the old one's retired counts are dropped at the next forget_gone().
+
+    Each process is named (idents) the first time it is seen in the
+    tables, while it runs; one that ended before has the name the kernel
+    took as its thread ended (VM_COMM_MAP)."""
 
     def __init__(self, proc="/proc", clock=time.monotonic):
         self.lock = threading.Lock()
@@ -2244,6 +2281,7 @@ class Ledger:
         self.held = {}          # pid_tgid: {(isa, code): retired count}
         self.starts = {}        # tgid: its process's start time
         self.replaced = {}      # tgid: its old process's retired keys
+        self.idents = {}        # tgid: Ident, taken when first seen
 
     @staticmethod
     def empty():
@@ -2268,8 +2306,17 @@ class Ledger:
             self.replaced.setdefault(tgid, set()).update(
                 k for entries in self.retired.values() for k in entries
                 if k[0] == tgid)
+            self.idents.pop(tgid, None)
         if start is not None or tgid not in self.starts:
             self.starts[tgid] = start
+
+    def note_ident(self, tgid):
+        """Name a process the first time it is seen, while it runs; one
+        that ended before has the name the kernel took (VM_COMM_MAP)."""
+        if tgid not in self.idents:
+            ident = process_ident(tgid, self.proc)
+            if ident is not None:
+                self.idents[tgid] = ident
 
     def retire(self, tables):
         """Move the counts of threads that have exited out of the tables;
@@ -2287,6 +2334,7 @@ class Ledger:
                 tgid = pid_tgid >> 32
                 if tgid not in tids:
                     self.note_start(tgid)
+                    self.note_ident(tgid)
                     tids[tgid] = self.threads_of(tgid)
                 if pid_tgid & 0xffffffff not in tids[tgid]:
                     found.append(key)
@@ -2298,6 +2346,9 @@ class Ledger:
                 retired = self.retire_threads(tables, dead(tables.keys(spec)))
             elif spec.merge == "pending":
                 tables.delete(spec, dead(tables.keys(spec)))
+            elif spec.merge == "names":
+                for tgid, comm in tables.take_names(spec).items():
+                    self.idents.setdefault(tgid, Ident(comm, None))
             elif isinstance(spec.merge, Table):
                 keys = dead(tables.keys(spec))
                 if keys:
@@ -2405,6 +2456,7 @@ class Ledger:
                 for tgid in expired:
                     del self.gone_since[tgid]
                     self.starts.pop(tgid, None)
+                    self.idents.pop(tgid, None)
             return expired | set(replaced)
 
     def size(self):
@@ -2459,17 +2511,38 @@ def report_rows(selection, snap, top=None):
                         selection.group, top)
 
 
-def process_name(pid, proc="/proc"):
-    """The process name, with QEMU's '-name guest=NAME' when present."""
+class Ident(collections.namedtuple("Ident", "comm guest")):
+    """What a VM is called: its process name (comm), and the name its
+    VMM's command line gives it (guest_name(); None: none)."""
+
+    __slots__ = ()
+
+    def text(self):
+        """As reports show it: 'comm guest=NAME' or 'comm'."""
+        return self.comm if self.guest is None else "%s guest=%s" % (
+            self.comm, self.guest)
+
+    def label(self):
+        """As the `vm` label: the VM's name, else the process name."""
+        return self.guest or self.comm
+
+
+def process_ident(pid, proc="/proc"):
+    """The Ident of a running process, None if it is gone."""
     try:
         comm = read_text("%s/%d/comm" % (proc, pid))
         argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
     except OSError:
-        return "?"
-    comm = printable(comm[:-1] if comm.endswith("\n") else comm)
+        return None
     guest = guest_name(argv)
-    return comm if guest is None else "%s guest=%s" % (comm,
-                                                       printable(guest))
+    return Ident(printable(comm[:-1] if comm.endswith("\n") else comm),
+                 None if guest is None else printable(guest))
+
+
+def process_name(pid, proc="/proc"):
+    """The process name, with the VM's name when its VMM gives one."""
+    ident = process_ident(pid, proc)
+    return "?" if ident is None else ident.text()
 
 
 def isa_name(isa):
@@ -2497,10 +2570,12 @@ class Report:
         self.opts = opts or ReportOptions()
         self.out = out or sys.stdout
         self.comms = {}
+        self.idents = {}        # tgid: Ident, as the Ledger took it
 
     def comm(self, pid):
         if pid not in self.comms:
-            self.comms[pid] = process_name(pid)
+            ident = self.idents.get(pid) or process_ident(pid)
+            self.comms[pid] = "?" if ident is None else ident.text()
         return self.comms[pid]
 
     def write(self, text):
@@ -2712,44 +2787,62 @@ def listen_address(text):
     return (host if sep else "127.0.0.1"), int(port)
 
 
+def qemu_name(value):
+    """-name guest=NAME,... or -name NAME,..."""
+    params = dict(p.partition("=")[::2] for p in value.split(","))
+    return params.get("guest") or value.split(",")[0]
+
+
+# The flag that names the VM on each VMM's command line, and how to read
+# its value (README, "VM names"): QEMU, and libvirt's QEMU, -name;
+# Firecracker (and its jailer's) --id.  cloud-hypervisor and crosvm have
+# none: their process name stands for the VM.
+VM_NAME_FLAGS = {"-name": qemu_name, "--name": qemu_name,
+                 "--id": lambda value: value}
+
+
 def guest_name(argv):
-    """QEMU's -name guest=NAME (or -name NAME,...), else None."""
+    """The VM's name on its VMM's command line, else None."""
     for flag, value in zip(argv, argv[1:]):
-        if flag in ("-name", "--name"):
-            params = dict(p.partition("=")[::2] for p in value.split(","))
-            return params.get("guest") or value.split(",")[0]
+        if flag in VM_NAME_FLAGS:
+            return VM_NAME_FLAGS[flag](value)
     return None
 
 
 def vm_label(pid, proc="/proc"):
-    """The `vm` label: QEMU's guest name, else the process name; None if
-    the process is gone."""
-    try:
-        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
-        comm = read_text("%s/%d/comm" % (proc, pid))
-    except OSError:
-        return None
-    return printable(guest_name(argv) or comm.rstrip("\n"))
+    """The `vm` label: the VM's name, else the process name; None if the
+    process is gone."""
+    ident = process_ident(pid, proc)
+    return None if ident is None else ident.label()
 
 
 class VmNames:
-    """The `vm` label of each process, read while it runs, so that a VM
-    that has ended keeps its name for as long as its series are served."""
+    """The `vm` label of each process, as the Ledger took it when the
+    process was first seen (idents), else read now, so that a VM that has
+    ended keeps its name for as long as its series are served."""
 
-    def __init__(self, proc="/proc"):
+    def __init__(self, proc="/proc", idents=None):
         self.proc = proc
         self.names = {}
+        self.idents = {} if idents is None else idents
 
     def note(self, tgids):
         for tgid in tgids:
             if tgid not in self.names:
-                self.names[tgid] = vm_label(tgid, self.proc) or "?"
+                self.names[tgid] = self.read(tgid)
+
+    def read(self, tgid):
+        ident = self.idents.get(tgid)
+        if ident is not None:
+            return ident.label()
+        return vm_label(tgid, self.proc) or "?"
 
     def get(self, tgid):
-        """The name, read now if never read: "?" if the process is gone."""
+        """The name, read now if never read: "?" if the process is gone
+        and was never seen."""
         name = self.names.get(tgid)
         if name is None:
-            name = self.names[tgid] = vm_label(tgid, self.proc) or "?"
+            name = self.names[tgid] = self.read(tgid)
         return name
 
     def forget(self, tgids):
@@ -3536,7 +3629,8 @@ def main(argv=None, stdout_closed=False):
     ncpus = possible_cpus()
     program = Program(probe, selection, max_threads, layout,
                       frozenset(feature.name for feature in FEATURES
-                                if getattr(args, feature.name)))
+                                if getattr(args, feature.name, False)) |
+                      ({"names"} if task_offsets() else frozenset()))
     check_table_memory(program, ncpus)
     names = kernel_reason_names(tp_dir)
     if args.prometheus:
@@ -3556,7 +3650,7 @@ def main(argv=None, stdout_closed=False):
     if args.prometheus:
         announce(first_line(selection, args) + "\n")
         exporter = Exporter(lambda: ledger.read(tables), names, selection,
-                            VmNames(), args.latency,
+                            VmNames(idents=ledger.idents), args.latency,
                             build_info(probe, layout, max_threads,
                                        args.latency, args.detail),
                             BpfSelf(b))
@@ -3571,6 +3665,7 @@ def main(argv=None, stdout_closed=False):
                               ReportOptions.of(args))
     else:
         output = TextReport(selection, names, ReportOptions.of(args))
+    output.idents = ledger.idents
     if args.comm or machine:
         # Named now: a VM that ends before the report keeps its name.
         output.comms.update((pid, process_name(pid)) for pid in vmms)
@@ -3578,7 +3673,7 @@ def main(argv=None, stdout_closed=False):
     def tick():
         ledger.retire(tables)
         for tgid in ledger.tgids - set(output.comms):
-            output.comms[tgid] = process_name(tgid)
+            output.comm(tgid)
 
     trace(lambda: ledger.read(tables, takes_retired(args)), output.report,
           args, tick)

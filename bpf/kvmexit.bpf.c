@@ -17,6 +17,8 @@
 //   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
 //                       tracepoint probe only)
+//   VM_NAMES            also take each VM's process name as its threads end
+//                       (see its section, at the end)
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
 //                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
@@ -965,4 +967,36 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
     return count_exit(pid_tgid, &ev);
 }
 
+#endif
+
+#ifdef VM_NAMES
+// The process name of each VM one of whose threads exited to KVM, taken
+// in the kernel as that thread ends: a VM that starts and ends between two
+// of kvmexit.py's looks at /proc (every second) keeps a name.  A separate
+// program on sched_process_exit, so the kvm_exit program is unchanged; it
+// costs one hash lookup per thread end on the host.  kvmexit.py deletes
+// each entry once it has taken the name.  From the kernel's BTF:
+//   TASK_GROUP_LEADER_OFF, TASK_COMM_OFF   offsets in struct task_struct
+struct vm_comm {
+    char comm[16];              // TASK_COMM_LEN
+};
+
+BPF_HASH(vm_comm, u32, struct vm_comm, MAX_THREADS);
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    void *task = (void *)bpf_get_current_task(), *leader;
+    struct vm_comm name = {};
+
+    if (!pcpu_kvm_stat.lookup(&pid_tgid) || vm_comm.lookup(&tgid))
+        return 0;
+    if (bpf_probe_read_kernel(&leader, sizeof(leader),
+                              task + TASK_GROUP_LEADER_OFF) ||
+        bpf_probe_read_kernel(&name, sizeof(name), leader + TASK_COMM_OFF))
+        return 0;
+    vm_comm.update(&tgid, &name);
+    return 0;
+}
 #endif
