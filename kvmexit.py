@@ -210,6 +210,28 @@ def tid_list(text):
     return tids
 
 
+# The labels a series of --prometheus can keep, in their order; `reason` is
+# always kept.  What a series drops is summed over (README, "Series a fleet
+# can afford"): kvm_exits_total keeps all by default, the latency
+# histogram (18 series each) only the reason, so that 200 VMs x 8 vCPUs x
+# 30 reasons stay under 50,000 series.
+SERIES_LABELS = ("vm", "pid", "vcpu", "isa", "reason")
+DEFAULT_LABELS = SERIES_LABELS
+DEFAULT_LATENCY_LABELS = ("isa", "reason")
+
+
+def label_list(text):
+    """'vm,vcpu' -> ('vm', 'vcpu', 'reason'): in SERIES_LABELS' order."""
+    chosen = {item.strip() for item in text.split(",")} - {""}
+    unknown = chosen - set(SERIES_LABELS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            "must be comma-separated labels of %s: %r"
+            % (", ".join(SERIES_LABELS), text))
+    return tuple(label for label in SERIES_LABELS
+                 if label in chosen or label == "reason")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kvmexit",
@@ -285,6 +307,15 @@ def build_parser():
                         help="with --prometheus: keep serving the counts of "
                              "a VM that has ended for SECS seconds (default: "
                              "%d)" % DEFAULT_KEEP_GONE)
+    parser.add_argument("--labels", type=label_list, metavar="LIST",
+                        help="with --prometheus: the labels kvm_exits_total "
+                             "keeps, of %s; the others are summed over "
+                             "(reason is always kept; default: all)"
+                             % ",".join(SERIES_LABELS))
+    parser.add_argument("--latency-labels", type=label_list, metavar="LIST",
+                        help="with --prometheus --latency: the labels the "
+                             "histogram keeps, as --labels (default: %s)"
+                             % ",".join(DEFAULT_LATENCY_LABELS))
     parser.add_argument("--web.config.file", dest="web_config",
                         metavar="FILE",
                         help="with --prometheus: TLS and basic auth, in the "
@@ -322,8 +353,12 @@ def parse_args(argv=None):
         for dest, spelling in PROMETHEUS_OPTIONS:
             if getattr(args, dest) is not None:
                 parser.error("%s needs --prometheus" % spelling)
+    if args.latency_labels is not None and not args.latency:
+        parser.error("--latency-labels needs --latency")
     if args.web_max_requests is None:
         args.web_max_requests = DEFAULT_MAX_REQUESTS
+    args.labels = args.labels or DEFAULT_LABELS
+    args.latency_labels = args.latency_labels or DEFAULT_LATENCY_LABELS
     return args
 
 
@@ -2763,7 +2798,8 @@ LATENCY_EDGES = tuple(range(8, 35, 2))
 
 
 # Options of --prometheus only: (argparse dest, how the user spells it).
-PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"),
+PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"), ("labels", "--labels"),
+                      ("latency_labels", "--latency-labels"),
                       ("web_config", "--web.config.file"),
                       ("web_max_requests", "--web.max-requests"))
 
@@ -2976,15 +3012,17 @@ class Exporter:
     and exit reason, summed over the VM's threads for that vCPU, then
     kvmexit's own figures."""
 
-    LABELS = ("vm", "pid", "vcpu", "isa", "reason")
+    LABELS = SERIES_LABELS
 
     def __init__(self, read, names, selection, vm_names, latency, build,
-                 bpf_self=None):
+                 bpf_self=None, labels=SERIES_LABELS, latency_labels=None):
         import_prometheus_client()
         self.read, self.names = read, names
         self.selection, self.vm_names = selection, vm_names
         self.latency, self.build = latency, build
         self.bpf_self = bpf_self
+        self.labels = labels
+        self.latency_labels = latency_labels or labels
         self.errors = 0
         self.lock = threading.Lock()
 
@@ -2995,13 +3033,13 @@ class Exporter:
         return {
             "exits": core.CounterMetricFamily(
                 "kvm_exits", "VM exits by VM, vCPU and exit reason",
-                labels=self.LABELS),
+                labels=self.labels),
             "lost": core.CounterMetricFamily(
                 "kvmexit_lost_exits", "VM exits that kvmexit could not "
                 "count", labels=("why",)),
             "latency": core.HistogramMetricFamily(
                 "kvm_exit_handling_seconds", "Time from a VM exit until its "
-                "vCPU enters the guest again", labels=self.LABELS),
+                "vCPU enters the guest again", labels=self.latency_labels),
             "build": core.InfoMetricFamily(
                 "kvmexit_build", "kvmexit's version and how it counts",
                 labels=sorted(self.build)),
@@ -3051,14 +3089,16 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        for labels, n in self.series(snap, snap.counts).items():
+        for labels, n in self.series(snap, snap.counts,
+                                     self.labels).items():
             f["exits"].add_metric(labels, n)
         yield f["exits"]
         for (macro, _), n in zip(LOST, snap.lost):
             f["lost"].add_metric((lost_label(macro),), n)
         yield f["lost"]
         if self.latency:
-            for labels, lat in self.series(snap, snap.latency).items():
+            for labels, lat in self.series(snap, snap.latency,
+                                           self.latency_labels).items():
                 f["latency"].add_metric(labels, histogram_buckets(lat),
                                         lat.total_ns / 1e9)
             yield f["latency"]
@@ -3077,23 +3117,29 @@ class Exporter:
         if stats:
             yield from (f["run_seconds"], f["runs"])
 
-    def series(self, snap, table):
-        """{labels: value} of a snapshot table, summed per VM and vCPU.
-        Labels are made once per thread and per reason, not per row: a big
-        host has tens of thousands of rows."""
+    def series(self, snap, table, keep=SERIES_LABELS):
+        """{labels: value} of a snapshot table, summed over what the
+        labels `keep` leave out (at least over a VM's threads of one
+        vCPU), so that no two series have the same labels.  Labels are
+        made once per thread and per reason, not per row: a big host has
+        tens of thousands of rows."""
         merged, thread_labels, reason_labels = {}, {}, {}
+        pick = lambda values, names: tuple(
+            v for v, name in zip(values, names) if name in keep)
         for (tgid, tid, isa, code), v in self.selection.keep(
                 table, snap.vcpu_ids).items():
             thread = thread_labels.get((tgid, tid))
             if thread is None:
                 vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
-                thread = thread_labels[(tgid, tid)] = (
+                thread = thread_labels[(tgid, tid)] = pick((
                     self.vm_names.get(tgid), str(tgid),
-                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu))
+                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu)),
+                    SERIES_LABELS[:3])
             reason = reason_labels.get((isa, code))
             if reason is None:
-                reason = reason_labels[(isa, code)] = (
-                    isa_name(isa), self.names.name(isa, code))
+                reason = reason_labels[(isa, code)] = pick((
+                    isa_name(isa), self.names.name(isa, code)),
+                    SERIES_LABELS[3:])
             labels = thread + reason
             merged[labels] = merged[labels] + v if labels in merged else v
         return merged
@@ -3653,7 +3699,7 @@ def main(argv=None, stdout_closed=False):
                             VmNames(idents=ledger.idents), args.latency,
                             build_info(probe, layout, max_threads,
                                        args.latency, args.detail),
-                            BpfSelf(b))
+                            BpfSelf(b), args.labels, args.latency_labels)
         serve(server, exporter, ledger, tables,
               args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
         return 0
