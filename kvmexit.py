@@ -3006,6 +3006,50 @@ def bpf_stats_enabled():
         return False
 
 
+# --detail's series: the sub-keys kept per VM (and vCPU) and exit reason,
+# and how their key label is written (as in the text report).
+DETAIL_SERIES_PER_REASON = 16
+DETAIL_KEY_FORMAT = {"port": "0x%x", "msr": "0x%x", "page": "0x%x",
+                     "mmio": "0x%x", "vector": "%d", "cr": "%d",
+                     "hypercall": "%d", "user": "%d"}
+
+
+def detail_labels(detail):
+    """(kind, key, op, name) labels of a decoded sub-key."""
+    return (detail.kind, DETAIL_KEY_FORMAT[detail.kind] % detail.key,
+            detail.op or "", detail.name or "")
+
+
+class DetailSeries:
+    """kvm_exit_details_total's series: at most `bound` sub-keys per VM
+    (and vCPU) and reason.  A sub-key once served stays served (a counter
+    must not vanish while its VM lives) and the first ones seen take the
+    room; the exits of the others are served as dropped, a sum that only
+    grows since both the counts and the kept set do."""
+
+    def __init__(self, bound=DETAIL_SERIES_PER_REASON):
+        self.bound = bound
+        self.kept = {}          # (vm labels, reason): {sub-key labels}
+
+    def series(self, merged):
+        """merged: {(group labels, sub-key labels): count}, group labels
+        ending with the reason.  Returns ({labels: count} kept,
+        {group labels: count} dropped)."""
+        kept, dropped = {}, {}
+        for (group, sub), n in sorted(merged.items(),
+                                      key=lambda kv: (-kv[1], kv[0])):
+            room = self.kept.setdefault(group, set())
+            if sub in room or len(room) < self.bound:
+                room.add(sub)
+                kept[group + sub] = n
+            else:
+                dropped[group] = dropped.get(group, 0) + n
+        groups = {group for group, _ in merged}
+        for group in set(self.kept) - groups:
+            del self.kept[group]            # its VM is gone
+        return kept, dropped
+
+
 class Exporter:
     """A prometheus_client collector: each scrape reads the tables (after
     retiring the threads that ended) and yields one series per VM, vCPU
@@ -3015,7 +3059,8 @@ class Exporter:
     LABELS = SERIES_LABELS
 
     def __init__(self, read, names, selection, vm_names, latency, build,
-                 bpf_self=None, labels=SERIES_LABELS, latency_labels=None):
+                 bpf_self=None, labels=SERIES_LABELS, latency_labels=None,
+                 detail=False):
         import_prometheus_client()
         self.read, self.names = read, names
         self.selection, self.vm_names = selection, vm_names
@@ -3023,6 +3068,12 @@ class Exporter:
         self.bpf_self = bpf_self
         self.labels = labels
         self.latency_labels = latency_labels or labels
+        # --detail's: the VM, the vCPU if the counters keep it, the reason.
+        self.detail_labels = tuple(
+            label for label in SERIES_LABELS
+            if label in ("vm", "reason") or
+            (label == "vcpu" and label in labels))
+        self.detail, self.details = detail, DetailSeries()
         self.errors = 0
         self.lock = threading.Lock()
 
@@ -3040,6 +3091,17 @@ class Exporter:
             "latency": core.HistogramMetricFamily(
                 "kvm_exit_handling_seconds", "Time from a VM exit until its "
                 "vCPU enters the guest again", labels=self.latency_labels),
+            "details": core.CounterMetricFamily(
+                "kvm_exit_details", "VM exits by VM, exit reason and what "
+                "caused them (--detail)", labels=self.detail_labels + (
+                    "kind", "key", "op", "name")),
+            "details_dropped": core.CounterMetricFamily(
+                "kvm_exit_details_dropped", "VM exits with a sub-key beyond "
+                "the %d served per VM and reason" % self.details.bound,
+                labels=self.detail_labels),
+            "details_lost": core.CounterMetricFamily(
+                "kvmexit_detail_lost", "Sub-keys the kernel could not "
+                "count for lack of room (their exits are counted)"),
             "build": core.InfoMetricFamily(
                 "kvmexit_build", "kvmexit's version and how it counts",
                 labels=sorted(self.build)),
@@ -3067,7 +3129,9 @@ class Exporter:
     def describe(self):
         # Names only: nothing is read at registration.
         return [f for key, f in self.families().items()
-                if key != "latency" or self.latency]
+                if (key != "latency" or self.latency) and
+                (not key.startswith("details") or self.detail)]
+
 
     def collect(self):
         f = self.families()
@@ -3102,6 +3166,39 @@ class Exporter:
                 f["latency"].add_metric(labels, histogram_buckets(lat),
                                         lat.total_ns / 1e9)
             yield f["latency"]
+        if self.detail:
+            yield from self.detail_metrics(f, snap)
+
+    def detail_metrics(self, f, snap):
+        """kvm_exit_details_total: each (VM[, vCPU], reason)'s sub-keys,
+        at most DetailSeries' bound of them, and what the bound and the
+        kernel's table dropped."""
+        merged, groups, subs = {}, {}, {}
+        keep = self.detail_labels
+        for key, n in self.selection.keep(snap.detail,
+                                          snap.vcpu_ids).items():
+            tgid, tid, isa, code, kind, sub, attr = key
+            group = groups.get(key[:4])
+            if group is None:
+                vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+                values = {"vm": self.vm_names.get(tgid),
+                          "vcpu": "unknown" if vcpu == VCPU_ID_UNKNOWN
+                          else str(vcpu),
+                          "reason": self.names.name(isa, code)}
+                group = groups[key[:4]] = tuple(values[label]
+                                                for label in keep)
+            labels = subs.get(key[2:])
+            if labels is None:
+                labels = subs[key[2:]] = detail_labels(
+                    decode_detail(isa, code, kind, sub, attr))
+            merged[(group, labels)] = merged.get((group, labels), 0) + n
+        kept, dropped = self.details.series(merged)
+        for labels, n in kept.items():
+            f["details"].add_metric(labels, n)
+        for labels, n in dropped.items():
+            f["details_dropped"].add_metric(labels, n)
+        f["details_lost"].add_metric((), snap.detail_lost)
+        yield from (f["details"], f["details_dropped"], f["details_lost"])
 
     def self_metrics(self, f):
         if self.bpf_self is None:
@@ -3699,7 +3796,8 @@ def main(argv=None, stdout_closed=False):
                             VmNames(idents=ledger.idents), args.latency,
                             build_info(probe, layout, max_threads,
                                        args.latency, args.detail),
-                            BpfSelf(b), args.labels, args.latency_labels)
+                            BpfSelf(b), args.labels, args.latency_labels,
+                            args.detail)
         serve(server, exporter, ledger, tables,
               args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
         return 0
