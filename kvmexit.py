@@ -99,6 +99,11 @@ LOST_REASONS = tuple(why for _, why in LOST)
 # Room in the kernel's tables besides the thread table (--max-threads):
 # rare exit codes, --detail's sub-keys, and --latency's entries per thread.
 MAX_RARE = 1024
+# The thread table grows while tracing (--max-threads is its first size):
+# up to GENERATIONS tables, each twice the size of the one before, added
+# when the newest is GROW_AT full (README, "A table that grows").
+GENERATIONS = 8
+GROW_AT = 0.75
 MAX_DETAIL = 16384
 LATENCY_PER_THREAD = 8
 # --detail's sub-key kinds: name: number in struct detail_key's kind
@@ -1534,10 +1539,13 @@ DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
 VM_COMM_MAP = MapSpec(b"vm_comm", TGID_KEY, lambda layout: 2, False,
                       "names", "names", lambda p, ncpus: hash_bytes(
                           p.max_threads, TGID_KEY, 16))
+# The thread table's generations after the first (ThreadTables.grow()).
+GENERATIONS_MAP = MapSpec(b"thread_tables", INDEX_KEY, None, False, None,
+                          "growth", None)
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
         DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP,
-        VM_COMM_MAP)
+        VM_COMM_MAP, GENERATIONS_MAP)
 
 
 def pid_max():
@@ -1579,6 +1587,10 @@ def task_offsets(btf_dir=BTF_DIR):
     return None if None in found else found
 
 
+def growth_macros(program):
+    return ["-DGROWTH=%d" % GENERATIONS]
+
+
 def names_macros(program):
     leader, comm = task_offsets()
     return ["-DVM_NAMES", "-DTASK_GROUP_LEADER_OFF=%d" % leader,
@@ -1594,7 +1606,8 @@ class Feature(collections.namedtuple("Feature", "name cflags")):
 
 FEATURES = (Feature("latency", latency_macros),
             Feature("detail", lambda program: detail_macros()),
-            Feature("names", names_macros))
+            Feature("names", names_macros),
+            Feature("growth", growth_macros))
 
 
 class Program(collections.namedtuple(
@@ -1958,6 +1971,28 @@ def start_tracing(program, debug=False):
 #
 # Reading the maps
 #
+BPF_MAP_TYPE_PERCPU_HASH = 5
+
+
+class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
+    """A map kvmexit made itself, read as bcc's tables are."""
+
+    __slots__ = ()
+
+
+def create_map(map_type, key_size, value_size, max_entries):
+    """A new map's fd, preallocated as bcc makes them."""
+    create = ctypes.CDLL(libbcc._name, use_errno=True).bcc_create_map
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int] * 4
+    fd = create(map_type, b"pcpu_kvm_stat", key_size, value_size,
+                max_entries, 0)
+    if fd < 0:
+        raise Error("cannot create a table of %d entries: %s"
+                    % (max_entries, os.strerror(ctypes.get_errno())))
+    return fd
+
+
 def map_keys(fd, key_size):
     keys, key = [], None
     bufs = (ctypes.create_string_buffer(key_size),
@@ -2155,13 +2190,15 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     return counts, vcpu_ids
 
 
-def snapshot(b, program, ncpus):
-    """Read every map of the program once and sum it up."""
+def snapshot(b, program, ncpus, read_threads=None):
+    """Read every map of the program once and sum it up.  read_threads():
+    the thread table's (keys, values), if not only the map of that name."""
     layout = program.layout
     # The cache first: see merge_thread_counts().
     _, cache = read_map(b, CACHE_MAP, layout, ncpus,
                         keys=[INDEX_KEY.layout.pack(0)])
-    raw_keys, values = read_map(b, THREAD_MAP, layout, ncpus)
+    raw_keys, values = read_threads() if read_threads else \
+        read_map(b, THREAD_MAP, layout, ncpus)
     counts, vcpu_ids = thread_counts(
         [pid_tgid_of(k) for k in raw_keys], values,
         [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
@@ -2190,11 +2227,77 @@ TICK = 1.0
 class ThreadTables:
     """The loaded program's tables, as retirement reads and prunes them."""
 
-    def __init__(self, b, program, ncpus):
+    def __init__(self, b, program, ncpus, meminfo="/proc/meminfo"):
         self.b, self.program, self.ncpus = b, program, ncpus
+        self.meminfo = meminfo
+        # The thread table's generations (see grow()): the map bcc made,
+        # then those added while tracing.
+        self.generations = [b[THREAD_MAP.name]]
+        self.at_limit = None        # why the table cannot grow, once not
 
     def snapshot(self):
-        return snapshot(self.b, self.program, self.ncpus)
+        return snapshot(self.b, self.program, self.ncpus, self.read_threads)
+
+    def read_threads(self, keys=None):
+        """(keys, values) of the thread table over its generations; with
+        keys, each key's values from the generation that holds it (it is
+        in one only: the others leave zeroes)."""
+        reads = [read_percpu(table, THREAD_MAP.key.size,
+                             THREAD_MAP.words(self.program.layout),
+                             self.ncpus, keys=keys)
+                 for table in self.generations]
+        if len(reads) == 1:
+            return reads[0]     # no copy: a big host's table is GiBs
+        if keys is not None:
+            values = reads[0][1]
+            for _, more in reads[1:]:
+                values += more
+            return keys, values
+        return ([k for found, _ in reads for k in found],
+                np.concatenate([v for _, v in reads]))
+
+    def capacity(self):
+        return sum(table.max_entries for table in self.generations)
+
+    def grow(self):
+        """Add a generation twice the size of the newest when the newest
+        is GROW_AT full, if the program has room for one and the memory
+        check allows it; returns its size, or None."""
+        newest = self.generations[-1]
+        if "growth" not in self.program.features or self.at_limit or \
+                len(map_keys(newest.map_fd, THREAD_MAP.key.size)) < \
+                GROW_AT * newest.max_entries:
+            return None
+        size = 2 * newest.max_entries
+        try:
+            if len(self.generations) == GENERATIONS:
+                raise Error("all %d generations are in use" % GENERATIONS)
+            # The memory check of the start, for the new table alone.
+            need = THREAD_MAP.memory(self.program._replace(
+                max_threads=size), self.ncpus)
+            available = mem_available(self.meminfo)
+            if available is not None and need > available // 2:
+                raise Error("a table of %d more would take %s of kernel "
+                            "memory, more than half of the %s available now"
+                            % (size, gib(need), gib(available)))
+            fd = create_map(BPF_MAP_TYPE_PERCPU_HASH, THREAD_MAP.key.size,
+                            8 * THREAD_MAP.words(self.program.layout), size)
+        except Error as e:
+            self.at_limit = str(e)
+            emit("kvmexit: warning: the thread table cannot grow beyond %d "
+                 "threads: %s\n" % (self.capacity(), e), sys.stderr)
+            return None
+        table = RawMap(fd, size)
+        slot = ctypes.c_int(len(self.generations))
+        value = ctypes.c_int(fd)
+        if libbcc.bpf_update_elem(self.b[GENERATIONS_MAP.name].map_fd,
+                                  ctypes.byref(slot), ctypes.byref(value),
+                                  0):
+            os.close(fd)
+            raise Error("cannot add a thread table: %s"
+                        % os.strerror(ctypes.get_errno()))
+        self.generations.append(table)
+        return size
 
     def cache_slots(self):
         """([pid_tgid each CPU's cache slot holds, 0: none], their
@@ -2207,18 +2310,21 @@ class ThreadTables:
         """The pid_tgid each CPU's cache slot holds (0: none)."""
         return set(self.cache_slots()[0]) - {0}
 
+    def maps_of(self, spec):
+        return self.generations if spec is THREAD_MAP else [self.b[spec.name]]
+
     def keys(self, spec):
-        return map_keys(self.b[spec.name].map_fd, spec.key.size)
+        return [k for table in self.maps_of(spec)
+                for k in map_keys(table.map_fd, spec.key.size)]
 
     def delete(self, spec, keys):
-        fd = self.b[spec.name].map_fd
-        for key in keys:
-            libbcc.bpf_delete_elem(fd, ctypes.c_char_p(key))
+        for table in self.maps_of(spec):
+            for key in keys:
+                libbcc.bpf_delete_elem(table.map_fd, ctypes.c_char_p(key))
 
     def take_threads(self, keys):
         """Counts and vCPU ids of these thread table entries, deleted."""
-        _, values = read_map(self.b, THREAD_MAP, self.program.layout,
-                             self.ncpus, keys=keys)
+        _, values = self.read_threads(keys)
         counts, vcpu_ids = thread_counts([pid_tgid_of(k) for k in keys],
                                          values, [], None,
                                          self.program.layout)
@@ -2249,8 +2355,7 @@ class ThreadTables:
         evicted during the first read, so the first read is whole, and the
         entry is older than it (merge_thread_counts takes the larger)."""
         first, values = slots
-        _, table = read_map(self.b, THREAD_MAP, self.program.layout,
-                            self.ncpus, keys=keys)
+        _, table = self.read_threads(keys)
         second, _ = self.cache_slots()
         wanted = {pid_tgid_of(k) for k in keys}
         moved = {a for a, b in zip(first, second) if a != b} & wanted
@@ -2953,8 +3058,9 @@ class BpfSelf:
     """What kvmexit's BPF object holds: the fill of its hash tables and,
     when kernel.bpf_stats_enabled is 1, its programs' run time and count."""
 
-    def __init__(self, b):
+    def __init__(self, b, tables=None):
         self.b, self.lib = b, bcc_native()
+        self.thread_tables = tables     # ThreadTables: its generations
         self.tables = []        # (name, fd, key size, max entries)
         for i in range(self.lib.bpf_num_tables(b.module)):
             if self.lib.bpf_table_type_id(b.module, i) in BPF_HASH_TYPES:
@@ -2975,9 +3081,18 @@ class BpfSelf:
         return n
 
     def table_fill(self):
-        """[(table, entries, capacity)] of the hash tables."""
-        return [(name, self.entries(fd, key_size), capacity)
-                for name, fd, key_size, capacity in self.tables]
+        """[(table, entries, capacity)] of the hash tables; the thread
+        table's over its generations."""
+        fill = []
+        for name, fd, key_size, capacity in self.tables:
+            entries = self.entries(fd, key_size)
+            if self.thread_tables and name == THREAD_MAP.name.decode():
+                more = self.thread_tables.generations[1:]
+                entries += sum(self.entries(t.map_fd, key_size)
+                               for t in more)
+                capacity = self.thread_tables.capacity()
+            fill.append((name, entries, capacity))
+        return fill
 
     def run_stats(self):
         """[(program, run seconds, runs)]: the kernel accounts them while
@@ -3117,6 +3232,9 @@ class Exporter:
             "capacity": core.GaugeMetricFamily(
                 "kvmexit_table_capacity", "Entries each of kvmexit's kernel "
                 "hash tables has room for", labels=("table",)),
+            "at_limit": core.GaugeMetricFamily(
+                "kvmexit_thread_table_at_limit", "1 once the thread table "
+                "could not grow (the memory check or its generations)"),
             "run_seconds": core.CounterMetricFamily(
                 "kvmexit_bpf_run_seconds", "Time kvmexit's BPF programs ran "
                 "while kernel.bpf_stats_enabled was 1",
@@ -3131,7 +3249,6 @@ class Exporter:
         return [f for key, f in self.families().items()
                 if (key != "latency" or self.latency) and
                 (not key.startswith("details") or self.detail)]
-
 
     def collect(self):
         f = self.families()
@@ -3207,6 +3324,10 @@ class Exporter:
             f["entries"].add_metric((table,), entries)
             f["capacity"].add_metric((table,), capacity)
         yield from (f["entries"], f["capacity"])
+        tables = self.bpf_self.thread_tables
+        if tables is not None:
+            f["at_limit"].add_metric((), 1 if tables.at_limit else 0)
+            yield f["at_limit"]
         stats = self.bpf_self.run_stats()
         for program, seconds, runs in stats:
             f["run_seconds"].add_metric((program,), seconds)
@@ -3653,6 +3774,7 @@ def serve(server, exporter, ledger, tables, keep, debug=False):
     try:
         while not wait_for_stop(TICK):
             ledger.retire(tables)
+            tables.grow()
             exporter.vm_names.note(ledger.tgids)
             exporter.vm_names.forget(ledger.forget_gone(keep))
         sd_notify("STOPPING=1")
@@ -3773,6 +3895,7 @@ def main(argv=None, stdout_closed=False):
     program = Program(probe, selection, max_threads, layout,
                       frozenset(feature.name for feature in FEATURES
                                 if getattr(args, feature.name, False)) |
+                      {"growth"} |
                       ({"names"} if task_offsets() else frozenset()))
     check_table_memory(program, ncpus)
     names = kernel_reason_names(tp_dir)
@@ -3796,7 +3919,8 @@ def main(argv=None, stdout_closed=False):
                             VmNames(idents=ledger.idents), args.latency,
                             build_info(probe, layout, max_threads,
                                        args.latency, args.detail),
-                            BpfSelf(b), args.labels, args.latency_labels,
+                            BpfSelf(b, tables), args.labels,
+                            args.latency_labels,
                             args.detail)
         serve(server, exporter, ledger, tables,
               args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
@@ -3816,6 +3940,7 @@ def main(argv=None, stdout_closed=False):
 
     def tick():
         ledger.retire(tables)
+        tables.grow()
         for tgid in ledger.tgids - set(output.comms):
             output.comm(tgid)
 

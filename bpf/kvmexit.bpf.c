@@ -17,6 +17,8 @@
 //   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
 //                       tracepoint probe only)
+//   GROWTH              slots for thread table generations (see its
+//                       section)
 //   VM_NAMES            also take each VM's process name as its threads end
 //                       (see its section, at the end)
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
@@ -88,6 +90,83 @@ BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
 // All zeroes, never written: the counters a new thread starts from (too big
 // for the BPF stack, and too big for an inlined memset).
 BPF_ARRAY(blank_counts, struct thread_counts, 1);
+
+#ifdef GROWTH
+// A thread table that grows while tracing: pcpu_kvm_stat is generation 0;
+// kvmexit.py puts bigger tables of the same type in thread_tables[1..]
+// (GROWTH slots) as the newest fills up.  A thread's entry stays in the
+// generation it entered, so nothing is copied and no count can be taken
+// twice or lost; a new thread enters the newest.  Only the miss path (a
+// thread entering or leaving a CPU's cache slot) looks further than
+// generation 0: the hit path is unchanged.
+BPF_ARRAY_OF_MAPS(thread_tables, "pcpu_kvm_stat", GROWTH);
+
+static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
+{
+    struct thread_counts *saved = pcpu_kvm_stat.lookup(pid_tgid);
+
+#pragma unroll
+    for (int g = 1; g < GROWTH; g++) {
+        int key = g;
+        void *table;
+
+        if (saved)
+            break;
+        table = thread_tables.lookup(&key);
+        if (!table)
+            break;
+        saved = bpf_map_lookup_elem(table, pid_tgid);
+    }
+    return saved;
+}
+
+// Into the newest generation.
+static __always_inline int store_thread(u64 *pid_tgid,
+                                        struct thread_counts *counts,
+                                        u64 flags)
+{
+#pragma unroll
+    for (int g = GROWTH - 1; g > 0; g--) {
+        int key = g;
+        void *table = thread_tables.lookup(&key);
+
+        if (table)
+            return bpf_map_update_elem(table, pid_tgid, counts, flags);
+    }
+    if (flags == BPF_NOEXIST)
+        return pcpu_kvm_stat.insert(pid_tgid, counts);
+    return pcpu_kvm_stat.update(pid_tgid, counts);
+}
+
+static __always_inline int insert_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return store_thread(pid_tgid, counts, BPF_NOEXIST);
+}
+
+static __always_inline int update_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return store_thread(pid_tgid, counts, BPF_ANY);
+}
+#else
+static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
+{
+    return pcpu_kvm_stat.lookup(pid_tgid);
+}
+
+static __always_inline int insert_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return pcpu_kvm_stat.insert(pid_tgid, counts);
+}
+
+static __always_inline int update_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return pcpu_kvm_stat.update(pid_tgid, counts);
+}
+#endif
 
 // NR_SLOTS for a rare code.  Off the hit path, which tests for a direct
 // slot itself (count_exit()).
@@ -166,11 +245,11 @@ static __always_inline void copy_counts(struct thread_counts *dst,
 // count them.
 static __always_inline void write_back(struct cache_slot *cache)
 {
-    struct thread_counts *saved = pcpu_kvm_stat.lookup(&cache->pid_tgid);
+    struct thread_counts *saved = find_thread(&cache->pid_tgid);
 
     if (saved)
         copy_counts(saved, &cache->counts);
-    else if (pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
+    else if (update_thread(&cache->pid_tgid, &cache->counts))
         count_lost_counts(&cache->counts);
 }
 
@@ -187,7 +266,7 @@ enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
     if (!blank)
         return NULL;
     copy_counts(&cache->counts, blank);
-    if (pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
+    if (insert_thread(&pid_tgid, &cache->counts)) {
         count_lost(LOST_THREAD_TABLE_FULL);
         return NULL;
     }
@@ -205,7 +284,7 @@ switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
         write_back(cache);
     cache->pid_tgid = 0;
 
-    saved = pcpu_kvm_stat.lookup(&pid_tgid);
+    saved = find_thread(&pid_tgid);
     if (saved)
         copy_counts(counts, saved);
     else
@@ -990,7 +1069,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     void *task = (void *)bpf_get_current_task(), *leader;
     struct vm_comm name = {};
 
-    if (!pcpu_kvm_stat.lookup(&pid_tgid) || vm_comm.lookup(&tgid))
+    if (!find_thread(&pid_tgid) || vm_comm.lookup(&tgid))
         return 0;
     if (bpf_probe_read_kernel(&leader, sizeof(leader),
                               task + TASK_GROUP_LEADER_OFF) ||
