@@ -100,10 +100,11 @@ LOST_REASONS = tuple(why for _, why in LOST)
 # rare exit codes, --detail's sub-keys, and --latency's entries per thread.
 MAX_RARE = 1024
 # The thread table grows while tracing (--max-threads is its first size):
-# up to GENERATIONS tables, each twice the size of the one before, added
-# when the newest is GROW_AT full (README, "A table that grows").
+# up to GENERATIONS tables, each twice the size of the one before.  New
+# threads enter the oldest with room; the newest is kept free, for the
+# threads that come within a TICK: once one enters it, the next is added
+# (README, "A table that grows").
 GENERATIONS = 8
-GROW_AT = 0.75
 MAX_DETAIL = 16384
 LATENCY_PER_THREAD = 8
 # --detail's sub-key kinds: name: number in struct detail_key's kind
@@ -2234,6 +2235,8 @@ class ThreadTables:
         # then those added while tracing.
         self.generations = [b[THREAD_MAP.name]]
         self.at_limit = None        # why the table cannot grow, once not
+        if "growth" in program.features:
+            self.add_generation()   # the free one
 
     def snapshot(self):
         return snapshot(self.b, self.program, self.ncpus, self.read_threads)
@@ -2260,15 +2263,18 @@ class ThreadTables:
         return sum(table.max_entries for table in self.generations)
 
     def grow(self):
-        """Add a generation twice the size of the newest when the newest
-        is GROW_AT full, if the program has room for one and the memory
-        check allows it; returns its size, or None."""
+        """Add a generation twice the size of the newest once a thread has
+        entered the newest (it is kept free), if the program has room for
+        one and the memory check allows it; returns its size, or None."""
         newest = self.generations[-1]
-        if "growth" not in self.program.features or self.at_limit or \
-                len(map_keys(newest.map_fd, THREAD_MAP.key.size)) < \
-                GROW_AT * newest.max_entries:
-            return None
-        size = 2 * newest.max_entries
+        if len(self.generations) < 2 or self.at_limit or \
+                libbcc.bpf_get_next_key(newest.map_fd, None,
+                                        ctypes.create_string_buffer(8)):
+            return None         # no growth, or the newest is still empty
+        return self.add_generation()
+
+    def add_generation(self):
+        size = 2 * self.generations[-1].max_entries
         try:
             if len(self.generations) == GENERATIONS:
                 raise Error("all %d generations are in use" % GENERATIONS)
@@ -2287,7 +2293,6 @@ class ThreadTables:
             emit("kvmexit: warning: the thread table cannot grow beyond %d "
                  "threads: %s\n" % (self.capacity(), e), sys.stderr)
             return None
-        table = RawMap(fd, size)
         slot = ctypes.c_int(len(self.generations))
         value = ctypes.c_int(fd)
         if libbcc.bpf_update_elem(self.b[GENERATIONS_MAP.name].map_fd,
@@ -2296,7 +2301,7 @@ class ThreadTables:
             os.close(fd)
             raise Error("cannot add a thread table: %s"
                         % os.strerror(ctypes.get_errno()))
-        self.generations.append(table)
+        self.generations.append(RawMap(fd, size))
         return size
 
     def cache_slots(self):

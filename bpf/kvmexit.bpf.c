@@ -94,11 +94,11 @@ BPF_ARRAY(blank_counts, struct thread_counts, 1);
 #ifdef GROWTH
 // A thread table that grows while tracing: pcpu_kvm_stat is generation 0;
 // kvmexit.py puts bigger tables of the same type in thread_tables[1..]
-// (GROWTH slots) as the newest fills up.  A thread's entry stays in the
+// (GROWTH slots), one ahead of need.  A thread's entry stays in the
 // generation it entered, so nothing is copied and no count can be taken
-// twice or lost; a new thread enters the newest.  Only the miss path (a
-// thread entering or leaving a CPU's cache slot) looks further than
-// generation 0: the hit path is unchanged.
+// twice or lost; a new thread enters the oldest with room.  Only the miss
+// path (a thread entering or leaving a CPU's cache slot) looks further
+// than generation 0: the hit path is unchanged.
 BPF_ARRAY_OF_MAPS(thread_tables, "pcpu_kvm_stat", GROWTH);
 
 static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
@@ -120,22 +120,30 @@ static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
     return saved;
 }
 
-// Into the newest generation.
+// Into the oldest generation with room: the newest is kept free by
+// kvmexit.py, for the threads that come before its next look.  The thread
+// is in no generation yet (find_thread() found none), so it enters one.
 static __always_inline int store_thread(u64 *pid_tgid,
                                         struct thread_counts *counts,
                                         u64 flags)
 {
-#pragma unroll
-    for (int g = GROWTH - 1; g > 0; g--) {
-        int key = g;
-        void *table = thread_tables.lookup(&key);
+    int err = flags == BPF_NOEXIST ?
+              pcpu_kvm_stat.insert(pid_tgid, counts) :
+              pcpu_kvm_stat.update(pid_tgid, counts);
 
-        if (table)
-            return bpf_map_update_elem(table, pid_tgid, counts, flags);
+#pragma unroll
+    for (int g = 1; g < GROWTH; g++) {
+        int key = g;
+        void *table;
+
+        if (!err)
+            break;
+        table = thread_tables.lookup(&key);
+        if (!table)
+            break;
+        err = bpf_map_update_elem(table, pid_tgid, counts, flags);
     }
-    if (flags == BPF_NOEXIST)
-        return pcpu_kvm_stat.insert(pid_tgid, counts);
-    return pcpu_kvm_stat.update(pid_tgid, counts);
+    return err;
 }
 
 static __always_inline int insert_thread(u64 *pid_tgid,
