@@ -37,6 +37,7 @@ try:
     import hmac
     import io
     import json
+    import operator
     import os
     import re
     import signal
@@ -1197,12 +1198,13 @@ class Latency:
 
     def __add__(self, other):
         width = max(len(self.hist), len(other.hist))
-        pad = lambda h: h + [0] * (width - len(h))
+        pad = lambda h: h if len(h) == width else h + [0] * (width - len(h))
+        # map(): a scrape sums tens of thousands of these (--labels).
         return Latency(self.count + other.count,
                        self.total_ns + other.total_ns,
                        max(self.max_ns, other.max_ns),
-                       [a + b for a, b in zip(pad(self.hist),
-                                              pad(other.hist))])
+                       list(map(operator.add, pad(self.hist),
+                                pad(other.hist))))
 
     def since(self, earlier):
         """The times of an interval.  The maximum cannot be taken apart, so
