@@ -37,6 +37,7 @@ try:
     import hmac
     import io
     import json
+    import operator
     import os
     import re
     import signal
@@ -99,6 +100,12 @@ LOST_REASONS = tuple(why for _, why in LOST)
 # Room in the kernel's tables besides the thread table (--max-threads):
 # rare exit codes, --detail's sub-keys, and --latency's entries per thread.
 MAX_RARE = 1024
+# The thread table grows while tracing (--max-threads is its first size):
+# up to GENERATIONS tables, each twice the size of the one before.  New
+# threads enter the oldest with room; the newest is kept free, for the
+# threads that come within a TICK: once one enters it, the next is added
+# (README, "A table that grows").
+GENERATIONS = 8
 MAX_DETAIL = 16384
 LATENCY_PER_THREAD = 8
 # --detail's sub-key kinds: name: number in struct detail_key's kind
@@ -210,6 +217,28 @@ def tid_list(text):
     return tids
 
 
+# The labels a series of --prometheus can keep, in their order; `reason` is
+# always kept.  What a series drops is summed over (README, "Series a fleet
+# can afford"): kvm_exits_total keeps all by default, the latency
+# histogram (18 series each) only the reason, so that 200 VMs x 8 vCPUs x
+# 30 reasons stay under 50,000 series.
+SERIES_LABELS = ("vm", "pid", "vcpu", "isa", "reason")
+DEFAULT_LABELS = SERIES_LABELS
+DEFAULT_LATENCY_LABELS = ("isa", "reason")
+
+
+def label_list(text):
+    """'vm,vcpu' -> ('vm', 'vcpu', 'reason'): in SERIES_LABELS' order."""
+    chosen = {item.strip() for item in text.split(",")} - {""}
+    unknown = chosen - set(SERIES_LABELS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            "must be comma-separated labels of %s: %r"
+            % (", ".join(SERIES_LABELS), text))
+    return tuple(label for label in SERIES_LABELS
+                 if label in chosen or label == "reason")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kvmexit",
@@ -285,6 +314,15 @@ def build_parser():
                         help="with --prometheus: keep serving the counts of "
                              "a VM that has ended for SECS seconds (default: "
                              "%d)" % DEFAULT_KEEP_GONE)
+    parser.add_argument("--labels", type=label_list, metavar="LIST",
+                        help="with --prometheus: the labels kvm_exits_total "
+                             "keeps, of %s; the others are summed over "
+                             "(reason is always kept; default: all)"
+                             % ",".join(SERIES_LABELS))
+    parser.add_argument("--latency-labels", type=label_list, metavar="LIST",
+                        help="with --prometheus --latency: the labels the "
+                             "histogram keeps, as --labels (default: %s)"
+                             % ",".join(DEFAULT_LATENCY_LABELS))
     parser.add_argument("--web.config.file", dest="web_config",
                         metavar="FILE",
                         help="with --prometheus: TLS and basic auth, in the "
@@ -322,8 +360,12 @@ def parse_args(argv=None):
         for dest, spelling in PROMETHEUS_OPTIONS:
             if getattr(args, dest) is not None:
                 parser.error("%s needs --prometheus" % spelling)
+    if args.latency_labels is not None and not args.latency:
+        parser.error("--latency-labels needs --latency")
     if args.web_max_requests is None:
         args.web_max_requests = DEFAULT_MAX_REQUESTS
+    args.labels = args.labels or DEFAULT_LABELS
+    args.latency_labels = args.latency_labels or DEFAULT_LATENCY_LABELS
     return args
 
 
@@ -452,6 +494,16 @@ def tgid_of(tid, proc="/proc"):
         return None
     match = re.search(r"^Tgid:\s*(\d+)", status, re.M)
     return int(match.group(1)) if match else None
+
+
+def process_start(pid, proc="/proc"):
+    """When the process started (clock ticks after boot: /proc's stat field
+    22), None if it is gone: with the PID, it names one process."""
+    try:
+        stat = read_text("%s/%d/stat" % (proc, pid))
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def thread_names(pid, proc="/proc"):
@@ -1146,12 +1198,13 @@ class Latency:
 
     def __add__(self, other):
         width = max(len(self.hist), len(other.hist))
-        pad = lambda h: h + [0] * (width - len(h))
+        pad = lambda h: h if len(h) == width else h + [0] * (width - len(h))
+        # map(): a scrape sums tens of thousands of these (--labels).
         return Latency(self.count + other.count,
                        self.total_ns + other.total_ns,
                        max(self.max_ns, other.max_ns),
-                       [a + b for a, b in zip(pad(self.hist),
-                                              pad(other.hist))])
+                       list(map(operator.add, pad(self.hist),
+                                pad(other.hist))))
 
     def since(self, earlier):
         """The times of an interval.  The maximum cannot be taken apart, so
@@ -1375,6 +1428,7 @@ class Key(collections.namedtuple("Key", "layout names")):
 
 
 INDEX_KEY = Key(struct.Struct("<I"), ("index",))      # arrays
+TGID_KEY = Key(struct.Struct("<I"), ("tgid",))
 THREAD_KEY = Key(struct.Struct("<Q"), ("pid_tgid",))
 REASON_KEY = Key(struct.Struct("<QII"), ("pid_tgid", "isa", "code"))
 DETAIL_KEY = Key(struct.Struct("<QIIQII"),
@@ -1484,9 +1538,17 @@ EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
                          "detail", lambda p, ncpus: 128 * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
+# The names the kernel took of VMs whose threads ended (16 bytes each).
+VM_COMM_MAP = MapSpec(b"vm_comm", TGID_KEY, lambda layout: 2, False,
+                      "names", "names", lambda p, ncpus: hash_bytes(
+                          p.max_threads, TGID_KEY, 16))
+# The thread table's generations after the first (ThreadTables.grow()).
+GENERATIONS_MAP = MapSpec(b"thread_tables", INDEX_KEY, None, False, None,
+                          "growth", None)
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
-        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP)
+        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP,
+        VM_COMM_MAP, GENERATIONS_MAP)
 
 
 def pid_max():
@@ -1517,6 +1579,27 @@ def detail_macros(tp_dir=None):
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
+def task_offsets(btf_dir=BTF_DIR):
+    """(task_struct.group_leader, task_struct.comm) from the kernel's BTF,
+    for the names the kernel takes (-DVM_NAMES); None without BTF."""
+    vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
+    if vmlinux is None:
+        return None
+    found = (vmlinux.offset("task_struct", "group_leader"),
+             vmlinux.offset("task_struct", "comm"))
+    return None if None in found else found
+
+
+def growth_macros(program):
+    return ["-DGROWTH=%d" % GENERATIONS]
+
+
+def names_macros(program):
+    leader, comm = task_offsets()
+    return ["-DVM_NAMES", "-DTASK_GROUP_LEADER_OFF=%d" % leader,
+            "-DTASK_COMM_OFF=%d" % comm]
+
+
 class Feature(collections.namedtuple("Feature", "name cflags")):
     """An option that adds to the program: its flags (cflags(program)), and
     the maps whose spec names it."""
@@ -1525,7 +1608,9 @@ class Feature(collections.namedtuple("Feature", "name cflags")):
 
 
 FEATURES = (Feature("latency", latency_macros),
-            Feature("detail", lambda program: detail_macros()))
+            Feature("detail", lambda program: detail_macros()),
+            Feature("names", names_macros),
+            Feature("growth", growth_macros))
 
 
 class Program(collections.namedtuple(
@@ -1889,6 +1974,28 @@ def start_tracing(program, debug=False):
 #
 # Reading the maps
 #
+BPF_MAP_TYPE_PERCPU_HASH = 5
+
+
+class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
+    """A map kvmexit made itself, read as bcc's tables are."""
+
+    __slots__ = ()
+
+
+def create_map(map_type, key_size, value_size, max_entries):
+    """A new map's fd, preallocated as bcc makes them."""
+    create = ctypes.CDLL(libbcc._name, use_errno=True).bcc_create_map
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int] * 4
+    fd = create(map_type, b"pcpu_kvm_stat", key_size, value_size,
+                max_entries, 0)
+    if fd < 0:
+        raise Error("cannot create a table of %d entries: %s"
+                    % (max_entries, os.strerror(ctypes.get_errno())))
+    return fd
+
+
 def map_keys(fd, key_size):
     keys, key = [], None
     bufs = (ctypes.create_string_buffer(key_size),
@@ -2086,13 +2193,15 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     return counts, vcpu_ids
 
 
-def snapshot(b, program, ncpus):
-    """Read every map of the program once and sum it up."""
+def snapshot(b, program, ncpus, read_threads=None):
+    """Read every map of the program once and sum it up.  read_threads():
+    the thread table's (keys, values), if not only the map of that name."""
     layout = program.layout
     # The cache first: see merge_thread_counts().
     _, cache = read_map(b, CACHE_MAP, layout, ncpus,
                         keys=[INDEX_KEY.layout.pack(0)])
-    raw_keys, values = read_map(b, THREAD_MAP, layout, ncpus)
+    raw_keys, values = read_threads() if read_threads else \
+        read_map(b, THREAD_MAP, layout, ncpus)
     counts, vcpu_ids = thread_counts(
         [pid_tgid_of(k) for k in raw_keys], values,
         [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
@@ -2121,35 +2230,149 @@ TICK = 1.0
 class ThreadTables:
     """The loaded program's tables, as retirement reads and prunes them."""
 
-    def __init__(self, b, program, ncpus):
+    def __init__(self, b, program, ncpus, meminfo="/proc/meminfo"):
         self.b, self.program, self.ncpus = b, program, ncpus
+        self.meminfo = meminfo
+        # The thread table's generations (see grow()): the map bcc made,
+        # then those added while tracing.
+        self.generations = [b[THREAD_MAP.name]]
+        self.at_limit = None        # why the table cannot grow, once not
+        if "growth" in program.features:
+            self.add_generation()   # the free one
 
     def snapshot(self):
-        return snapshot(self.b, self.program, self.ncpus)
+        return snapshot(self.b, self.program, self.ncpus, self.read_threads)
+
+    def read_threads(self, keys=None):
+        """(keys, values) of the thread table over its generations; with
+        keys, each key's values from the generation that holds it (it is
+        in one only: the others leave zeroes)."""
+        reads = [read_percpu(table, THREAD_MAP.key.size,
+                             THREAD_MAP.words(self.program.layout),
+                             self.ncpus, keys=keys)
+                 for table in self.generations]
+        if len(reads) == 1:
+            return reads[0]     # no copy: a big host's table is GiBs
+        if keys is not None:
+            values = reads[0][1]
+            for _, more in reads[1:]:
+                values += more
+            return keys, values
+        return ([k for found, _ in reads for k in found],
+                np.concatenate([v for _, v in reads]))
+
+    def capacity(self):
+        return sum(table.max_entries for table in self.generations)
+
+    def grow(self):
+        """Add a generation twice the size of the newest once a thread has
+        entered the newest (it is kept free), if the program has room for
+        one and the memory check allows it; returns its size, or None."""
+        newest = self.generations[-1]
+        if len(self.generations) < 2 or self.at_limit or \
+                libbcc.bpf_get_next_key(newest.map_fd, None,
+                                        ctypes.create_string_buffer(8)):
+            return None         # no growth, or the newest is still empty
+        return self.add_generation()
+
+    def add_generation(self):
+        size = 2 * self.generations[-1].max_entries
+        try:
+            if len(self.generations) == GENERATIONS:
+                raise Error("all %d generations are in use" % GENERATIONS)
+            # The memory check of the start, for the new table alone.
+            need = THREAD_MAP.memory(self.program._replace(
+                max_threads=size), self.ncpus)
+            available = mem_available(self.meminfo)
+            if available is not None and need > available // 2:
+                raise Error("a table of %d more would take %s of kernel "
+                            "memory, more than half of the %s available now"
+                            % (size, gib(need), gib(available)))
+            fd = create_map(BPF_MAP_TYPE_PERCPU_HASH, THREAD_MAP.key.size,
+                            8 * THREAD_MAP.words(self.program.layout), size)
+        except Error as e:
+            self.at_limit = str(e)
+            emit("kvmexit: warning: the thread table cannot grow beyond %d "
+                 "threads: %s\n" % (self.capacity(), e), sys.stderr)
+            return None
+        slot = ctypes.c_int(len(self.generations))
+        value = ctypes.c_int(fd)
+        if libbcc.bpf_update_elem(self.b[GENERATIONS_MAP.name].map_fd,
+                                  ctypes.byref(slot), ctypes.byref(value),
+                                  0):
+            os.close(fd)
+            raise Error("cannot add a thread table: %s"
+                        % os.strerror(ctypes.get_errno()))
+        self.generations.append(RawMap(fd, size))
+        return size
+
+    def cache_slots(self):
+        """([pid_tgid each CPU's cache slot holds, 0: none], their
+        counters [cpu][header + slots])."""
+        _, cache = read_map(self.b, CACHE_MAP, self.program.layout,
+                            self.ncpus, keys=[INDEX_KEY.layout.pack(0)])
+        return [int(k) for k in cache[0][:, 0]], cache[0][:, 1:]
 
     def cached_threads(self):
         """The pid_tgid each CPU's cache slot holds (0: none)."""
-        _, cache = read_map(self.b, CACHE_MAP, self.program.layout,
-                            self.ncpus, keys=[INDEX_KEY.layout.pack(0)])
-        return {int(k) for k in cache[0][:, 0]} - {0}
+        return set(self.cache_slots()[0]) - {0}
+
+    def maps_of(self, spec):
+        return self.generations if spec is THREAD_MAP else [self.b[spec.name]]
 
     def keys(self, spec):
-        return map_keys(self.b[spec.name].map_fd, spec.key.size)
+        return [k for table in self.maps_of(spec)
+                for k in map_keys(table.map_fd, spec.key.size)]
 
     def delete(self, spec, keys):
-        fd = self.b[spec.name].map_fd
-        for key in keys:
-            libbcc.bpf_delete_elem(fd, ctypes.c_char_p(key))
+        for table in self.maps_of(spec):
+            for key in keys:
+                libbcc.bpf_delete_elem(table.map_fd, ctypes.c_char_p(key))
 
     def take_threads(self, keys):
         """Counts and vCPU ids of these thread table entries, deleted."""
-        _, values = read_map(self.b, THREAD_MAP, self.program.layout,
-                             self.ncpus, keys=keys)
+        _, values = self.read_threads(keys)
         counts, vcpu_ids = thread_counts([pid_tgid_of(k) for k in keys],
                                          values, [], None,
                                          self.program.layout)
         self.delete(THREAD_MAP, keys)
         return counts, vcpu_ids
+
+    def take_names(self, spec):
+        """{tgid: process name} the kernel took (VM_COMM_MAP), deleted."""
+        keys, values = read_map(self.b, spec, self.program.layout,
+                                self.ncpus)
+        self.delete(spec, keys)
+        return {spec.key.layout.unpack(k)[0]: printable(
+            v.tobytes().split(b"\0")[0].decode("utf-8", "backslashreplace"))
+            for k, v in zip(keys, values)}
+
+    def final_counts(self, keys, slots):
+        """Counts and vCPU ids of dead threads that cache slots hold, read
+        from their entries and those slots, without deleting anything; the
+        keys whose slots could not be read still are left out (tried again
+        at the next TICK).
+
+        slots: cache_slots() read after the deaths were seen.  The slots
+        are read again after the entries.  A slot is moved out only by an
+        eviction, which writes the counters back to the thread's entry,
+        then clears the slot's pid_tgid, then loads the next thread's
+        counters (program order, which x86 keeps for a reader): a slot
+        that still holds the thread at the second read was not being
+        evicted during the first read, so the first read is whole, and the
+        entry is older than it (merge_thread_counts takes the larger)."""
+        first, values = slots
+        _, table = self.read_threads(keys)
+        second, _ = self.cache_slots()
+        wanted = {pid_tgid_of(k) for k in keys}
+        moved = {a for a, b in zip(first, second) if a != b} & wanted
+        rows = [i for i, k in enumerate(keys)
+                if pid_tgid_of(k) not in moved]
+        held = [a if a in wanted and a not in moved else 0 for a in first]
+        counts, vcpu_ids = thread_counts(
+            [pid_tgid_of(keys[i]) for i in rows], table[rows], held, values,
+            self.program.layout)
+        return [keys[i] for i in rows], counts, vcpu_ids
 
     def take(self, spec, keys):
         """The entries of these keys of a map that adds to a Snapshot
@@ -2169,17 +2392,31 @@ class Ledger:
     take the same lock, so that a report sees each thread once, in the
     tables or here, never twice or not at all.
 
-    A dead thread that a CPU's cache slot still holds stays in the table:
-    the eviction that takes it out of the slot writes its counters back to
-    its entry, which must exist then.  Only the current thread enters a
-    cache slot, so a thread found dead and then in no slot never enters
-    one again (the slots are read after the deaths are seen: a thread that
-    exited, was cached and ended between the two reads would be missed the
-    other way round).
+    A dead thread that a CPU's cache slot still holds is retired all the
+    same, at the next TICK (ThreadTables.final_counts says why its counts
+    read then are final), but its entry stays: the eviction that takes it
+    out of the slot writes its counters back there, and must find it.
+    User space cannot clear the slot instead: a per-CPU array's value is
+    written for every CPU at once, over the live threads' counters of the
+    others.  Until the eviction, which on an idle CPU may never come, the
+    thread is `held`: reads subtract what was retired from what the tables
+    still show of it, and once no slot holds it its entry is deleted the
+    same way, so that nothing is counted twice.  Only the current thread
+    enters a cache slot, so a thread found dead and then in no slot never
+    enters one again (the slots are read after the deaths are seen: a
+    thread that exited, was cached and ended between the two reads would
+    be missed the other way round).
 
-    A TID reused by a new thread of the same process before the old one was
-    retired (the kernel's PIDs must wrap around within a TICK) continues
-    the old thread's entry: the two threads' exits are counted as one's."""
+    A TID reused by a new thread of the same process continues the old
+    thread's entry; subtracting what was retired makes it start from zero
+    if the old thread was retired first (within a TICK, the kernel's PIDs
+    must wrap around, its exits are counted as the old thread's).  A PID
+    reused by a new process (its start time in /proc differs) is a new VM:
+    the old one's retired counts are dropped at the next forget_gone().
+
+    Each process is named (idents) the first time it is seen in the
+    tables, while it runs; one that ended before has the name the kernel
+    took as its thread ended (VM_COMM_MAP)."""
 
     def __init__(self, proc="/proc", clock=time.monotonic):
         self.lock = threading.Lock()
@@ -2188,6 +2425,10 @@ class Ledger:
         self.vcpu_ids = {}      # (tgid, tid): vcpu id
         self.gone_since = {}    # tgid: when its process was first missed
         self.tgids = set()      # processes seen in the tables
+        self.held = {}          # pid_tgid: {(isa, code): retired count}
+        self.starts = {}        # tgid: its process's start time
+        self.replaced = {}      # tgid: its old process's retired keys
+        self.idents = {}        # tgid: Ident, taken when first seen
 
     @staticmethod
     def empty():
@@ -2201,6 +2442,28 @@ class Ledger:
             return {int(t) for t in os.listdir(path)}
         except OSError:
             return set()
+
+    def note_start(self, tgid):
+        """Remember when a process seen in the tables started; if its PID
+        now belongs to a process that started later, the retired counts
+        so far are the old process's (see forget_gone())."""
+        start = process_start(tgid, self.proc)
+        # None: gone when first seen, so any process with its PID is new.
+        if tgid in self.starts and start not in (None, self.starts[tgid]):
+            self.replaced.setdefault(tgid, set()).update(
+                k for entries in self.retired.values() for k in entries
+                if k[0] == tgid)
+            self.idents.pop(tgid, None)
+        if start is not None or tgid not in self.starts:
+            self.starts[tgid] = start
+
+    def note_ident(self, tgid):
+        """Name a process the first time it is seen, while it runs; one
+        that ended before has the name the kernel took (VM_COMM_MAP)."""
+        if tgid not in self.idents:
+            ident = process_ident(tgid, self.proc)
+            if ident is not None:
+                self.idents[tgid] = ident
 
     def retire(self, tables):
         """Move the counts of threads that have exited out of the tables;
@@ -2217,33 +2480,76 @@ class Ledger:
                 pid_tgid = pid_tgid_of(key)
                 tgid = pid_tgid >> 32
                 if tgid not in tids:
+                    self.note_start(tgid)
+                    self.note_ident(tgid)
                     tids[tgid] = self.threads_of(tgid)
                 if pid_tgid & 0xffffffff not in tids[tgid]:
                     found.append(key)
             return found
 
-        gone = []
+        retired = 0
         for spec in tables.program.maps():
             if spec.merge == "threads":
-                threads = dead(tables.keys(spec))
-                # The cache slots after the deaths: a thread dead by now
-                # enters no slot again, so one found in none stays out (see
-                # the class doc).
-                held = tables.cached_threads() if threads else set()
-                gone = [k for k in threads if pid_tgid_of(k) not in held]
-                if gone:
-                    counts, vcpu_ids = tables.take_threads(gone)
-                    add_counts(self.retired[COUNTS.name], counts)
-                    self.vcpu_ids.update(vcpu_ids)
+                retired = self.retire_threads(tables, dead(tables.keys(spec)))
             elif spec.merge == "pending":
                 tables.delete(spec, dead(tables.keys(spec)))
+            elif spec.merge == "names":
+                for tgid, comm in tables.take_names(spec).items():
+                    self.idents.setdefault(tgid, Ident(comm, None))
             elif isinstance(spec.merge, Table):
                 keys = dead(tables.keys(spec))
                 if keys:
                     add_counts(self.retired[spec.merge.name],
                                tables.take(spec, keys))
         self.tgids = set(tids)
-        return len(gone)
+        return retired
+
+    def retire_threads(self, tables, threads):
+        """Retire these dead threads' thread table entries: taken if no
+        cache slot holds them, else read and held (see the class doc)."""
+        if not threads:
+            return 0
+        # The cache slots after the deaths: a thread dead by now enters no
+        # slot again, so one found in none stays out.
+        slots = tables.cache_slots()
+        cached = set(slots[0])
+        gone = [k for k in threads if pid_tgid_of(k) not in cached]
+        retired = len([k for k in gone if pid_tgid_of(k) not in self.held])
+        if gone:
+            counts, vcpu_ids = tables.take_threads(gone)
+            self.add_threads(counts, vcpu_ids)
+            for k in gone:
+                self.held.pop(pid_tgid_of(k), None)
+        fresh = [k for k in threads if pid_tgid_of(k) in cached and
+                 pid_tgid_of(k) not in self.held]
+        if fresh:
+            keys, counts, vcpu_ids = tables.final_counts(fresh, slots)
+            self.add_threads(counts, vcpu_ids)
+            for k in keys:
+                self.held[pid_tgid_of(k)] = {}
+            for (tgid, tid, isa, code), n in counts.items():
+                self.held[tgid << 32 | tid][(isa, code)] = n
+            retired += len(keys)
+        return retired
+
+    def add_threads(self, counts, vcpu_ids):
+        """Add taken thread counts, less what was retired of held ones."""
+        add_counts(self.retired[COUNTS.name], self.unheld(counts))
+        self.vcpu_ids.update((k, v) for k, v in vcpu_ids.items()
+                             if (k[0] << 32 | k[1]) not in self.held)
+
+    def unheld(self, counts):
+        """Thread counts less what the ledger retired of held threads."""
+        if not self.held:
+            return counts
+        out = {}
+        for key, n in counts.items():
+            tgid, tid, isa, code = key
+            held = self.held.get(tgid << 32 | tid)
+            n -= held.get((isa, code), 0) if held is not None else 0
+            if n:
+                out[key] = n
+        return out
 
     def read(self, tables, take=False):
         """Retire, then a snapshot of the tables with the retired counts
@@ -2252,7 +2558,11 @@ class Ledger:
         with self.lock:
             self._retire(tables)
             snap = tables.snapshot()
-            merged = Snapshot({}, {**self.vcpu_ids, **snap.vcpu_ids},
+            snap.counts = self.unheld(snap.counts)
+            live = {k[:2] for k in snap.counts}
+            vcpu_ids = {k: v for k, v in snap.vcpu_ids.items()
+                        if k in live or (k[0] << 32 | k[1]) not in self.held}
+            merged = Snapshot({}, {**self.vcpu_ids, **vcpu_ids},
                               snap.lost, detail_lost=snap.detail_lost)
             for table in TABLES:
                 entries = dict(getattr(snap, table.name))
@@ -2265,8 +2575,9 @@ class Ledger:
             return merged
 
     def forget_gone(self, keep):
-        """Drop the retired counts of processes gone for `keep` seconds:
-        a process that lives on keeps all of its threads' counts, so its
+        """Drop the retired counts of processes gone for `keep` seconds,
+        and at once those of a process whose PID a new one took: a
+        process that lives on keeps all of its threads' counts, so its
         series never go down.  Returns the tgids dropped."""
         with self.lock:
             now = self.clock()
@@ -2274,19 +2585,26 @@ class Ledger:
                          for k in entries}:
                 if os.path.exists("%s/%d" % (self.proc, tgid)):
                     self.gone_since.pop(tgid, None)
+                    self.note_start(tgid)
                 else:
                     self.gone_since.setdefault(tgid, now)
             expired = {t for t, since in self.gone_since.items()
                        if now - since >= keep}
-            if expired:
-                drop = lambda table: {k: v for k, v in table.items()
-                                      if k[0] not in expired}
-                self.retired = {name: drop(entries)
+            replaced, self.replaced = self.replaced, {}
+            if expired or replaced:
+                old = set().union(*replaced.values())
+                old_threads = {k[:2] for k in old}
+                drop = lambda table, old: {
+                    k: v for k, v in table.items()
+                    if k[0] not in expired and k not in old}
+                self.retired = {name: drop(entries, old)
                                 for name, entries in self.retired.items()}
-                self.vcpu_ids = drop(self.vcpu_ids)
+                self.vcpu_ids = drop(self.vcpu_ids, old_threads)
                 for tgid in expired:
                     del self.gone_since[tgid]
-            return expired
+                    self.starts.pop(tgid, None)
+                    self.idents.pop(tgid, None)
+            return expired | set(replaced)
 
     def size(self):
         """Entries held: what grows with the VMs that came and went."""
@@ -2340,17 +2658,38 @@ def report_rows(selection, snap, top=None):
                         selection.group, top)
 
 
-def process_name(pid, proc="/proc"):
-    """The process name, with QEMU's '-name guest=NAME' when present."""
+class Ident(collections.namedtuple("Ident", "comm guest")):
+    """What a VM is called: its process name (comm), and the name its
+    VMM's command line gives it (guest_name(); None: none)."""
+
+    __slots__ = ()
+
+    def text(self):
+        """As reports show it: 'comm guest=NAME' or 'comm'."""
+        return self.comm if self.guest is None else "%s guest=%s" % (
+            self.comm, self.guest)
+
+    def label(self):
+        """As the `vm` label: the VM's name, else the process name."""
+        return self.guest or self.comm
+
+
+def process_ident(pid, proc="/proc"):
+    """The Ident of a running process, None if it is gone."""
     try:
         comm = read_text("%s/%d/comm" % (proc, pid))
         argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
     except OSError:
-        return "?"
-    comm = printable(comm[:-1] if comm.endswith("\n") else comm)
+        return None
     guest = guest_name(argv)
-    return comm if guest is None else "%s guest=%s" % (comm,
-                                                       printable(guest))
+    return Ident(printable(comm[:-1] if comm.endswith("\n") else comm),
+                 None if guest is None else printable(guest))
+
+
+def process_name(pid, proc="/proc"):
+    """The process name, with the VM's name when its VMM gives one."""
+    ident = process_ident(pid, proc)
+    return "?" if ident is None else ident.text()
 
 
 def isa_name(isa):
@@ -2378,10 +2717,12 @@ class Report:
         self.opts = opts or ReportOptions()
         self.out = out or sys.stdout
         self.comms = {}
+        self.idents = {}        # tgid: Ident, as the Ledger took it
 
     def comm(self, pid):
         if pid not in self.comms:
-            self.comms[pid] = process_name(pid)
+            ident = self.idents.get(pid) or process_ident(pid)
+            self.comms[pid] = "?" if ident is None else ident.text()
         return self.comms[pid]
 
     def write(self, text):
@@ -2569,7 +2910,8 @@ LATENCY_EDGES = tuple(range(8, 35, 2))
 
 
 # Options of --prometheus only: (argparse dest, how the user spells it).
-PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"),
+PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"), ("labels", "--labels"),
+                      ("latency_labels", "--latency-labels"),
                       ("web_config", "--web.config.file"),
                       ("web_max_requests", "--web.max-requests"))
 
@@ -2593,44 +2935,62 @@ def listen_address(text):
     return (host if sep else "127.0.0.1"), int(port)
 
 
+def qemu_name(value):
+    """-name guest=NAME,... or -name NAME,..."""
+    params = dict(p.partition("=")[::2] for p in value.split(","))
+    return params.get("guest") or value.split(",")[0]
+
+
+# The flag that names the VM on each VMM's command line, and how to read
+# its value (README, "VM names"): QEMU, and libvirt's QEMU, -name;
+# Firecracker (and its jailer's) --id.  cloud-hypervisor and crosvm have
+# none: their process name stands for the VM.
+VM_NAME_FLAGS = {"-name": qemu_name, "--name": qemu_name,
+                 "--id": lambda value: value}
+
+
 def guest_name(argv):
-    """QEMU's -name guest=NAME (or -name NAME,...), else None."""
+    """The VM's name on its VMM's command line, else None."""
     for flag, value in zip(argv, argv[1:]):
-        if flag in ("-name", "--name"):
-            params = dict(p.partition("=")[::2] for p in value.split(","))
-            return params.get("guest") or value.split(",")[0]
+        if flag in VM_NAME_FLAGS:
+            return VM_NAME_FLAGS[flag](value)
     return None
 
 
 def vm_label(pid, proc="/proc"):
-    """The `vm` label: QEMU's guest name, else the process name; None if
-    the process is gone."""
-    try:
-        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
-        comm = read_text("%s/%d/comm" % (proc, pid))
-    except OSError:
-        return None
-    return printable(guest_name(argv) or comm.rstrip("\n"))
+    """The `vm` label: the VM's name, else the process name; None if the
+    process is gone."""
+    ident = process_ident(pid, proc)
+    return None if ident is None else ident.label()
 
 
 class VmNames:
-    """The `vm` label of each process, read while it runs, so that a VM
-    that has ended keeps its name for as long as its series are served."""
+    """The `vm` label of each process, as the Ledger took it when the
+    process was first seen (idents), else read now, so that a VM that has
+    ended keeps its name for as long as its series are served."""
 
-    def __init__(self, proc="/proc"):
+    def __init__(self, proc="/proc", idents=None):
         self.proc = proc
         self.names = {}
+        self.idents = {} if idents is None else idents
 
     def note(self, tgids):
         for tgid in tgids:
             if tgid not in self.names:
-                self.names[tgid] = vm_label(tgid, self.proc) or "?"
+                self.names[tgid] = self.read(tgid)
+
+    def read(self, tgid):
+        ident = self.idents.get(tgid)
+        if ident is not None:
+            return ident.label()
+        return vm_label(tgid, self.proc) or "?"
 
     def get(self, tgid):
-        """The name, read now if never read: "?" if the process is gone."""
+        """The name, read now if never read: "?" if the process is gone
+        and was never seen."""
         name = self.names.get(tgid)
         if name is None:
-            name = self.names[tgid] = vm_label(tgid, self.proc) or "?"
+            name = self.names[tgid] = self.read(tgid)
         return name
 
     def forget(self, tgids):
@@ -2705,8 +3065,9 @@ class BpfSelf:
     """What kvmexit's BPF object holds: the fill of its hash tables and,
     when kernel.bpf_stats_enabled is 1, its programs' run time and count."""
 
-    def __init__(self, b):
+    def __init__(self, b, tables=None):
         self.b, self.lib = b, bcc_native()
+        self.thread_tables = tables     # ThreadTables: its generations
         self.tables = []        # (name, fd, key size, max entries)
         for i in range(self.lib.bpf_num_tables(b.module)):
             if self.lib.bpf_table_type_id(b.module, i) in BPF_HASH_TYPES:
@@ -2727,9 +3088,18 @@ class BpfSelf:
         return n
 
     def table_fill(self):
-        """[(table, entries, capacity)] of the hash tables."""
-        return [(name, self.entries(fd, key_size), capacity)
-                for name, fd, key_size, capacity in self.tables]
+        """[(table, entries, capacity)] of the hash tables; the thread
+        table's over its generations."""
+        fill = []
+        for name, fd, key_size, capacity in self.tables:
+            entries = self.entries(fd, key_size)
+            if self.thread_tables and name == THREAD_MAP.name.decode():
+                more = self.thread_tables.generations[1:]
+                entries += sum(self.entries(t.map_fd, key_size)
+                               for t in more)
+                capacity = self.thread_tables.capacity()
+            fill.append((name, entries, capacity))
+        return fill
 
     def run_stats(self):
         """[(program, run seconds, runs)]: the kernel accounts them while
@@ -2758,21 +3128,74 @@ def bpf_stats_enabled():
         return False
 
 
+# --detail's series: the sub-keys kept per VM (and vCPU) and exit reason,
+# and how their key label is written (as in the text report).
+DETAIL_SERIES_PER_REASON = 16
+DETAIL_KEY_FORMAT = {"port": "0x%x", "msr": "0x%x", "page": "0x%x",
+                     "mmio": "0x%x", "vector": "%d", "cr": "%d",
+                     "hypercall": "%d", "user": "%d"}
+
+
+def detail_labels(detail):
+    """(kind, key, op, name) labels of a decoded sub-key."""
+    return (detail.kind, DETAIL_KEY_FORMAT[detail.kind] % detail.key,
+            detail.op or "", detail.name or "")
+
+
+class DetailSeries:
+    """kvm_exit_details_total's series: at most `bound` sub-keys per VM
+    (and vCPU) and reason.  A sub-key once served stays served (a counter
+    must not vanish while its VM lives) and the first ones seen take the
+    room; the exits of the others are served as dropped, a sum that only
+    grows since both the counts and the kept set do."""
+
+    def __init__(self, bound=DETAIL_SERIES_PER_REASON):
+        self.bound = bound
+        self.kept = {}          # (vm labels, reason): {sub-key labels}
+
+    def series(self, merged):
+        """merged: {(group labels, sub-key labels): count}, group labels
+        ending with the reason.  Returns ({labels: count} kept,
+        {group labels: count} dropped)."""
+        kept, dropped = {}, {}
+        for (group, sub), n in sorted(merged.items(),
+                                      key=lambda kv: (-kv[1], kv[0])):
+            room = self.kept.setdefault(group, set())
+            if sub in room or len(room) < self.bound:
+                room.add(sub)
+                kept[group + sub] = n
+            else:
+                dropped[group] = dropped.get(group, 0) + n
+        groups = {group for group, _ in merged}
+        for group in set(self.kept) - groups:
+            del self.kept[group]            # its VM is gone
+        return kept, dropped
+
+
 class Exporter:
     """A prometheus_client collector: each scrape reads the tables (after
     retiring the threads that ended) and yields one series per VM, vCPU
     and exit reason, summed over the VM's threads for that vCPU, then
     kvmexit's own figures."""
 
-    LABELS = ("vm", "pid", "vcpu", "isa", "reason")
+    LABELS = SERIES_LABELS
 
     def __init__(self, read, names, selection, vm_names, latency, build,
-                 bpf_self=None):
+                 bpf_self=None, labels=SERIES_LABELS, latency_labels=None,
+                 detail=False):
         import_prometheus_client()
         self.read, self.names = read, names
         self.selection, self.vm_names = selection, vm_names
         self.latency, self.build = latency, build
         self.bpf_self = bpf_self
+        self.labels = labels
+        self.latency_labels = latency_labels or labels
+        # --detail's: the VM, the vCPU if the counters keep it, the reason.
+        self.detail_labels = tuple(
+            label for label in SERIES_LABELS
+            if label in ("vm", "reason") or
+            (label == "vcpu" and label in labels))
+        self.detail, self.details = detail, DetailSeries()
         self.errors = 0
         self.lock = threading.Lock()
 
@@ -2783,13 +3206,24 @@ class Exporter:
         return {
             "exits": core.CounterMetricFamily(
                 "kvm_exits", "VM exits by VM, vCPU and exit reason",
-                labels=self.LABELS),
+                labels=self.labels),
             "lost": core.CounterMetricFamily(
                 "kvmexit_lost_exits", "VM exits that kvmexit could not "
                 "count", labels=("why",)),
             "latency": core.HistogramMetricFamily(
                 "kvm_exit_handling_seconds", "Time from a VM exit until its "
-                "vCPU enters the guest again", labels=self.LABELS),
+                "vCPU enters the guest again", labels=self.latency_labels),
+            "details": core.CounterMetricFamily(
+                "kvm_exit_details", "VM exits by VM, exit reason and what "
+                "caused them (--detail)", labels=self.detail_labels + (
+                    "kind", "key", "op", "name")),
+            "details_dropped": core.CounterMetricFamily(
+                "kvm_exit_details_dropped", "VM exits with a sub-key beyond "
+                "the %d served per VM and reason" % self.details.bound,
+                labels=self.detail_labels),
+            "details_lost": core.CounterMetricFamily(
+                "kvmexit_detail_lost", "Sub-keys the kernel could not "
+                "count for lack of room (their exits are counted)"),
             "build": core.InfoMetricFamily(
                 "kvmexit_build", "kvmexit's version and how it counts",
                 labels=sorted(self.build)),
@@ -2805,6 +3239,9 @@ class Exporter:
             "capacity": core.GaugeMetricFamily(
                 "kvmexit_table_capacity", "Entries each of kvmexit's kernel "
                 "hash tables has room for", labels=("table",)),
+            "at_limit": core.GaugeMetricFamily(
+                "kvmexit_thread_table_at_limit", "1 once the thread table "
+                "could not grow (the memory check or its generations)"),
             "run_seconds": core.CounterMetricFamily(
                 "kvmexit_bpf_run_seconds", "Time kvmexit's BPF programs ran "
                 "while kernel.bpf_stats_enabled was 1",
@@ -2817,7 +3254,8 @@ class Exporter:
     def describe(self):
         # Names only: nothing is read at registration.
         return [f for key, f in self.families().items()
-                if key != "latency" or self.latency]
+                if (key != "latency" or self.latency) and
+                (not key.startswith("details") or self.detail)]
 
     def collect(self):
         f = self.families()
@@ -2839,17 +3277,52 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        for labels, n in self.series(snap, snap.counts).items():
+        for labels, n in self.series(snap, snap.counts,
+                                     self.labels).items():
             f["exits"].add_metric(labels, n)
         yield f["exits"]
         for (macro, _), n in zip(LOST, snap.lost):
             f["lost"].add_metric((lost_label(macro),), n)
         yield f["lost"]
         if self.latency:
-            for labels, lat in self.series(snap, snap.latency).items():
+            for labels, lat in self.series(snap, snap.latency,
+                                           self.latency_labels).items():
                 f["latency"].add_metric(labels, histogram_buckets(lat),
                                         lat.total_ns / 1e9)
             yield f["latency"]
+        if self.detail:
+            yield from self.detail_metrics(f, snap)
+
+    def detail_metrics(self, f, snap):
+        """kvm_exit_details_total: each (VM[, vCPU], reason)'s sub-keys,
+        at most DetailSeries' bound of them, and what the bound and the
+        kernel's table dropped."""
+        merged, groups, subs = {}, {}, {}
+        keep = self.detail_labels
+        for key, n in self.selection.keep(snap.detail,
+                                          snap.vcpu_ids).items():
+            tgid, tid, isa, code, kind, sub, attr = key
+            group = groups.get(key[:4])
+            if group is None:
+                vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
+                values = {"vm": self.vm_names.get(tgid),
+                          "vcpu": "unknown" if vcpu == VCPU_ID_UNKNOWN
+                          else str(vcpu),
+                          "reason": self.names.name(isa, code)}
+                group = groups[key[:4]] = tuple(values[label]
+                                                for label in keep)
+            labels = subs.get(key[2:])
+            if labels is None:
+                labels = subs[key[2:]] = detail_labels(
+                    decode_detail(isa, code, kind, sub, attr))
+            merged[(group, labels)] = merged.get((group, labels), 0) + n
+        kept, dropped = self.details.series(merged)
+        for labels, n in kept.items():
+            f["details"].add_metric(labels, n)
+        for labels, n in dropped.items():
+            f["details_dropped"].add_metric(labels, n)
+        f["details_lost"].add_metric((), snap.detail_lost)
+        yield from (f["details"], f["details_dropped"], f["details_lost"])
 
     def self_metrics(self, f):
         if self.bpf_self is None:
@@ -2858,6 +3331,10 @@ class Exporter:
             f["entries"].add_metric((table,), entries)
             f["capacity"].add_metric((table,), capacity)
         yield from (f["entries"], f["capacity"])
+        tables = self.bpf_self.thread_tables
+        if tables is not None:
+            f["at_limit"].add_metric((), 1 if tables.at_limit else 0)
+            yield f["at_limit"]
         stats = self.bpf_self.run_stats()
         for program, seconds, runs in stats:
             f["run_seconds"].add_metric((program,), seconds)
@@ -2865,23 +3342,29 @@ class Exporter:
         if stats:
             yield from (f["run_seconds"], f["runs"])
 
-    def series(self, snap, table):
-        """{labels: value} of a snapshot table, summed per VM and vCPU.
-        Labels are made once per thread and per reason, not per row: a big
-        host has tens of thousands of rows."""
+    def series(self, snap, table, keep=SERIES_LABELS):
+        """{labels: value} of a snapshot table, summed over what the
+        labels `keep` leave out (at least over a VM's threads of one
+        vCPU), so that no two series have the same labels.  Labels are
+        made once per thread and per reason, not per row: a big host has
+        tens of thousands of rows."""
         merged, thread_labels, reason_labels = {}, {}, {}
+        pick = lambda values, names: tuple(
+            v for v, name in zip(values, names) if name in keep)
         for (tgid, tid, isa, code), v in self.selection.keep(
                 table, snap.vcpu_ids).items():
             thread = thread_labels.get((tgid, tid))
             if thread is None:
                 vcpu = snap.vcpu_ids.get((tgid, tid), VCPU_ID_UNKNOWN)
-                thread = thread_labels[(tgid, tid)] = (
+                thread = thread_labels[(tgid, tid)] = pick((
                     self.vm_names.get(tgid), str(tgid),
-                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu))
+                    "unknown" if vcpu == VCPU_ID_UNKNOWN else str(vcpu)),
+                    SERIES_LABELS[:3])
             reason = reason_labels.get((isa, code))
             if reason is None:
-                reason = reason_labels[(isa, code)] = (
-                    isa_name(isa), self.names.name(isa, code))
+                reason = reason_labels[(isa, code)] = pick((
+                    isa_name(isa), self.names.name(isa, code)),
+                    SERIES_LABELS[3:])
             labels = thread + reason
             merged[labels] = merged[labels] + v if labels in merged else v
         return merged
@@ -3298,6 +3781,7 @@ def serve(server, exporter, ledger, tables, keep, debug=False):
     try:
         while not wait_for_stop(TICK):
             ledger.retire(tables)
+            tables.grow()
             exporter.vm_names.note(ledger.tgids)
             exporter.vm_names.forget(ledger.forget_gone(keep))
         sd_notify("STOPPING=1")
@@ -3417,7 +3901,9 @@ def main(argv=None, stdout_closed=False):
     ncpus = possible_cpus()
     program = Program(probe, selection, max_threads, layout,
                       frozenset(feature.name for feature in FEATURES
-                                if getattr(args, feature.name)))
+                                if getattr(args, feature.name, False)) |
+                      {"growth"} |
+                      ({"names"} if task_offsets() else frozenset()))
     check_table_memory(program, ncpus)
     names = kernel_reason_names(tp_dir)
     if args.prometheus:
@@ -3437,10 +3923,12 @@ def main(argv=None, stdout_closed=False):
     if args.prometheus:
         announce(first_line(selection, args) + "\n")
         exporter = Exporter(lambda: ledger.read(tables), names, selection,
-                            VmNames(), args.latency,
+                            VmNames(idents=ledger.idents), args.latency,
                             build_info(probe, layout, max_threads,
                                        args.latency, args.detail),
-                            BpfSelf(b))
+                            BpfSelf(b, tables), args.labels,
+                            args.latency_labels,
+                            args.detail)
         serve(server, exporter, ledger, tables,
               args.keep_gone or DEFAULT_KEEP_GONE, args.debug)
         return 0
@@ -3452,14 +3940,16 @@ def main(argv=None, stdout_closed=False):
                               ReportOptions.of(args))
     else:
         output = TextReport(selection, names, ReportOptions.of(args))
+    output.idents = ledger.idents
     if args.comm or machine:
         # Named now: a VM that ends before the report keeps its name.
         output.comms.update((pid, process_name(pid)) for pid in vmms)
 
     def tick():
         ledger.retire(tables)
+        tables.grow()
         for tgid in ledger.tgids - set(output.comms):
-            output.comms[tgid] = process_name(tgid)
+            output.comm(tgid)
 
     trace(lambda: ledger.read(tables, takes_retired(args)), output.report,
           args, tick)

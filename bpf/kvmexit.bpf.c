@@ -17,6 +17,10 @@
 //   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
 //                       tracepoint probe only)
+//   GROWTH              slots for thread table generations (see its
+//                       section)
+//   VM_NAMES            also take each VM's process name as its threads end
+//                       (see its section, at the end)
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
 //                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
@@ -86,6 +90,91 @@ BPF_PERCPU_ARRAY(pcpu_lost, u64, NR_LOST);
 // All zeroes, never written: the counters a new thread starts from (too big
 // for the BPF stack, and too big for an inlined memset).
 BPF_ARRAY(blank_counts, struct thread_counts, 1);
+
+#ifdef GROWTH
+// A thread table that grows while tracing: pcpu_kvm_stat is generation 0;
+// kvmexit.py puts bigger tables of the same type in thread_tables[1..]
+// (GROWTH slots), one ahead of need.  A thread's entry stays in the
+// generation it entered, so nothing is copied and no count can be taken
+// twice or lost; a new thread enters the oldest with room.  Only the miss
+// path (a thread entering or leaving a CPU's cache slot) looks further
+// than generation 0: the hit path is unchanged.
+BPF_ARRAY_OF_MAPS(thread_tables, "pcpu_kvm_stat", GROWTH);
+
+static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
+{
+    struct thread_counts *saved = pcpu_kvm_stat.lookup(pid_tgid);
+
+#pragma unroll
+    for (int g = 1; g < GROWTH; g++) {
+        int key = g;
+        void *table;
+
+        if (saved)
+            break;
+        table = thread_tables.lookup(&key);
+        if (!table)
+            break;
+        saved = bpf_map_lookup_elem(table, pid_tgid);
+    }
+    return saved;
+}
+
+// Into the oldest generation with room: the newest is kept free by
+// kvmexit.py, for the threads that come before its next look.  The thread
+// is in no generation yet (find_thread() found none), so it enters one.
+static __always_inline int store_thread(u64 *pid_tgid,
+                                        struct thread_counts *counts,
+                                        u64 flags)
+{
+    int err = flags == BPF_NOEXIST ?
+              pcpu_kvm_stat.insert(pid_tgid, counts) :
+              pcpu_kvm_stat.update(pid_tgid, counts);
+
+#pragma unroll
+    for (int g = 1; g < GROWTH; g++) {
+        int key = g;
+        void *table;
+
+        if (!err)
+            break;
+        table = thread_tables.lookup(&key);
+        if (!table)
+            break;
+        err = bpf_map_update_elem(table, pid_tgid, counts, flags);
+    }
+    return err;
+}
+
+static __always_inline int insert_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return store_thread(pid_tgid, counts, BPF_NOEXIST);
+}
+
+static __always_inline int update_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return store_thread(pid_tgid, counts, BPF_ANY);
+}
+#else
+static __always_inline struct thread_counts *find_thread(u64 *pid_tgid)
+{
+    return pcpu_kvm_stat.lookup(pid_tgid);
+}
+
+static __always_inline int insert_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return pcpu_kvm_stat.insert(pid_tgid, counts);
+}
+
+static __always_inline int update_thread(u64 *pid_tgid,
+                                         struct thread_counts *counts)
+{
+    return pcpu_kvm_stat.update(pid_tgid, counts);
+}
+#endif
 
 // NR_SLOTS for a rare code.  Off the hit path, which tests for a direct
 // slot itself (count_exit()).
@@ -164,11 +253,11 @@ static __always_inline void copy_counts(struct thread_counts *dst,
 // count them.
 static __always_inline void write_back(struct cache_slot *cache)
 {
-    struct thread_counts *saved = pcpu_kvm_stat.lookup(&cache->pid_tgid);
+    struct thread_counts *saved = find_thread(&cache->pid_tgid);
 
     if (saved)
         copy_counts(saved, &cache->counts);
-    else if (pcpu_kvm_stat.update(&cache->pid_tgid, &cache->counts))
+    else if (update_thread(&cache->pid_tgid, &cache->counts))
         count_lost_counts(&cache->counts);
 }
 
@@ -185,7 +274,7 @@ enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
     if (!blank)
         return NULL;
     copy_counts(&cache->counts, blank);
-    if (pcpu_kvm_stat.insert(&pid_tgid, &cache->counts)) {
+    if (insert_thread(&pid_tgid, &cache->counts)) {
         count_lost(LOST_THREAD_TABLE_FULL);
         return NULL;
     }
@@ -203,7 +292,7 @@ switch_cache(struct cache_slot *cache, u64 pid_tgid, struct exit_event *ev)
         write_back(cache);
     cache->pid_tgid = 0;
 
-    saved = pcpu_kvm_stat.lookup(&pid_tgid);
+    saved = find_thread(&pid_tgid);
     if (saved)
         copy_counts(counts, saved);
     else
@@ -965,4 +1054,36 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
     return count_exit(pid_tgid, &ev);
 }
 
+#endif
+
+#ifdef VM_NAMES
+// The process name of each VM one of whose threads exited to KVM, taken
+// in the kernel as that thread ends: a VM that starts and ends between two
+// of kvmexit.py's looks at /proc (every second) keeps a name.  A separate
+// program on sched_process_exit, so the kvm_exit program is unchanged; it
+// costs one hash lookup per thread end on the host.  kvmexit.py deletes
+// each entry once it has taken the name.  From the kernel's BTF:
+//   TASK_GROUP_LEADER_OFF, TASK_COMM_OFF   offsets in struct task_struct
+struct vm_comm {
+    char comm[16];              // TASK_COMM_LEN
+};
+
+BPF_HASH(vm_comm, u32, struct vm_comm, MAX_THREADS);
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    void *task = (void *)bpf_get_current_task(), *leader;
+    struct vm_comm name = {};
+
+    if (!find_thread(&pid_tgid) || vm_comm.lookup(&tgid))
+        return 0;
+    if (bpf_probe_read_kernel(&leader, sizeof(leader),
+                              task + TASK_GROUP_LEADER_OFF) ||
+        bpf_probe_read_kernel(&name, sizeof(name), leader + TASK_COMM_OFF))
+        return 0;
+    vm_comm.update(&tgid, &name);
+    return 0;
+}
 #endif

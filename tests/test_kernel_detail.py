@@ -410,3 +410,113 @@ def test_text_report_shows_sub_keys_under_their_reason(prog, threads):
         "IOIO                                2       ",
         "  port 0x510 out 1B                 2       ",
     ]
+
+
+#
+# --detail --prometheus: kvm_exit_details_total
+#
+def scrape(program, bound=None, labels=kvmexit.SERIES_LABELS):
+    """The details families of a scrape of this program's tables:
+    {name: {labels as a dict's sorted items: value}}."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    tables = kvmexit.ThreadTables(program.b, program.program,
+                                  program.ncpus)
+    ledger = kvmexit.Ledger()
+    exporter = kvmexit.Exporter(lambda: ledger.read(tables),
+                                kvmexit.ReasonNames(), ALL,
+                                kvmexit.VmNames(), False,
+                                {"version": kvmexit.VERSION}, None, labels,
+                                None, True)
+    if bound:
+        exporter.details.bound = bound
+    registry = CollectorRegistry()
+    registry.register(exporter)
+    got = {}
+    for family in text_string_to_metric_families(
+            generate_latest(registry).decode()):
+        for s in family.samples:
+            if "detail" in s.name:
+                got.setdefault(s.name, {})[tuple(sorted(
+                    s.labels.items()))] = s.value
+    return got
+
+
+def detail_series(vcpu, reason, kind, key, op="", name="", vm=None):
+    labels = {"vm": vm or kvmexit.vm_label(PID), "reason": reason,
+              "kind": kind, "key": key, "op": op, "name": name}
+    if vcpu is not None:
+        labels["vcpu"] = vcpu
+    return tuple(sorted(labels.items()))
+
+
+def test_details_are_exported_with_keys_as_the_report_writes_them(
+        bcc, cpus_0_1, threads):
+    p = DetailProgram(bcc)
+    try:
+        t = threads()
+        port = lambda n, bits: exit_(SVM_IOIO, info1=n << 16 | bits,
+                                     vcpu=3)
+        p.events(t, *repeat(7, port(0x70, SVM_SZ8)),
+                 *repeat(3, port(0x71, SVM_IN | SVM_SZ8)),
+                 *repeat(5, exit_(SVM_MSR, info1=1, vcpu=3),
+                         ("kvm_msr", (1, 0x6e0))),
+                 *repeat(2, exit_(SVM_VMMCALL, vcpu=3),
+                         ("kvm_hypercall", (5,))))
+        got = scrape(p)
+        assert got["kvm_exit_details_total"] == {
+            detail_series("3", "IOIO", "port", "0x70", "out"): 7,
+            detail_series("3", "IOIO", "port", "0x71", "in"): 3,
+            detail_series("3", "MSR", "msr", "0x6e0", "write",
+                          "IA32_TSC_DEADLINE"): 5,
+            detail_series("3", "VMMCALL", "hypercall", "5", "",
+                          "KICK_CPU"): 2}
+        assert got["kvmexit_detail_lost_total"] == {(): 0}
+        assert "kvm_exit_details_dropped_total" not in got
+        # Without vcpu in --labels, summed over the VM's vCPUs.
+        t2 = threads()
+        p.events(t2, *repeat(4, exit_(SVM_IOIO, info1=0x70 << 16 | SVM_SZ8,
+                                      vcpu=1)))
+        got = scrape(p, labels=("vm", "reason"))
+        assert got["kvm_exit_details_total"][
+            detail_series(None, "IOIO", "port", "0x70", "out")] == 11
+    finally:
+        p.close()
+
+
+def test_details_beyond_the_bound_are_counted_as_dropped(
+        bcc, cpus_0_1, threads):
+    p = DetailProgram(bcc)
+    try:
+        t = threads()
+        port = lambda n: exit_(SVM_IOIO, info1=n << 16 | SVM_SZ8, vcpu=0)
+        p.events(t, *repeat(9, port(0x70)), *repeat(6, port(0x71)),
+                 *repeat(2, port(0x72)), port(0x73))
+        got = scrape(p, bound=2)
+        assert got["kvm_exit_details_total"] == {
+            detail_series("0", "IOIO", "port", "0x70", "out"): 9,
+            detail_series("0", "IOIO", "port", "0x71", "out"): 6}
+        assert got["kvm_exit_details_dropped_total"] == {
+            (("reason", "IOIO"), ("vcpu", "0"),
+             ("vm", kvmexit.vm_label(PID))): 3}
+    finally:
+        p.close()
+
+
+def test_a_served_detail_stays_served_and_dropped_never_goes_down():
+    series = kvmexit.DetailSeries(bound=2)
+    g = ("vm", "IOIO")
+    kept, dropped = series.series({(g, ("port", "0x1")): 5,
+                                   (g, ("port", "0x2")): 4,
+                                   (g, ("port", "0x3")): 1})
+    assert (kept, dropped) == ({g + ("port", "0x1"): 5,
+                                g + ("port", "0x2"): 4}, {g: 1})
+    # 0x3 overtakes both: it stays dropped, and so does its count.
+    kept, dropped = series.series({(g, ("port", "0x1")): 5,
+                                   (g, ("port", "0x2")): 4,
+                                   (g, ("port", "0x3")): 50})
+    assert (kept, dropped) == ({g + ("port", "0x1"): 5,
+                                g + ("port", "0x2"): 4}, {g: 50})
+    # The VM is gone: its room is freed.
+    assert series.series({}) == ({}, {})
+    assert series.kept == {}

@@ -109,7 +109,8 @@ def vms():
 class Exported:
     """A loaded program, its ledger and the collector over them."""
 
-    def __init__(self, bcc, latency=False, selection=None, max_threads=64):
+    def __init__(self, bcc, latency=False, selection=None, max_threads=64,
+                 labels=kvmexit.SERIES_LABELS, latency_labels=None):
         selection = selection or kvmexit.Selection("all threads", "all")
         program = kvmexit.Program(kvmexit.Probe("raw-old", "test"),
                                   selection, max_threads, kvmexit.SVM_LAYOUT,
@@ -124,7 +125,7 @@ class Exported:
             lambda: self.ledger.read(self.tables), kvmexit.ReasonNames(),
             selection, kvmexit.VmNames(), latency,
             {"version": kvmexit.VERSION, "probe": "raw-old"},
-            kvmexit.BpfSelf(self.b))
+            kvmexit.BpfSelf(self.b), labels, latency_labels)
         self.registry = CollectorRegistry()
         self.registry.register(self.exporter)
 
@@ -345,6 +346,72 @@ def test_latency_is_a_histogram_with_power_of_two_edges(exported, vms):
         tuple(sorted(labels.items()))] == pytest.approx(0.6000036)
 
 
+def latency_entry(e, pid, code, times_ns):
+    """Write a thread's latency entry as kvm_entry writes it (it cannot be
+    test-run)."""
+    hist = [0] * kvmexit.LAT_BUCKETS
+    for ns in times_ns:
+        hist[kvmexit.latency_bucket(ns)] += 1
+    words = [len(times_ns), sum(times_ns), max(times_ns)] + hist
+    table = e.b[b"exit_latency"]
+    key = (pid << 32 | pid).to_bytes(8, "little") + \
+        SVM.to_bytes(4, "little") + code.to_bytes(4, "little")
+    table[table.Key.from_buffer_copy(key)] = table.Leaf.from_buffer_copy(
+        b"".join(w.to_bytes(8, "little") for w in words))
+
+
+def test_labels_left_out_are_summed_over_so_no_series_collide(exported,
+                                                               vms):
+    # Two VMs of one name (a name reused on one host): apart by pid, one
+    # series without it.
+    e = exported(labels=("vm", "reason"))
+    a, b = vms(e.fd, guest="web"), vms(e.fd, guest="web")
+    c = vms(e.fd, guest="db")
+    a.exits(0, IOIO, 5)
+    b.exits(1, IOIO, 2)
+    b.exits(1, HLT, 1)
+    c.exits(0, IOIO, 7)
+    got = e.scrape()["kvm_exits_total"]
+    assert got == {(("reason", "IOIO"), ("vm", "web")): 7,
+                   (("reason", "HLT"), ("vm", "web")): 1,
+                   (("reason", "IOIO"), ("vm", "db")): 7}
+    only = exported(labels=("reason",))
+    a2, c2 = vms(only.fd, guest="web"), vms(only.fd, guest="db")
+    a2.exits(0, IOIO, 3)
+    c2.exits(1, IOIO, 4)
+    assert only.scrape()["kvm_exits_total"] == {(("reason", "IOIO"),): 7}
+
+
+def test_latency_labels_sum_histograms_over_what_they_leave_out(exported,
+                                                                  vms):
+    e = exported(latency=True, latency_labels=("isa", "reason"))
+    a, b = vms(e.fd, guest="a"), vms(e.fd, guest="b")
+    a.exits(0, IOIO, 2)
+    b.exits(1, IOIO, 1)
+    latency_entry(e, a.pid, IOIO, [300, 3000])
+    latency_entry(e, b.pid, IOIO, [600_000_000])
+    got = e.scrape()
+    reason = (("isa", "svm"), ("reason", "IOIO"))
+    assert got["kvm_exit_handling_seconds_count"] == {reason: 3}
+    buckets = {dict(k)["le"]: v for k, v in
+               got["kvm_exit_handling_seconds_bucket"].items()}
+    assert buckets["1.024e-06"] == 1
+    assert buckets["4.096e-06"] == 2
+    assert buckets["+Inf"] == 3
+    # The counter keeps its own labels.
+    assert got["kvm_exits_total"] == {series("a", a.pid, "IOIO"): 2,
+                                      series("b", b.pid, "IOIO"): 1}
+
+
+def test_label_lists_are_in_a_fixed_order_and_keep_the_reason():
+    assert kvmexit.label_list("vcpu,vm") == ("vm", "vcpu", "reason")
+    assert kvmexit.label_list("reason") == ("reason",)
+    assert kvmexit.label_list("") == ("reason",)
+    args = kvmexit.parse_args(["--prometheus", "9417", "--latency"])
+    assert args.labels == ("vm", "pid", "vcpu", "isa", "reason")
+    assert args.latency_labels == ("isa", "reason")
+
+
 #
 # The HTTP side
 #
@@ -529,6 +596,12 @@ def test_the_command_tells_a_port_in_use_in_one_line(bcc):
      "--web.config.file needs --prometheus"),
     (["--web.max-requests", "3", "1"],
      "--web.max-requests needs --prometheus"),
+    (["--labels", "vm", "1"], "--labels needs --prometheus"),
+    (["--prometheus", "9417", "--latency-labels", "vm"],
+     "--latency-labels needs --latency"),
+    (["--prometheus", "9417", "--labels", "vm,tid"],
+     "argument --labels: must be comma-separated labels of vm, pid, vcpu, "
+     "isa, reason: 'vm,tid'"),
     (["--prometheus", "9417", "--web.max-requests", "-1"],
      "argument --web.max-requests: must be a non-negative integer: '-1'"),
 ])

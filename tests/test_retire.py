@@ -155,7 +155,7 @@ def test_100000_threads_through_a_1024_thread_table_lose_nothing(loaded):
 #
 # The cache slots
 #
-def test_a_dead_thread_held_in_a_cache_slot_is_retired_once_evicted(
+def test_a_dead_thread_held_in_idle_cache_slots_is_retired_at_once(
         loaded, threads):
     b, tables = loaded(16)
     ledger = kvmexit.Ledger()
@@ -163,21 +163,88 @@ def test_a_dead_thread_held_in_a_cache_slot_is_retired_once_evicted(
     expected = {(PID, a, SVM, IOIO): 2, (PID, a, SVM, HLT): 1}
     assert tables.cached_threads() >= {pid_tgid(a)}
 
-    assert ledger.retire(tables) == 0           # held on CPUs 0 and 1
+    # Held on CPUs 0 and 1, which see no other exit: retired all the same,
+    # its entry kept for the eviction's write-back.
+    assert ledger.retire(tables) == 1
+    assert ledger.retired["counts"] == expected
     assert pid_tgid(a) in thread_keys(tables)
+    assert mine(ledger.read(tables).counts) == expected
+    assert ledger.retire(tables) == 0           # once
     live = threads()
     live.exits(b.fd, 0, INTR, SVM)              # evicts a from CPU 0
-    assert ledger.retire(tables) == 0           # still held on CPU 1
+    assert ledger.retire(tables) == 0
     assert mine(ledger.read(tables).counts) == {
         **expected, (PID, live.tid, SVM, INTR): 1}
     live.exits(b.fd, 1, INTR, SVM)              # and from CPU 1
-    assert ledger.retire(tables) == 1
+    assert ledger.retire(tables) == 0           # its entry goes, unadded
     assert thread_keys(tables) == {pid_tgid(live.tid)}
     assert ledger.retired["counts"] == expected
-    # Live threads are never retired, whatever the caches hold.
-    assert ledger.retire(tables) == 0
+    assert ledger.held == {}
     snap = ledger.read(tables)
     assert mine(snap.counts) == {**expected, (PID, live.tid, SVM, INTR): 2}
+    assert snap.lost == [0] * len(kvmexit.LOST)
+
+
+def test_interval_reports_show_a_held_thread_once(loaded, threads):
+    b, tables = loaded(16)
+    ledger = kvmexit.Ledger()
+    a = ended_thread(b.fd, [(0, IOIO, 3)])
+    snap = ledger.read(tables, take=True)
+    assert mine(snap.counts) == {(PID, a, SVM, IOIO): 3}
+    earlier = kvmexit.without_retired(snap)
+    live = threads()
+    live.exits(b.fd, 0, HLT, SVM)               # evicts a: written back
+    later = ledger.read(tables, take=True)
+    assert mine(later.minus(earlier).counts) == {(PID, live.tid, SVM, HLT): 1}
+    assert ledger.retire(tables) == 0
+    assert mine(ledger.read(tables).counts) == {(PID, live.tid, SVM, HLT): 1}
+
+
+def test_threads_retired_while_others_exit_on_their_cpus_count_once(
+        loaded, threads):
+    """Retirement and readers run while live threads keep evicting the
+    dead ones from the slots: each exit is counted once, none is lost."""
+    b, tables = loaded(256)
+    ledger = kvmexit.Ledger()
+    busy = [threads(), threads()]
+    stop, errors = threading.Event(), []
+    fired = [0, 0]
+
+    def evict(n):
+        while not stop.is_set():
+            busy[n].exits(b.fd, n, INTR, SVM, times=7)
+            fired[n] += 7
+
+    def retire():
+        try:
+            while not stop.is_set():
+                ledger.retire(tables)
+                ledger.read(tables)
+        except Exception as e:          # reported by the test, not lost
+            errors.append(e)
+
+    workers = [threading.Thread(target=evict, args=(n,)) for n in (0, 1)]
+    workers.append(threading.Thread(target=retire))
+    for w in workers:
+        w.start()
+    expected = {}
+    try:
+        for i in range(300):
+            cpu = i % 2
+            tid = ended_thread(b.fd, [(cpu, IOIO, 1 + i % 4),
+                                      (1 - cpu, HLT, 1)])
+            expected[(PID, tid, SVM, IOIO)] = 1 + i % 4
+            expected[(PID, tid, SVM, HLT)] = 1
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert errors == []
+    for n in (0, 1):
+        expected[(PID, busy[n].tid, SVM, INTR)] = fired[n]
+    ledger.retire(tables)
+    snap = ledger.read(tables)
+    assert mine(snap.counts) == expected
     assert snap.lost == [0] * len(kvmexit.LOST)
 
 
@@ -331,3 +398,69 @@ def test_a_gone_vm_is_kept_for_the_grace_period_then_dropped(loaded,
     assert ledger.size() == 0
     # The live process keeps its counts, whatever the time.
     assert mine(snap.counts) == {(PID, live.tid, SVM, IOIO): 4}
+
+
+def test_a_gone_vm_held_in_idle_cache_slots_leaves_no_series(loaded,
+                                                             threads):
+    """Its last thread is held in both CPUs' slots and no other thread
+    exits there: after the grace period nothing of it is left, and a later
+    eviction adds nothing."""
+    b, tables = loaded(16)
+    clock = Clock()
+    ledger = kvmexit.Ledger(clock=clock)
+    child = ended_process(b.fd, [(0, IOIO, 5), (1, HLT, 2)])
+    assert tables.cached_threads() >= {child << 32 | child}
+    ledger.retire(tables)
+    def of(snap):
+        return {k: v for k, v in snap.counts.items() if k[0] == child}
+    assert of(ledger.read(tables)) == {(child, child, SVM, IOIO): 5,
+                                       (child, child, SVM, HLT): 2}
+    assert ledger.forget_gone(300) == set()
+    clock.now += 300
+    assert ledger.forget_gone(300) == {child}
+    snap = ledger.read(tables)
+    assert of(snap) == {}
+    assert {k for k in snap.vcpu_ids if k[0] == child} == set()
+    live = threads()
+    live.exits(b.fd, 0, INTR, SVM)
+    live.exits(b.fd, 1, INTR, SVM)
+    ledger.retire(tables)
+    snap = ledger.read(tables)
+    assert of(snap) == {}
+    assert mine(snap.counts) == {(PID, live.tid, SVM, INTR): 2}
+    assert ledger.size() == 0
+
+
+def fake_process(proc, pid, start, tids):
+    """/proc/PID/stat with this start time, and /proc/PID/task/TID."""
+    os.makedirs("%s/%d/task" % (proc, pid), exist_ok=True)
+    for tid in tids:
+        os.makedirs("%s/%d/task/%d" % (proc, pid, tid), exist_ok=True)
+    fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 30
+    with open("%s/%d/stat" % (proc, pid), "w") as f:
+        f.write("%d (qemu (x) y) %s\n" % (pid, " ".join(fields)))
+
+
+def test_a_reused_pid_drops_the_old_vms_counts_at_once(loaded, tmp_path):
+    # A PID cannot be made to come back: /proc is a fake tree here, with
+    # the PID of a real child process that counted real exits.
+    b, tables = loaded(16)
+    proc = str(tmp_path)
+    ledger = kvmexit.Ledger(proc=proc, clock=Clock())
+    child = ended_process(b.fd, [(0, IOIO, 4)])
+    fake_process(proc, child, 1000, [])         # seen running, then gone
+    ledger.retire(tables)
+    assert sum(ledger.read(tables).counts[k] for k in ledger.read(
+        tables).counts if k[0] == child) == 4
+    assert ledger.forget_gone(300) == set()
+    fake_process(proc, child, 2000, [child])    # a new process, same PID
+    assert ledger.forget_gone(300) == {child}
+    assert {k for k in ledger.read(tables).counts if k[0] == child} == set()
+    assert ledger.size() == 0
+    assert ledger.forget_gone(300) == set()     # the new one is kept
+
+
+def test_process_start_reads_field_22_after_the_name(tmp_path):
+    fake_process(str(tmp_path), 42, 123456, [])
+    assert kvmexit.process_start(42, str(tmp_path)) == 123456
+    assert kvmexit.process_start(43, str(tmp_path)) is None

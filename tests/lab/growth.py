@@ -1,0 +1,117 @@
+"""A VM of 11 vCPUs started after kvmexits with a thread table of 4 (in
+the lab).
+
+    tests/lab/run --outdir OUT -- /usr/bin/python3 tests/lab/growth.py OUT
+
+Runs inside the lab (tests/lab/run), from the repository's top directory:
+  1. starts a real Prometheus (tests/lab/prometheus.py) on loopback,
+     scraping kvmexit's exporter every second;
+  2. starts three kvmexits, each with --max-threads 4: a text report at
+     the end (--comm), a JSON report every second (-i 1 --json), and the
+     exporter (--prometheus 127.0.0.1:PORT);
+  3. arms the kernel's own count, a hist trigger on kvm:kvm_exit keyed by
+     thread and exit reason;
+  4. runs one VM of 11 vCPUs (tests/lab/guest.py as fleet.py runs it,
+     named -name guest=big), each vCPU with its own IOIO and CR4 counts:
+     its 11 threads start within milliseconds, before any tick of
+     kvmexit's, and must find the free thread table (4 + 8);
+  5. waits for a tick and a scrape, reads the PromQL answers and the hist
+     trigger, and ends the kvmexits (SIGINT for text and JSON, SIGTERM
+     for the exporter).
+It writes OUT/growth.json: the guest's report, the hist counts, the PromQL
+answers and each kvmexit's argv, exit status, stdout and stderr.
+tests/lab/test_lab_growth.py boots the lab once for it and checks them.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+LAB_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, LAB_DIR)
+import fleet  # noqa: E402
+from prometheus import Prometheus  # noqa: E402
+from scenario import (HIST_KEYS, PYTHON, TRIGGER, finish,  # noqa: E402
+                      read_hist, read_json)
+
+VCPUS = 11
+MAX_THREADS = 4
+VM = "big"
+EXPORTER = "127.0.0.1:9418"
+PROMETHEUS_PORT = 9091
+GAP = 2.5                       # a retirement and growth tick, then some
+
+
+def guest_args():
+    """vCPU v does 40 + 3v port writes and 1 + v % 5 CR4 round trips."""
+    return ["--vcpus", str(VCPUS),
+            "--io", ",".join(str(40 + 3 * v) for v in range(VCPUS)),
+            "--cr4", ",".join(str(1 + v % 5) for v in range(VCPUS))]
+
+
+def tracer_args():
+    limit = ["--max-threads", str(MAX_THREADS)]
+    return {"text": ["--comm"] + limit,
+            "json": ["-i", "1", "--json"] + limit,
+            "exporter": ["--prometheus", EXPORTER, "-d"] + limit}
+
+
+def promql(server):
+    window = "1h"
+    queries = {
+        "exits": "last_over_time(kvm_exits_total[%s])" % window,
+        "lost": "max_over_time(kvmexit_lost_exits_total[%s])" % window,
+        "capacity": 'kvmexit_table_capacity{table="pcpu_kvm_stat"}',
+        "at_limit": "kvmexit_thread_table_at_limit",
+    }
+    return {name: [[labels, value] for labels, value in server.query(q)]
+            for name, q in queries.items()}
+
+
+def main(out):
+    plan = tracer_args()
+    server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [EXPORTER],
+                        port=PROMETHEUS_PORT).start()
+    try:
+        return run(out, plan, server)
+    finally:
+        server.stop()
+        shutil.copy(server.log, os.path.join(out, "prometheus.log"))
+
+
+def run(out, plan, server):
+    tracers = {name: fleet.start_attached(name, plan[name], out)
+               for name in ("text", "json", "exporter")}
+    server.wait_for_scrape(after=time.time())
+    print("growth: kvmexits attached, Prometheus scraping", flush=True)
+    with open(TRIGGER, "w") as f:
+        f.write(HIST_KEYS)
+    report = os.path.join(out, "guest-%s.json" % VM)
+    status = subprocess.run([PYTHON, fleet.__file__, "vm", "-name",
+                             "guest=" + VM] + guest_args() +
+                            ["--report", report]).returncode
+    time.sleep(GAP)
+    server.wait_for_scrape(after=time.time())
+    answers = promql(server)
+    hist = read_hist()
+    with open(TRIGGER, "w") as f:
+        f.write("!" + HIST_KEYS)
+    results = {name: finish(tracers.pop(name), how, plan[name])
+               for name, how in (("text", signal.SIGINT),
+                                 ("json", signal.SIGINT),
+                                 ("exporter", signal.SIGTERM))}
+    with open(os.path.join(out, "growth.json"), "w") as f:
+        json.dump({"guest": read_json(report), "guest_status": status,
+                   "hist": hist, "promql": answers, "tracers": results},
+                  f, indent=1)
+    print("growth: done; results in %s" % out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
