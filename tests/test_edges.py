@@ -16,7 +16,7 @@ import time
 import pytest
 
 import kvmexit
-from kvmexit_conftest import (
+from helpers import (
     HEADER_ALL, HEADER_COLLAPSED, SCRIPT, SYSTEM_PYTHON,
     assert_one_error_line, first_line, run_tool)
 

@@ -32,7 +32,7 @@ import bcc
 import pytest
 
 import kvmexit
-from kvmexit_conftest import ROOT
+from helpers import ROOT
 
 UNIT = os.path.join(ROOT, "man", "kvmexit.service")
 VENV = "/opt/kvmexit"
