@@ -76,8 +76,10 @@ def boot_once(lab, kernel, seconds):
     except LabFrozen as e:
         how = "frozen while " + ("running" if e.booted else "booting") + \
             ": " + str(e).split("\n")[0]
+        print(f"stress: {e}", flush=True)       # with its kernel log
     except LabError as e:
         how = "failed: " + str(e).split("\n")[0]
+        print(f"stress: {e}", flush=True)
     try:
         with open(os.path.join(out, "rounds")) as f:
             rounds = int(f.read())
