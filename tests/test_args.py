@@ -8,7 +8,7 @@ and every usage error of issue 2.  argparse's usage errors exit 2 with
 
 import pytest
 
-from kvmexit_conftest import SCRIPT, run_tool
+from helpers import SCRIPT, run_tool
 import kvmexit
 
 

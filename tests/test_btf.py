@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-import kernel_btf
+from helpers import kernel_btf
 import kvmexit
 
 TP_DIR = kvmexit.tracepoint_dir()

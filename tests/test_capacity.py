@@ -16,8 +16,7 @@ import os
 import pytest
 
 import kvmexit
-from helpers import print_report
-import bpfrun
+from helpers import bpfrun, print_report
 
 SVM = kvmexit.ISA_SVM
 PID = os.getpid()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from kvmexit_conftest import (
+from helpers import (
     HEADER_ALL, HEADER_ALLTIDS, HEADER_COLLAPSED, HEADER_TIDS, ROOT, SCRIPT,
     SYSTEM_PYTHON, assert_one_error_line, first_line, run_tool)
 

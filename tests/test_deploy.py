@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from dashboard import KitError, dashboard_queries, rule_expressions
-from kvmexit_conftest import ROOT, SCRIPT, SYSTEM_PYTHON
+from helpers import ROOT, SCRIPT, SYSTEM_PYTHON
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "lab"))
 from prometheus import Prometheus  # noqa: E402

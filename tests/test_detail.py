@@ -9,8 +9,7 @@ import json
 import pytest
 
 import kvmexit
-from helpers import program
-from kvmexit_conftest import assert_one_error_line, first_line, run_tool
+from helpers import assert_one_error_line, first_line, program, run_tool
 
 SVM, VMX = kvmexit.ISA_SVM, kvmexit.ISA_VMX
 IOIO, MSR, HLT, NPF = 0x7b, 0x7c, 0x78, 0x400

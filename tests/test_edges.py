@@ -16,8 +16,8 @@ import time
 import pytest
 
 import kvmexit
-from helpers import program
-from kvmexit_conftest import (
+from helpers import (
+    program,
     HEADER_ALL, HEADER_COLLAPSED, SCRIPT, SYSTEM_PYTHON,
     assert_one_error_line, first_line, run_tool)
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 import kvmexit
-from kvmexit_conftest import HEADER_COLLAPSED, SYSTEM_PYTHON, first_line
+from helpers import HEADER_COLLAPSED, SYSTEM_PYTHON, first_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(REPO, "man", "man8", "kvmexit.8")

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import kvmexit
-from helpers import print_report
-from kvmexit_conftest import row, text_lines
+from helpers import print_report, row, text_lines
 
 VMX, SVM = kvmexit.ISA_VMX, kvmexit.ISA_SVM
 PID = os.getpid()
@@ -565,7 +564,7 @@ def test_a_full_rare_table_loses_only_new_rare_codes(fresh, threads):
     a = threads()
 
     def job():
-        from bpfrun import test_run
+        from helpers.bpfrun import test_run
         os.sched_setaffinity(0, {0})
         for code in range(0x1000, 0x1000 + kvmexit.MAX_RARE + 5):
             test_run(prog.fd, [code, 0, SVM])

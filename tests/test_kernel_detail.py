@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-import bpfrun
+from helpers import bpfrun
 import kvmexit
 
 VMX, SVM = kvmexit.ISA_VMX, kvmexit.ISA_SVM

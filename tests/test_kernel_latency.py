@@ -16,7 +16,7 @@ import random
 import pytest
 
 import kvmexit
-import bpfrun
+from helpers import bpfrun
 
 SVM = kvmexit.ISA_SVM
 IOIO, HLT, MSR = 0x7b, 0x78, 0x7c

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-import bpfrun
+from helpers import bpfrun
 import kvmexit
 
 SVM = kvmexit.ISA_SVM

@@ -18,7 +18,7 @@ import tempfile
 import pytest
 
 import kvmexit
-from kvmexit_conftest import SCRIPT, SYSTEM_PYTHON, first_line, \
+from helpers import SCRIPT, SYSTEM_PYTHON, first_line, \
     HEADER_ALL, HEADER_COLLAPSED, assert_one_error_line
 
 

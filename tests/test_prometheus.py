@@ -24,9 +24,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import bpfrun
+from helpers import bpfrun
 import kvmexit
-from kvmexit_conftest import SCRIPT, SYSTEM_PYTHON, TESTS
+from helpers import SCRIPT, SYSTEM_PYTHON, TESTS
 
 SVM = kvmexit.ISA_SVM
 IOIO, HLT, INTR = 0x7b, 0x78, 0x60
@@ -36,7 +36,7 @@ IOIO, HLT, INTR = 0x7b, 0x78, 0x60
 VM = r"""
 import ctypes, os, sys, threading
 sys.path.insert(0, sys.argv[1])
-import bpfrun
+from helpers import bpfrun
 fd = int(sys.argv[2])
 if len(sys.argv) > 3 and sys.argv[3] == "comm":
     ctypes.CDLL(None).prctl(15, sys.argv[4].encode(), 0, 0, 0)

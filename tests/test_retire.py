@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import bpfrun
+from helpers import bpfrun
 import kvmexit
 
 SVM = kvmexit.ISA_SVM

@@ -39,7 +39,7 @@ import bcc
 import pytest
 
 import kvmexit
-from kvmexit_conftest import ROOT
+from helpers import ROOT
 
 UNIT = os.path.join(ROOT, "deploy", "kvmexit.service")
 VENV = "/opt/kvmexit"

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 import kvmexit
-from kvmexit_conftest import SCRIPT, SYSTEM_PYTHON, HEADER_ALL
+from helpers import SCRIPT, SYSTEM_PYTHON, HEADER_ALL
 
 
 def start(args, **kw):

@@ -24,7 +24,7 @@ import bcrypt
 import pytest
 
 import kvmexit
-from kvmexit_conftest import SCRIPT, SYSTEM_PYTHON
+from helpers import SCRIPT, SYSTEM_PYTHON
 
 PASSWORD = "s3cret pass"
 

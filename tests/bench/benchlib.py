@@ -4,8 +4,8 @@
 Each benchmark is a script run as root under /usr/bin/python3 (the Python
 that has bcc), e.g. `/usr/bin/python3 tests/bench/report_time.py`.  No
 real VM exit is needed: programs are driven with BPF_PROG_TEST_RUN from
-threads pinned to CPUs (tests/bpfrun.py), in the raw-old probe mode where
-ctx->args are (exit_reason, vcpu, isa).
+threads pinned to CPUs (tests/helpers/bpfrun.py), in the raw-old probe
+mode where ctx->args are (exit_reason, vcpu, isa).
 """
 
 import os
@@ -19,8 +19,7 @@ TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
-import bpfrun           # noqa: E402
-import kvmexit          # noqa: E402
+from helpers import bpfrun, kvmexit  # noqa: E402
 
 BCC026_TOOL = "/usr/sbin/kvmexit-bpfcc"
 ISA_SVM = kvmexit.ISA_SVM

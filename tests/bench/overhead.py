@@ -190,19 +190,12 @@ def main():
         run = inside_intel if args.lab == "intel" else inside
         return run(args.seconds, args.rounds, args.inside)
     sys.path.insert(0, LAB)
-    if args.lab == "intel":
-        from intel import run_in_lab
-        run_lab = run_in_lab
-    else:
-        from lab import run_in_lab
-
-        def run_lab(cmd, timeout, outdir, quiet):
-            return run_in_lab(cmd, timeout, outdir=outdir, quiet=quiet)
+    from core import lab_of
     out = tempfile.mkdtemp(prefix="kvmexit-overhead-")
-    rc, output = run_lab([PYTHON, os.path.abspath(__file__), "--seconds",
-                          str(args.seconds), "--rounds", str(args.rounds),
-                          "--lab", args.lab, "--inside", out],
-                         timeout=3600, outdir=out, quiet=True)
+    rc, output = lab_of(args.lab).run(
+        [PYTHON, os.path.abspath(__file__), "--seconds", str(args.seconds),
+         "--rounds", str(args.rounds), "--lab", args.lab, "--inside", out],
+        timeout=3600, outdir=out, quiet=True)
     if rc != 0:
         raise SystemExit("overhead: the lab run failed (%d):\n%s"
                          % (rc, output[-3000:]))

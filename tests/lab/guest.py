@@ -77,6 +77,11 @@ Usage (as root, where /dev/kvm is a real KVM):
         5 s have passed (inf: until SIGINT), stopping at an IO exit, so
         IOIO == io_exits and READ_CR4 == WRITE_CR4 == 10 * io_exits still
         hold exactly; HLT is 0.  The report has exits per second.  No --do.
+        A KVM_RUN that has not come back after --run-limit seconds (the
+        guest looping inside KVM, which never returns to user space where
+        the deadline is checked) is ended (a signal, with the run page's
+        immediate_exit set so that a signal sent just before KVM_RUN is not
+        lost): the vCPU reports it as an error, and the run fails.
 
 Run it several times for several VMs (processes).
 """
@@ -86,6 +91,7 @@ import ctypes
 import json
 import mmap
 import os
+import signal
 import stat
 import struct
 import sys
@@ -186,6 +192,7 @@ KVM_MSR_EXIT_REASON_INVAL = 1 << 0
 KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
 
 # struct kvm_run: exit_reason at 8; the per-reason union at 32.
+KVM_RUN_IMMEDIATE_EXIT = 1                # a __u8 before exit_reason
 KVM_RUN_EXIT_REASON = 8
 KVM_RUN_IO = struct.Struct("<BBHIQ")    # direction, size, port, count, off
 KVM_RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
@@ -836,6 +843,9 @@ class VcpuThread(threading.Thread):
         self.detail = {}        # 'out:0x510/1' ... -> count seen
         self.error = None
         self.elapsed = 0.0
+        # Timed mode: when the KVM_RUN under way began (RunWatch), or None.
+        self.run_since = None
+        self.run_limit = None
         if seconds is None:
             self.fd, self.run_page = vm.create_vcpu(
                 index, {"rsp": STACK_TOP - index * STACK_SIZE},
@@ -924,18 +934,27 @@ class VcpuThread(threading.Thread):
         start = time.monotonic()
         deadline = start + self.seconds if timed else None
         names = KVM_EXIT_NAMES
+        if timed:
+            self.run_since = start
         while True:
             try:
                 ioctl(fd, KVM_RUN)
             except InterruptedError:
                 pass            # a signal; KVM set exit_reason to INTR
+            if timed and page[KVM_RUN_IMMEDIATE_EXIT]:
+                self.error = (f"KVM_RUN did not come back within "
+                              f"{self.run_limit:g} s: the guest ran on inside "
+                              f"KVM, never exiting to user space")
+                break
             reason = U32.unpack_from(page, KVM_RUN_EXIT_REASON)[0]
             name = names.get(reason, str(reason))
             self.exits[name] = self.exits.get(name, 0) + 1
             if timed and reason == KVM_EXIT_IO:
                 # Stopping only here keeps every count exact in timed mode.
-                if time.monotonic() >= deadline or stop.is_set():
+                now = time.monotonic()
+                if now >= deadline or stop.is_set():
                     break
+                self.run_since = now
                 continue        # the OUT has completed; nothing to emulate
             if timed and reason != KVM_EXIT_INTR:
                 self.error = f"unexpected exit {name}"
@@ -943,6 +962,7 @@ class VcpuThread(threading.Thread):
             if not timed and not self._user_exit(reason):
                 break
         self.elapsed = time.monotonic() - start
+        self.run_since = None
 
     def expected(self):
         """Exit counts the kvm_exit tracepoint must show for this thread
@@ -988,6 +1008,33 @@ class VcpuThread(threading.Thread):
                 entry["user_detail"] = dict(self.detail)
             entry["errors"] = self.problems()
         return entry
+
+
+class RunWatch(threading.Thread):
+    """Timed mode: ends any vCPU's KVM_RUN that has not come back within
+    `limit` seconds (see VcpuThread.run_since)."""
+
+    SIGNAL = signal.SIGUSR1
+
+    def __init__(self, vcpus, limit):
+        super().__init__(name="run watch", daemon=True)
+        self.vcpus, self.limit = vcpus, limit
+        self.done = threading.Event()
+        # A handler, so that the signal interrupts KVM_RUN (EINTR) and does
+        # not end the process; Python runs it, harmlessly, in main().
+        signal.signal(self.SIGNAL, lambda *_: None)
+
+    def run(self):
+        while not self.done.wait(min(1.0, self.limit / 4)):
+            now = time.monotonic()
+            for v in self.vcpus:
+                since = v.run_since
+                if since is not None and now - since > self.limit and \
+                        not v.run_page[KVM_RUN_IMMEDIATE_EXIT]:
+                    # KVM checks it on entry: no signal is lost to a thread
+                    # just about to enter KVM_RUN.
+                    v.run_page[KVM_RUN_IMMEDIATE_EXIT] = 1
+                    signal.pthread_kill(v.ident, self.SIGNAL)
 
 
 # --- command line ------------------------------------------------------------
@@ -1037,6 +1084,9 @@ def parse_args(argv):
                         "this CPU's, from /proc/cpuinfo)")
     p.add_argument("--seconds", type=float,
                    help="throughput mode: loop this long (inf: until SIGINT)")
+    p.add_argument("--run-limit", type=float, default=60,
+                   help="throughput mode: end a KVM_RUN not back after this "
+                        "many seconds, as an error (default 60)")
     p.add_argument("--thread-name", default="CPU {n}/KVM",
                    help="vCPU thread names, {n} the vCPU index (default: "
                         "QEMU's 'CPU {n}/KVM'; another VMM's names test "
@@ -1144,7 +1194,12 @@ def main(argv=None):
         print(f"guest.py: {e}", file=sys.stderr)
         return 1
     for v in vcpus:
+        v.run_limit = args.run_limit
         v.start()
+    watch = RunWatch(vcpus, args.run_limit) if args.seconds is not None \
+        else None
+    if watch:
+        watch.start()
     ready.wait()                # every vCPU thread now has its tid and comm
     write_report(args.report, make_report(args, vcpus, "ready"))
     print(f"guest.py: pid {os.getpid()}: {args.vcpus} vCPUs ready, tids "
@@ -1153,6 +1208,8 @@ def main(argv=None):
         wait_for_release(args.hold)
     go.set()
     join_all(vcpus, stop)
+    if watch:
+        watch.done.set()
     report = make_report(args, vcpus, "done")
     write_report(args.report, report)
     problems = [f"vCPU {v['index']}: {e}" for v in report["vcpus"]

@@ -1,17 +1,16 @@
-#!/usr/bin/python3
-"""Run commands in the Intel lab: Bochs, whose emulated CPU has VMX.
+"""The Intel lab: Debian's 6.1 kernel in Bochs, whose emulated CPU has VMX.
 
-QEMU's emulator has no VMX, so the AMD lab (lab.py) cannot show a VMX exit.
+QEMU's emulator has no VMX, so the AMD lab (amd.py) cannot show a VMX exit.
 Debian's Bochs 2.7 emulates VMX with EPT and unrestricted guest; Debian's
 6.1 kernel boots there and its kvm_intel fires kvm:kvm_exit with isa=1.
 
-    tests/lab/intel.py [--timeout SECS] [--outdir DIR] -- CMD...
+    tests/lab/run --lab intel [--timeout SECS] [--outdir DIR] -- CMD...
 
-    from intel import run_in_lab, LabError
-    rc, output = run_in_lab(["/usr/bin/python3", "kvmexit.py", "-h"],
-                            timeout=900, outdir=str(tmp_path))
+    from intel import IntelLab
+    rc, output = IntelLab().run(cmd, timeout=900, outdir=str(tmp_path))
 
-Bochs shares no files with this machine, so:
+What this lab adds to core.py's runner is its machine.  Bochs shares no
+files with this machine, so:
   - the lab's root filesystem is an ext4 image built here from this
     machine's installed packages (python3-bpfcc and its dependency
     closure, numpy, kmod, the 6.1 headers and kvm modules), with a
@@ -20,54 +19,44 @@ Bochs shares no files with this machine, so:
     (default /var/cache/kvmexit-lab/intel) and rebuilt when the packages,
     the kernel or this builder change;
   - the image has room after its filesystem for each run's input: a tar
-    of this repository (the working tree, as it is now) and of the
-    command, unpacked at boot at the same paths as here.  The guest
-    mounts the filesystem read-only under a tmpfs overlay, so only that
-    room is ever written;
-  - what the command writes under `outdir` (the same path inside) and
-    its output come back as a tar the guest writes to that room (Bochs
-    writes a flat disk image straight to its file), unpacked into
-    `outdir` here.
-    The serial console (Bochs sends it to a socket here: its output to a
-    file is buffered) shows the boot and the command's output live.
-The command runs as root from the repository's top directory, with
-tracefs mounted, kvm_intel loaded and the headers where bcc looks (the
-checks of lab.py's guest side).  Only one Bochs runs at a time (it
-listens on a VNC port); a lock serialises runs.  Raises LabError, never
-skips, when the lab cannot be built, does not boot, fails its checks or
-runs out of time.
+    of this repository (the working tree, as it is now), of `outdir` and
+    of the init's command line (core.py), unpacked at boot at the same
+    paths as here.  The guest mounts the filesystem read-only under a tmpfs
+    overlay, so only that room is ever written;
+  - what the command writes under `outdir` (the same path inside), the
+    init's markers included, comes back as a tar the guest writes to
+    that room (Bochs writes a flat disk image straight to its file),
+    unpacked into `outdir` here.  The markers are seen only then, so
+    only the timeout ends a lab that hangs.
+The serial console (Bochs sends it to a socket here: its output to a file
+is buffered) shows the command's output live, and the boot when it fails.
+Only one Bochs runs at a time (it listens on a VNC port); a lock
+serialises runs.
 """
 
-import argparse
 import fcntl
 import hashlib
 import io
 import json
 import os
 import re
+import select
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
-LAB_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, LAB_DIR)
-import lab  # noqa: E402
-from lab import LabError, shell_command  # noqa: E402
+from core import LAB_DIR, REPO, GUEST_PYTHON, Lab, LabError, Machine, \
+    run_setup, tail
 
-REPO = os.path.dirname(os.path.dirname(LAB_DIR))
 SETUP = os.path.join(LAB_DIR, "intel_setup.sh")
 CACHE = os.environ.get("KVMEXIT_INTEL_LAB_CACHE",
                        "/var/cache/kvmexit-lab/intel")
-GUEST_PYTHON = "/usr/bin/python3"
-LAB_ERROR = 125
 
 # Bumped whenever what build_root/build_initrd/build_iso make changes in a
 # way the package list does not show.
@@ -164,8 +153,8 @@ exec switch_root /root /sbin/kvmexit-lab-init
 """
 
 # The root image's first process: unpack the run's disk (the repository
-# and the command), run lab.py's checks and the command, write the output
-# directory and the command's output back to that disk.
+# and the init's command line), run it, write the output directory and the
+# command's output back to that disk.
 ROOT_INIT = """\
 #!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
@@ -190,13 +179,13 @@ dd if=/dev/sda bs=1M skip=$tail_mb count={input_mb} 2>/dev/null |
     echo "{error} no run input on /dev/sda at $tail_mb MiB"
     busybox poweroff -f; exit 1; }}
 . /kvmexit-lab/env
-# Before lab.py's checks: kvm:kvm_exit exists once kvm.ko is loaded.
+# Before the init's checks: kvm:kvm_exit exists once kvm.ko is loaded.
 modprobe kvm_intel
 mkdir -p "$OUTDIR" "$MARKERS"
 cd "$REPO"
 echo "{started} $(cut -d' ' -f1 /proc/uptime)"
-{python} "$REPO/tests/lab/lab.py" guest "$MARKERS" "$RELEASE" \\
-    "/bin/sh /kvmexit-lab/command" </dev/null 2>&1 | tee "$MARKERS/output"
+# The command file holds the lab's init (tests/lab/init.py) and the command.
+/bin/sh /kvmexit-lab/command </dev/null 2>&1 | tee "$MARKERS/output"
 # Back on the disk: a header with the length, then the gzipped tar of
 # the output directory.
 tar -c -z -f /tmp/out.tgz -C "$OUTDIR" .
@@ -219,11 +208,6 @@ MB = 2 ** 20
 
 def log(msg):
     print("intel lab: " + msg, file=sys.stderr, flush=True)
-
-
-def setup():
-    """Install what is missing (fast when nothing is); return the kernel."""
-    return lab.setup(SETUP)
 
 
 # --- packages ----------------------------------------------------------------
@@ -416,7 +400,7 @@ def build_root(release, names, staging):
     for name in os.listdir(moddir):
         if name.startswith("modules."):
             copy_path(os.path.join(moddir, name), staging)
-    # Where bcc looks for the headers (lab.py's checks would link them too).
+    # Where bcc looks for the headers (init.py's checks would link them too).
     common = release.removesuffix("-amd64")
     for name, target in (("build", f"linux-headers-{release}"),
                          ("source", f"linux-headers-{common}-common")):
@@ -429,7 +413,7 @@ def build_root(release, names, staging):
     with open(staging + "/etc/group", "w") as f:
         f.write("root:x:0:\n")
     write_script(staging + "/sbin/kvmexit-lab-init", ROOT_INIT.format(
-        python=GUEST_PYTHON, input_mb=INPUT_MB, **MARKS))
+        input_mb=INPUT_MB, **MARKS))
     subprocess.run(["ldconfig", "-r", staging], check=True)
     smoke_test(staging)
 
@@ -555,18 +539,19 @@ def repo_files():
                    os.path.isfile(os.path.join(REPO, p))})
 
 
-def run_input(command, outdir, markers, release):
-    """A tar of the repository at its path, the command and where things
-    go."""
+def run_input(command, outdir, markers):
+    """A tar of the repository and of `outdir` as they are now, at their
+    paths, the init's command line and where things go."""
     env = "".join(f"{k}={shlex.quote(v)}\n" for k, v in (
-        ("REPO", REPO), ("OUTDIR", outdir), ("MARKERS", markers),
-        ("RELEASE", release)))
+        ("REPO", REPO), ("OUTDIR", outdir), ("MARKERS", markers)))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) \
             as tar:
         for name in repo_files():
             tar.add(os.path.join(REPO, name),
                     arcname=os.path.join(REPO, name).lstrip("/"))
+        # What the caller put there for the command (a plan, a script).
+        tar.add(outdir, arcname=outdir.lstrip("/"))
         for name, text in (("command", command + "\n"), ("env", env)):
             data = text.encode()
             info = tarfile.TarInfo("kvmexit-lab/" + name)
@@ -574,8 +559,9 @@ def run_input(command, outdir, markers, release):
             tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
     if len(data) > INPUT_MB * MB:
-        raise LabError(f"the repository's tar ({len(data)} bytes) does not "
-                       f"fit in the lab's {INPUT_MB} MiB for it")
+        raise LabError(f"the run's input ({len(data)} bytes: the repository "
+                       f"and {outdir}) does not fit in the lab's {INPUT_MB} "
+                       "MiB for it")
     return data
 
 
@@ -589,6 +575,96 @@ def write_input(image, tail, data):
 
 
 # --- running -----------------------------------------------------------------
+
+class IntelLab(Lab):
+    name = "Intel lab"
+    tag = "intel lab"
+    live_markers = False
+    show_from = MARKS["started"]
+
+    def setup(self):
+        return run_setup(SETUP)
+
+    def lock(self):
+        return Lock()
+
+    def prepare(self, kernel):
+        return images(kernel)
+
+    def launch(self, imgs, init_command, run):
+        write_input(imgs["root"], imgs["tail"], run_input(
+            init_command, run.outdir, run.markers))
+        # Left behind by a Bochs that was killed; the lock file of ours is
+        # what keeps two runs apart.
+        if os.path.exists(imgs["root"] + ".lock"):
+            os.unlink(imgs["root"] + ".lock")
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        config = os.path.join(run.work, "bochsrc")
+        with open(config, "w") as f:
+            f.write(BOCHSRC.format(
+                memory=MEMORY_MB, port=server.getsockname()[1],
+                iso=imgs["iso"], root=imgs["root"],
+                log=os.path.join(run.work, "bochs.log")))
+        with open(config + ".rc", "w") as f:
+            f.write("c\n")      # Debian's Bochs starts in its debugger
+        with open(os.path.join(run.work, "bochs.out"), "w") as out:
+            proc = subprocess.Popen(
+                ["bochs-bin", "-q", "-f", config, "-rc", config + ".rc"],
+                stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        return BochsMachine(proc, server)
+
+    def connect(self, machine):
+        return machine.accept()
+
+    def failed(self, run):
+        text = run.text()
+        if MARKS["error"] in text or "Kernel panic" in text:
+            return "its console ends:\n" + text[-2000:]
+        return ""
+
+    def copy_out(self, run):
+        return unpack_results(run.target["root"], run.target["tail"] +
+                              INPUT_MB * MB, run.outdir)
+
+    def output(self, run):
+        try:
+            with open(os.path.join(run.markers, "output"),
+                      errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def booted(self, run):
+        return MARKS["started"] in run.text() or super().booted(run)
+
+    def kernel_log(self, run):
+        logs = [(name, tail(os.path.join(run.work, name), 20))
+                for name in ("bochs.log", "bochs.out")]
+        return "".join(f"Bochs' {name} ends:\n{text}\n"
+                       for name, text in logs if text) + \
+            "its console ends:\n" + run.text()[-3000:]
+
+
+class BochsMachine(Machine):
+    """Bochs, whose console connects to a socket here once it starts."""
+
+    def __init__(self, proc, server):
+        super().__init__(proc, None)
+        self.server = server
+
+    def accept(self):
+        if self.console is None and \
+                select.select([self.server], [], [], 0)[0]:
+            self.console, _ = self.server.accept()
+        return self.console
+
+    def close(self):
+        super().close()
+        self.server.close()
+
 
 class Lock:
     """One lab at a time: Bochs listens on a fixed VNC port, and the cache
@@ -604,40 +680,6 @@ class Lock:
         self.file.close()
 
 
-class Console:
-    """Follows the serial console file as Bochs writes it."""
-
-    def __init__(self, path, echo):
-        self.path, self.echo = path, echo
-        self.pos, self.text = 0, ""
-        self.partial = b""
-        self.shown = False
-
-    def poll(self):
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except FileNotFoundError:
-            return
-        self.pos += len(data)
-        data = self.partial + data
-        cut = data.rfind(b"\n") + 1
-        self.partial = data[cut:]
-        new = data[:cut].decode(errors="replace").replace("\r", "")
-        if not new:
-            return
-        self.text += new
-        if self.echo is not None:
-            for line in new.splitlines(keepends=True):
-                # The command's output; the boot only when it fails.
-                if line.startswith(MARKS["started"]):
-                    self.shown = True
-                if self.shown or line.startswith(MARK):
-                    self.echo.write(line)
-            self.echo.flush()
-
-
 def unpack_results(disk, offset, outdir):
     """The output directory, written back to the run's disk: unpack it.
     False if the lab wrote none."""
@@ -651,192 +693,3 @@ def unpack_results(disk, offset, outdir):
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         tar.extractall(outdir)
     return True
-
-
-class SerialListener:
-    """Takes the serial console from Bochs' socket and appends it to a
-    file as it comes."""
-
-    def __init__(self, path):
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(1)
-        self.port = self.server.getsockname()[1]
-        self.path = path
-        open(path, "wb").close()
-        threading.Thread(target=self.copy, daemon=True).start()
-
-    def copy(self):
-        try:
-            conn, _ = self.server.accept()
-        except OSError:
-            return
-        with conn, open(self.path, "ab", buffering=0) as f:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                f.write(data)
-
-    def close(self):
-        self.server.close()
-
-
-def boot(config, console, timeout, log_path):
-    """Run Bochs until it powers off, the lab fails or the time is up;
-    return why it stopped: 'off', 'failed', 'timeout'."""
-    rc_file = config + ".rc"
-    with open(rc_file, "w") as f:
-        f.write("c\n")      # Debian's Bochs starts in its debugger
-    proc = subprocess.Popen(["bochs-bin", "-q", "-f", config, "-rc",
-                             rc_file], stdin=subprocess.DEVNULL,
-                            stdout=open(log_path + ".out", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            console.poll()
-            if proc.poll() is not None:
-                return "off"
-            if MARKS["error"] in console.text or \
-                    "Kernel panic" in console.text:
-                return "failed"
-            if time.monotonic() > deadline:
-                return "timeout"
-            time.sleep(0.5)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        console.poll()
-
-
-def read_marker(markers, name):
-    try:
-        with open(os.path.join(markers, name)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def run_in_lab(cmd, timeout, outdir, quiet=False):
-    """Run `cmd` in a freshly booted Intel lab; return (exit status,
-    output).  `timeout` (seconds, this machine's clock) bounds boot,
-    command and the way back, not the one-time install and image build.
-    `outdir` is created if needed; what the command writes there is copied
-    back into it.  Unless `quiet`, the output is also copied to sys.stdout
-    as it comes, with a last line of timings."""
-    echo = None if quiet else sys.stdout
-    kernel = setup()
-    outdir = os.path.abspath(outdir)
-    os.makedirs(outdir, exist_ok=True)
-    with Lock():
-        imgs = images(kernel)
-        work = tempfile.mkdtemp(prefix="run-", dir=CACHE)
-        try:
-            return run_once(cmd, timeout, outdir, imgs, work, echo)
-        finally:
-            # The whole console and Bochs' log, for whoever debugs a run.
-            for name in ("serial.log", "bochs.log"):
-                if os.path.exists(os.path.join(work, name)):
-                    shutil.copy(os.path.join(work, name),
-                                os.path.join(outdir, ".lab-" + name))
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def run_once(cmd, timeout, outdir, imgs, work, echo):
-    markers = os.path.join(outdir, ".lab-markers")
-    write_input(imgs["root"], imgs["tail"], run_input(
-        shell_command(cmd), outdir, markers, imgs["release"]))
-    # Left behind by a Bochs that was killed; the lock file of ours is
-    # what keeps two runs apart.
-    if os.path.exists(imgs["root"] + ".lock"):
-        os.unlink(imgs["root"] + ".lock")
-    paths = {"iso": imgs["iso"], "root": imgs["root"],
-             "serial": os.path.join(work, "serial.log"),
-             "log": os.path.join(work, "bochs.log")}
-    config = os.path.join(work, "bochsrc")
-    serial = SerialListener(paths["serial"])
-    with open(config, "w") as f:
-        f.write(BOCHSRC.format(memory=MEMORY_MB, port=serial.port, **paths))
-    console = Console(paths["serial"], echo)
-    started = time.monotonic()
-    try:
-        how = boot(config, console, timeout, paths["log"])
-    finally:
-        serial.close()
-    elapsed = time.monotonic() - started
-    text = console.text
-    if how == "timeout":
-        where = "running the command" if MARKS["started"] in text \
-            else "booting"
-        raise LabError(f"Intel lab timed out after {timeout} s while "
-                       f"{where}; the console ends:\n{text[-2000:]}", text)
-    if how == "failed":
-        raise LabError("Intel lab failed: " + text[-2000:], text)
-    if not unpack_results(imgs["root"], imgs["tail"] + INPUT_MB * MB,
-                          outdir):
-        raise LabError("Intel lab wrote no results; Bochs' log ends:\n" +
-                       tail(paths["log"]) + tail(paths["log"] + ".out") +
-                       "\nthe console ends:\n" + text[-2000:], text)
-    output = read_text(os.path.join(markers, "output"))
-    failed = read_marker(markers, "error")
-    done = read_marker(markers, "status")
-    ready = read_marker(markers, "ready")
-    shutil.rmtree(markers, ignore_errors=True)
-    if failed is not None:
-        raise LabError(f"Intel lab checks failed: {failed['error']}", output)
-    if done is None:
-        raise LabError("Intel lab died while running the command", output)
-    if echo is not None:
-        echo.write(f"intel lab: exit status {done['status']}; guest uptime "
-                   f"{ready['uptime']:.1f} s at the command's start (the "
-                   f"guest's clock); {elapsed:.1f} s in all\n")
-        echo.flush()
-    return done["status"], output
-
-
-def read_text(path):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def tail(path, n=2000):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()[-n:]
-    except OSError:
-        return ""
-
-
-def main():
-    p = argparse.ArgumentParser(
-        usage="%(prog)s [--timeout SECS] [--outdir DIR] -- CMD...",
-        description=__doc__.split("\n")[0])
-    p.add_argument("--timeout", type=int, default=1200,
-                   help="seconds for boot, CMD and the way back "
-                        "(default 1200)")
-    p.add_argument("--outdir", help="directory copied back from the lab")
-    p.add_argument("cmd", nargs="+", help="command to run in the lab")
-    args = p.parse_args()
-    cmd = args.cmd[0] if len(args.cmd) == 1 else args.cmd
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    outdir = args.outdir or tempfile.mkdtemp(prefix="kvmexit-intel-lab-")
-    print(f"intel lab: output directory {outdir}", flush=True)
-    try:
-        status, _ = run_in_lab(cmd, args.timeout, outdir)
-    except LabError as e:
-        print(f"intel lab: error: {e}", file=sys.stderr)
-        return LAB_ERROR
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """One guest run in the Intel lab, watched by kvmexit's two probes.
 
-    tests/lab/intel.py --outdir OUT -- /usr/bin/python3 \\
+    tests/lab/run --lab intel --outdir OUT -- /usr/bin/python3 \\
         tests/lab/intel_scenario.py OUT
 
 Runs inside the Intel lab (tests/lab/intel.py), from the repository's top

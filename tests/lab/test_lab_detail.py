@@ -20,7 +20,7 @@ import kvmexit
 from kvmexit import Detail
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import scenario_results  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 
 SVM = kvmexit.ISA_SVM
 IOIO, MSR, VMMCALL, NPF, HLT = 0x7b, 0x7c, 0x81, 0x400, 0x78
@@ -28,10 +28,13 @@ EXCP_BP, EXCP_UD = 0x43, 0x46
 K = kvmexit.DETAIL_KINDS
 
 
+SCENARIO = Scenario("detail", script="tests/lab/detail_scenario.py",
+                    env="KVMEXIT_LAB_DETAIL")
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return scenario_results(tmp_path_factory, "tests/lab/detail_scenario.py",
-                            "detail.json", "KVMEXIT_LAB_RESULTS")
+def lab(lab_runs):
+    return lab_runs.results(SCENARIO, "detail.json")
 
 
 @pytest.fixture(scope="module")

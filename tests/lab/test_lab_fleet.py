@@ -20,16 +20,19 @@ import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fleet  # noqa: E402
-from lab import scenario_results  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
 
 
+SCENARIO = Scenario("fleet", script="tests/lab/fleet.py",
+                    env="KVMEXIT_LAB_FLEET")
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return scenario_results(tmp_path_factory, "tests/lab/fleet.py",
-                            "fleet.json", "KVMEXIT_LAB_FLEET")
+def lab(lab_runs):
+    return lab_runs.results(SCENARIO, "fleet.json")
 
 
 def vcpus(lab):

@@ -18,16 +18,19 @@ import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import growth  # noqa: E402
-from lab import scenario_results  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
 
 
+SCENARIO = Scenario("growth", script="tests/lab/growth.py",
+                    env="KVMEXIT_LAB_GROWTH")
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return scenario_results(tmp_path_factory, "tests/lab/growth.py",
-                            "growth.json", "KVMEXIT_LAB_GROWTH")
+def lab(lab_runs):
+    return lab_runs.results(SCENARIO, "growth.json")
 
 
 def vcpus(lab):

@@ -22,7 +22,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import run_test_command  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 
 # SVM exit codes (arch/x86/include/uapi/asm/svm.h); the lab's CPU is AMD.
 READ_CR4, WRITE_CR4, HLT, IOIO = 0x04, 0x14, 0x78, 0x7b
@@ -184,18 +184,22 @@ def kernel_count(hists, event, tid, want):
     raise AssertionError(f"no trigger on {event} counts {sorted(want)}")
 
 
+def command(outdir):
+    # From a file: vng hands the command over on the kernel command line,
+    # which a script this long would overflow (the lab then never boots).
+    script = os.path.join(outdir, "lab.sh")
+    with open(script, "w") as f:
+        f.write(lab_script(outdir) + "\n")
+    return ["/bin/sh", script]
+
+
+SCENARIO = Scenario("guests", command=command, timeout=600,
+                    env="KVMEXIT_LAB_GUESTS")
+
+
 @pytest.fixture(scope="module")
-def lab_dir(tmp_path_factory):
-    def command(outdir):
-        # From a file: vng hands the command over on the kernel command
-        # line, which a script this long would overflow (the lab then
-        # never boots).
-        script = os.path.join(outdir, "lab.sh")
-        with open(script, "w") as f:
-            f.write(lab_script(outdir) + "\n")
-        return ["/bin/sh", script]
-    return pathlib.Path(run_test_command(tmp_path_factory, "lab", command,
-                                         timeout=600))
+def lab_dir(lab_runs):
+    return pathlib.Path(lab_runs.outdir(SCENARIO))
 
 
 @pytest.fixture(scope="module")

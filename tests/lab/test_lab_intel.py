@@ -19,8 +19,7 @@ import pytest
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [LAB_DIR, os.path.dirname(os.path.dirname(LAB_DIR))]
-import intel  # noqa: E402
-from lab import scenario_results  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 import kvmexit  # noqa: E402
 
 ISA_VMX = 1
@@ -35,11 +34,13 @@ EXPECTED = [{IO_INSTRUCTION: 150, CR_ACCESS: 3, MSR_READ: 11, MSR_WRITE: 17,
              CPUID: 29, VMCALL: 37, HLT: 1}]
 
 
+SCENARIO = Scenario("intel", script="tests/lab/intel_scenario.py",
+                    lab="intel", timeout=2400, env="KVMEXIT_LAB_INTEL")
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return scenario_results(tmp_path_factory, "tests/lab/intel_scenario.py",
-                            "intel.json", "KVMEXIT_LAB_RESULTS",
-                            run=intel.run_in_lab, timeout=3000)
+def lab(lab_runs):
+    return lab_runs.results(SCENARIO, "intel.json")
 
 
 def vcpus(lab):

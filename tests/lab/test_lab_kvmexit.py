@@ -19,17 +19,20 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lab import scenario_results  # noqa: E402
+from fixtures import Scenario  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
 FIRST = "Display kvm exit reasons and statistics for "
 
 
+SCENARIO = Scenario("kvmexit", script="tests/lab/scenario.py",
+                    env="KVMEXIT_LAB_RESULTS")
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    return scenario_results(tmp_path_factory, "tests/lab/scenario.py",
-                            "scenario.json", "KVMEXIT_LAB_RESULTS")
+def lab(lab_runs):
+    return lab_runs.results(SCENARIO, "scenario.json")
 
 
 def kernel(lab, guest=None, tids=None):

@@ -1,0 +1,175 @@
+"""The lab tests' pytest glue: each lab boots once per test session.
+
+A lab test module names its scenario, a command run in a lab that writes
+its results to a directory of its own:
+
+    SCENARIO = Scenario("kvmexit", script="tests/lab/scenario.py")
+
+    @pytest.fixture(scope="module")
+    def lab(lab_runs):
+        return lab_runs.results(SCENARIO, "scenario.json")
+
+Once pytest has collected the tests, LabRuns knows every scenario the
+session needs (tests/lab/conftest.py).  The scenarios of one lab run one
+after another in one boot of it (tests/lab/sequence.py), each with its own
+directory, timeout and exit status, and no hist trigger left over from
+the one before: a scenario that fails fails only its own module's tests.
+The Intel lab (slow, single-threaded) starts in the background as soon as
+the tests are collected and works while the others run; the AMD lab boots
+when its first test needs it.  A lab that freezes is booted again once,
+in new directories, for the scenarios that had not finished; a second
+freeze fails their tests.  A scenario's environment variable (`env`), set
+to an earlier run's directory, checks that run's results again without
+booting (while working on the tests).
+"""
+
+import json
+import os
+import tempfile
+import threading
+import time
+
+from core import GUEST_PYTHON, LAB_DIR, LabError, LabFrozen, lab_of
+
+
+class Scenario:
+    """A command run in a lab for one test module: `script OUTDIR`, or
+    `command(OUTDIR)` (an argv) for one built at run time."""
+
+    def __init__(self, name, script=None, command=None, lab="amd",
+                 timeout=1800, env=None):
+        self.name, self.lab, self.timeout, self.env = name, lab, timeout, env
+        self.command = command or (lambda outdir: [GUEST_PYTHON, script,
+                                                   outdir])
+
+
+class LabRuns:
+    """The session's lab runs: one boot per lab for all its scenarios."""
+
+    def __init__(self, scenarios, base=None, lab_of=lab_of):
+        self.base = base            # made when a lab first boots
+        self.lab_of = lab_of
+        self.groups = {}
+        for s in scenarios:
+            if not (s.env and os.environ.get(s.env)):
+                self.groups.setdefault(s.lab, {})[s.name] = s
+        self.done = {}              # lab kind: {scenario name: outdir}
+        self.errors = {}            # lab kind: why it could not run
+        self.threads = {}
+        self.labs = []
+
+    def start_in_background(self, kind):
+        if kind in self.groups and kind not in self.threads:
+            thread = threading.Thread(target=self.run_group, args=(kind,),
+                                      daemon=True)
+            self.threads[kind] = thread
+            thread.start()
+
+    def cancel(self):
+        """Stop the labs still running (the session ends) and wait for
+        their threads."""
+        for lab in self.labs:
+            lab.cancelled.set()
+        for thread in self.threads.values():
+            thread.join(60)
+
+    def outdir(self, scenario):
+        """The scenario's directory once its lab has run it; fails the test
+        unless it ended with status 0."""
+        if scenario.env and os.environ.get(scenario.env):
+            return os.environ[scenario.env]
+        kind = scenario.lab
+        if kind in self.threads:
+            self.threads[kind].join()
+        elif kind not in self.done and kind not in self.errors:
+            self.groups.setdefault(kind, {})[scenario.name] = scenario
+            self.run_group(kind)
+        if kind in self.errors:
+            raise AssertionError(self.errors[kind])
+        out = self.done[kind][scenario.name]
+        status = read_json(os.path.join(out, "status"))
+        if status is None or status["status"] != 0:
+            raise AssertionError(
+                f"{scenario.name} failed ({status}) in the {kind} lab:\n" +
+                read_text(os.path.join(out, "output"))[-4000:])
+        return out
+
+    def results(self, scenario, name):
+        """The JSON file `name` the scenario wrote."""
+        with open(os.path.join(self.outdir(scenario), name)) as f:
+            return json.load(f)
+
+    def run_group(self, kind):
+        """Boot the lab once for the scenarios of its group; a lab that
+        froze once more, in new directories, for those left."""
+        scenarios = list(self.groups[kind].values())
+        started = time.monotonic()
+        try:
+            try:
+                self.boot(kind, scenarios, 1)
+            except LabFrozen as e:
+                print(f"lab: {e}; booting it again, once", flush=True)
+                self.boot(kind, scenarios, 2)
+        except LabError as e:
+            self.errors[kind] = (f"the {kind} lab did not run "
+                                 f"{', '.join(s.name for s in scenarios)}: "
+                                 f"{e}\n{e.output[-3000:]}")
+        print(f"lab: the {kind} lab's scenarios in "
+              f"{time.monotonic() - started:.0f} s in all", flush=True)
+
+    def boot(self, kind, scenarios, attempt):
+        """One boot running the scenarios not done yet (each in a new
+        directory: a frozen run's files would mislead)."""
+        done = self.done.setdefault(kind, {})
+        left = [s for s in scenarios if s.name not in done or
+                read_json(os.path.join(done[s.name], "status")) is None]
+        self.base = self.base or tempfile.mkdtemp(prefix="kvmexit-lab-runs-")
+        top = os.path.join(self.base, f"{kind}-{attempt}")
+        plan = []
+        for s in left:
+            out = os.path.join(top, s.name)
+            os.makedirs(out)
+            done[s.name] = out
+            plan.append({"name": s.name, "argv": s.command(out),
+                         "outdir": out, "timeout": s.timeout})
+        path = os.path.join(top, "plan.json")
+        with open(path, "w") as f:
+            json.dump(plan, f, indent=1)
+        # Scenarios of the background lab keep quiet: their output is in
+        # their directories.
+        quiet = kind in self.threads
+        lab = self.lab_of(kind)
+        self.labs.append(lab)
+        rc, output = lab.run(
+            [GUEST_PYTHON, os.path.join(LAB_DIR, "sequence.py"), path],
+            timeout=sum(s.timeout for s in left) + 600, outdir=top,
+            quiet=quiet)
+        if rc != 0:
+            raise LabError(f"sequence.py ended with status {rc}", output)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return "(no output)"
+
+
+def module_scenarios(items):
+    """The scenarios of the collected test modules, each once."""
+    found = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        scenario = getattr(module, "SCENARIO", None)
+        if isinstance(scenario, Scenario):
+            found[scenario.name] = scenario
+    return list(found.values())
