@@ -21,9 +21,11 @@
 #   exit handling times (--latency)            --detail's sub-keys
 #   the program: a MapSpec per map, a Feature per option that adds to
 #     it, and Program, the configuration built once from the options
-#   BPF program: compile, load, attach         reading the maps (Snapshot)
-#   threads that have exited (Ledger)          report (text, JSON, CSV)
-#   --prometheus                               main
+#   BPF program: compile, load, attach         privileges (capabilities)
+#   reading the maps (Snapshot)                threads that have exited:
+#     their tables, the VM names, the Ledger   report (text, JSON, CSV)
+#   --prometheus, its self-metrics and         main
+#     --web.config.file (TLS, basic auth)
 
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
@@ -237,6 +239,32 @@ def label_list(text):
             % (", ".join(SERIES_LABELS), text))
     return tuple(label for label in SERIES_LABELS
                  if label in chosen or label == "reason")
+
+
+VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
+
+
+# Options of --prometheus only: (argparse dest, how the user spells it).
+PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"), ("labels", "--labels"),
+                      ("latency_labels", "--latency-labels"),
+                      ("web_config", "--web.config.file"),
+                      ("web_max_requests", "--web.max-requests"))
+
+
+DEFAULT_MAX_REQUESTS = 40       # node_exporter's --web.max-requests
+
+
+def listen_address(text):
+    """[ADDR:]PORT -> (host, port); ADDR is 127.0.0.1 unless given, an
+    IPv6 one in brackets ([::1]:9417)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdecimal() or not 0 < int(port) < 65536 or \
+            (sep and not host):
+        raise argparse.ArgumentTypeError(
+            "must be [ADDR:]PORT, PORT from 1 to 65535: %r" % text)
+    return (host if sep else "127.0.0.1"), int(port)
 
 
 def build_parser():
@@ -1773,6 +1801,26 @@ def select_readable(args, proc="/proc"):
 BCC_CAUSES = ("Unable to find kernel headers",)
 
 
+def capture_file():
+    """A file for CapturedStderr: in memory, else a temporary file, else
+    None (no usable temporary directory, RLIMIT_FSIZE...)."""
+    try:
+        fd = os.memfd_create("kvmexit-messages")
+    except (OSError, AttributeError):
+        try:
+            return tempfile.TemporaryFile(mode="w+", errors="replace")
+        except OSError:
+            return None
+    return open(fd, "w+", errors="replace")
+
+
+def flush_c_stdio():
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
 class CapturedStderr:
     """Holds what libbcc and clang write to fds 1 and 2 (they bypass
     sys.stdout and sys.stderr; bcc prints some complaints to stdout, which
@@ -1824,26 +1872,6 @@ class CapturedStderr:
             if line.startswith("processed "):
                 return before
         return lines[0] if lines else ""
-
-
-def capture_file():
-    """A file for CapturedStderr: in memory, else a temporary file, else
-    None (no usable temporary directory, RLIMIT_FSIZE...)."""
-    try:
-        fd = os.memfd_create("kvmexit-messages")
-    except (OSError, AttributeError):
-        try:
-            return tempfile.TemporaryFile(mode="w+", errors="replace")
-        except OSError:
-            return None
-    return open(fd, "w+", errors="replace")
-
-
-def flush_c_stdio():
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
 
 
 def check_program(b, source):
@@ -2383,6 +2411,59 @@ class ThreadTables:
         return entries
 
 
+#
+# VM names: what each VMM's command line calls the VM
+#
+def qemu_name(value):
+    """-name guest=NAME,... or -name NAME,..."""
+    params = dict(p.partition("=")[::2] for p in value.split(","))
+    return params.get("guest") or value.split(",")[0]
+
+
+# The flag that names the VM on each VMM's command line, and how to read
+# its value (README, "VM names"): QEMU, and libvirt's QEMU, -name;
+# Firecracker (and its jailer's) --id.  cloud-hypervisor and crosvm have
+# none: their process name stands for the VM.
+VM_NAME_FLAGS = {"-name": qemu_name, "--name": qemu_name,
+                 "--id": lambda value: value}
+
+
+def guest_name(argv):
+    """The VM's name on its VMM's command line, else None."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in VM_NAME_FLAGS:
+            return VM_NAME_FLAGS[flag](value)
+    return None
+
+
+class Ident(collections.namedtuple("Ident", "comm guest")):
+    """What a VM is called: its process name (comm), and the name its
+    VMM's command line gives it (guest_name(); None: none)."""
+
+    __slots__ = ()
+
+    def text(self):
+        """As reports show it: 'comm guest=NAME' or 'comm'."""
+        return self.comm if self.guest is None else "%s guest=%s" % (
+            self.comm, self.guest)
+
+    def label(self):
+        """As the `vm` label: the VM's name, else the process name."""
+        return self.guest or self.comm
+
+
+def process_ident(pid, proc="/proc"):
+    """The Ident of a running process, None if it is gone."""
+    try:
+        comm = read_text("%s/%d/comm" % (proc, pid))
+        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
+    except OSError:
+        return None
+    guest = guest_name(argv)
+    return Ident(printable(comm[:-1] if comm.endswith("\n") else comm),
+                 None if guest is None else printable(guest))
+
+
 class Ledger:
     """Final counts of threads that have exited, moved out of the kernel's
     tables so that the threads of new VMs find room there.
@@ -2658,34 +2739,6 @@ def report_rows(selection, snap, top=None):
                         selection.group, top)
 
 
-class Ident(collections.namedtuple("Ident", "comm guest")):
-    """What a VM is called: its process name (comm), and the name its
-    VMM's command line gives it (guest_name(); None: none)."""
-
-    __slots__ = ()
-
-    def text(self):
-        """As reports show it: 'comm guest=NAME' or 'comm'."""
-        return self.comm if self.guest is None else "%s guest=%s" % (
-            self.comm, self.guest)
-
-    def label(self):
-        """As the `vm` label: the VM's name, else the process name."""
-        return self.guest or self.comm
-
-
-def process_ident(pid, proc="/proc"):
-    """The Ident of a running process, None if it is gone."""
-    try:
-        comm = read_text("%s/%d/comm" % (proc, pid))
-        argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
-    except OSError:
-        return None
-    guest = guest_name(argv)
-    return Ident(printable(comm[:-1] if comm.endswith("\n") else comm),
-                 None if guest is None else printable(guest))
-
-
 def process_name(pid, proc="/proc"):
     """The process name, with the VM's name when its VMM gives one."""
     ident = process_ident(pid, proc)
@@ -2902,59 +2955,16 @@ def warn_lost(snap):
 #
 # --prometheus: /metrics for a Prometheus server
 #
-VERSION = "1.0.0"           # setup.cfg's; a test keeps them equal
 # Histogram edges, as log2(ns): every other power of two from 256 ns to
 # ~17 s.  Each is where a bucket of the in-kernel log-linear histogram
 # begins, so the count below each edge is exact.
 LATENCY_EDGES = tuple(range(8, 35, 2))
 
 
-# Options of --prometheus only: (argparse dest, how the user spells it).
-PROMETHEUS_OPTIONS = (("keep_gone", "--keep-gone"), ("labels", "--labels"),
-                      ("latency_labels", "--latency-labels"),
-                      ("web_config", "--web.config.file"),
-                      ("web_max_requests", "--web.max-requests"))
-
-
 def lost_label(macro):
     """The `why` label of a LOST_* reason: LOST_RARE_TABLE_FULL ->
     rare_table_full."""
     return macro[len("LOST_"):].lower()
-
-
-def listen_address(text):
-    """[ADDR:]PORT -> (host, port); ADDR is 127.0.0.1 unless given, an
-    IPv6 one in brackets ([::1]:9417)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port.isdecimal() or not 0 < int(port) < 65536 or \
-            (sep and not host):
-        raise argparse.ArgumentTypeError(
-            "must be [ADDR:]PORT, PORT from 1 to 65535: %r" % text)
-    return (host if sep else "127.0.0.1"), int(port)
-
-
-def qemu_name(value):
-    """-name guest=NAME,... or -name NAME,..."""
-    params = dict(p.partition("=")[::2] for p in value.split(","))
-    return params.get("guest") or value.split(",")[0]
-
-
-# The flag that names the VM on each VMM's command line, and how to read
-# its value (README, "VM names"): QEMU, and libvirt's QEMU, -name;
-# Firecracker (and its jailer's) --id.  cloud-hypervisor and crosvm have
-# none: their process name stands for the VM.
-VM_NAME_FLAGS = {"-name": qemu_name, "--name": qemu_name,
-                 "--id": lambda value: value}
-
-
-def guest_name(argv):
-    """The VM's name on its VMM's command line, else None."""
-    for flag, value in zip(argv, argv[1:]):
-        if flag in VM_NAME_FLAGS:
-            return VM_NAME_FLAGS[flag](value)
-    return None
 
 
 def vm_label(pid, proc="/proc"):
@@ -3061,6 +3071,13 @@ def bcc_native():
     return lib
 
 
+def bpf_stats_enabled():
+    try:
+        return read_text(BPF_STATS_ENABLED).strip() == "1"
+    except OSError:
+        return False
+
+
 class BpfSelf:
     """What kvmexit's BPF object holds: the fill of its hash tables and,
     when kernel.bpf_stats_enabled is 1, its programs' run time and count."""
@@ -3119,13 +3136,6 @@ class BpfSelf:
         if any(runs for _, _, runs in stats) or bpf_stats_enabled():
             return stats
         return []
-
-
-def bpf_stats_enabled():
-    try:
-        return read_text(BPF_STATS_ENABLED).strip() == "1"
-    except OSError:
-        return False
 
 
 # --detail's series: the sub-keys kept per VM (and vCPU) and exit reason,
@@ -3374,7 +3384,6 @@ class Exporter:
 # --web.config.file: TLS and basic auth, in the format of Prometheus'
 # exporter-toolkit (the file node_exporter reads), so one file serves both
 #
-DEFAULT_MAX_REQUESTS = 40       # node_exporter's --web.max-requests
 WEB_CONFIG_KEYS = {
     "tls_server_config": ("cert_file", "key_file", "client_ca_file",
                           "client_auth_type", "min_version", "max_version",
@@ -3464,47 +3473,6 @@ class WebConfig:
         return True
 
 
-def load_web_config(path):
-    """Parse and check --web.config.file; every problem is one Error."""
-    def fail(what):
-        return Error("--web.config.file %s: %s" % (path, what))
-
-    try:
-        import yaml
-    except Exception:
-        raise fail("needs the Python module yaml (install python3-yaml)")
-    try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
-    except OSError as e:
-        raise fail(e.strerror or str(e))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        mark = getattr(e, "problem_mark", None)
-        raise fail("not YAML%s: %s" % (
-            " (line %d, column %d)" % (mark.line + 1, mark.column + 1)
-            if mark else "", getattr(e, "problem", None) or e))
-    config = {} if config is None else config
-    sections = {}
-    for key, value in web_mapping(config, "the file", fail).items():
-        if key not in WEB_CONFIG_KEYS:
-            raise fail("unknown key %r" % key)
-        known = WEB_CONFIG_KEYS[key]
-        sections[key] = web_mapping(value, key, fail) if value is not None \
-            else {}
-        for sub, v in sections[key].items():
-            if known is not None and sub not in known:
-                raise fail("unknown key %s.%s" % (key, sub))
-            if sub in WEB_UNSUPPORTED and v not in (None, "", []) and \
-                    known is not None:
-                raise fail("%s.%s is not supported: %s"
-                           % (key, sub, WEB_UNSUPPORTED[sub]))
-    directory = os.path.dirname(os.path.abspath(path))
-    return WebConfig(
-        tls_context(sections.get("tls_server_config", {}), directory, fail),
-        basic_auth_users(sections.get("basic_auth_users", {}), fail),
-        response_headers(sections.get("http_server_config", {}), fail))
-
-
 def web_mapping(value, where, fail):
     if not isinstance(value, dict) or not all(isinstance(k, str)
                                               for k in value):
@@ -3523,6 +3491,15 @@ def web_string(section, key, fail, directory=None):
     if directory and value:
         return os.path.join(directory, value)
     return value
+
+
+def tls_problem(e):
+    """OpenSSL's reason (KEY_VALUES_MISMATCH: 'key values mismatch'), or
+    the system's for a file that cannot be read."""
+    reason = getattr(e, "reason", None)
+    if reason:
+        return reason.lower().replace("_", " ")
+    return e.strerror or str(e)
 
 
 def tls_context(tls, directory, fail):
@@ -3576,15 +3553,6 @@ def tls_context(tls, directory, fail):
     return context
 
 
-def tls_problem(e):
-    """OpenSSL's reason (KEY_VALUES_MISMATCH: 'key values mismatch'), or
-    the system's for a file that cannot be read."""
-    reason = getattr(e, "reason", None)
-    if reason:
-        return reason.lower().replace("_", " ")
-    return e.strerror or str(e)
-
-
 def basic_auth_users(users, fail):
     for user, hashed in users.items():
         if not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
@@ -3606,6 +3574,47 @@ def response_headers(http, fail):
             raise fail("http_server_config.headers: %r is not one of %s"
                        % (name, ", ".join(WEB_HEADERS)))
     return headers.items()
+
+
+def load_web_config(path):
+    """Parse and check --web.config.file; every problem is one Error."""
+    def fail(what):
+        return Error("--web.config.file %s: %s" % (path, what))
+
+    try:
+        import yaml
+    except Exception:
+        raise fail("needs the Python module yaml (install python3-yaml)")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise fail(e.strerror or str(e))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        raise fail("not YAML%s: %s" % (
+            " (line %d, column %d)" % (mark.line + 1, mark.column + 1)
+            if mark else "", getattr(e, "problem", None) or e))
+    config = {} if config is None else config
+    sections = {}
+    for key, value in web_mapping(config, "the file", fail).items():
+        if key not in WEB_CONFIG_KEYS:
+            raise fail("unknown key %r" % key)
+        known = WEB_CONFIG_KEYS[key]
+        sections[key] = web_mapping(value, key, fail) if value is not None \
+            else {}
+        for sub, v in sections[key].items():
+            if known is not None and sub not in known:
+                raise fail("unknown key %s.%s" % (key, sub))
+            if sub in WEB_UNSUPPORTED and v not in (None, "", []) and \
+                    known is not None:
+                raise fail("%s.%s is not supported: %s"
+                           % (key, sub, WEB_UNSUPPORTED[sub]))
+    directory = os.path.dirname(os.path.abspath(path))
+    return WebConfig(
+        tls_context(sections.get("tls_server_config", {}), directory, fail),
+        basic_auth_users(sections.get("basic_auth_users", {}), fail),
+        response_headers(sections.get("http_server_config", {}), fail))
 
 
 def guarded(app, web, max_requests):
@@ -3768,6 +3777,32 @@ def sd_notify(state, environ=None):
     return True
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+# How long one sigtimedwait() waits when the wait has no end.
+LONG_WAIT = 3600.0
+
+
+def wait_for_stop(seconds):
+    """Sleep; True if Ctrl-C or SIGTERM came first.  The signals are
+    blocked and taken here, so one arriving while a report is being read or
+    printed waits for the next wait instead of cutting the report short.
+    Only a stop signal ends it: after a SIGSTOP/SIGCONT (Ctrl-Z, a
+    debugger) CPython 3.11's sigtimedwait() can return early, even with a
+    siginfo of no signal, so the answer is checked and the wait resumed."""
+    deadline = None if seconds is None else \
+        time.monotonic() + max(0.0, seconds)
+    while True:
+        left = LONG_WAIT if deadline is None else \
+            deadline - time.monotonic()
+        if left <= 0:
+            return False
+        info = signal.sigtimedwait(STOP_SIGNALS, left)
+        if info is not None and info.si_signo in STOP_SIGNALS:
+            return True
+
+
 def serve(server, exporter, ledger, tables, keep, debug=False):
     """--prometheus: serve scrapes until SIGTERM or Ctrl-C, retiring the
     threads of ended VMs every TICK seconds and dropping the series of VMs
@@ -3805,32 +3840,6 @@ def first_line(selection, args):
     if args.duration:
         return line + " after sleeping %d secs." % args.duration
     return line + "... Hit Ctrl-C to end."
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-# How long one sigtimedwait() waits when the wait has no end.
-LONG_WAIT = 3600.0
-
-
-def wait_for_stop(seconds):
-    """Sleep; True if Ctrl-C or SIGTERM came first.  The signals are
-    blocked and taken here, so one arriving while a report is being read or
-    printed waits for the next wait instead of cutting the report short.
-    Only a stop signal ends it: after a SIGSTOP/SIGCONT (Ctrl-Z, a
-    debugger) CPython 3.11's sigtimedwait() can return early, even with a
-    siginfo of no signal, so the answer is checked and the wait resumed."""
-    deadline = None if seconds is None else \
-        time.monotonic() + max(0.0, seconds)
-    while True:
-        left = LONG_WAIT if deadline is None else \
-            deadline - time.monotonic()
-        if left <= 0:
-            return False
-        info = signal.sigtimedwait(STOP_SIGNALS, left)
-        if info is not None and info.si_signo in STOP_SIGNALS:
-            return True
 
 
 def wait_ticking(until, tick=None):
@@ -3874,6 +3883,15 @@ def trace(read, report, args, tick=None):
         earlier, last, done = snap, now, done + 1
         if interrupted or not args.interval or done == args.count:
             return
+
+
+def announce(line):
+    """--prometheus's first line: stdout is no report there, so a closed or
+    full one does not stop the service."""
+    try:
+        emit(line)
+    except OutputError:
+        pass
 
 
 def main(argv=None, stdout_closed=False):
@@ -3954,15 +3972,6 @@ def main(argv=None, stdout_closed=False):
     trace(lambda: ledger.read(tables, takes_retired(args)), output.report,
           args, tick)
     return 0
-
-
-def announce(line):
-    """--prometheus's first line: stdout is no report there, so a closed or
-    full one does not stop the service."""
-    try:
-        emit(line)
-    except OutputError:
-        pass
 
 
 class ForgivingStream:
