@@ -1,7 +1,7 @@
 """Capacity: nothing is lost silently.
 
 kvmexit's program is loaded with a thread table of 4 (load_program's
-max_threads) and overfilled through BPF_PROG_TEST_RUN (tests/bpfrun.py):
+max_threads) and overfilled through BPF_PROG_TEST_RUN (tests/helpers/bpfrun.py):
 threads pinned to CPUs 0 and 1 of this process, each test run one kvm_exit
 of the raw-old probe (exit_reason, vcpu, isa).  The threads that got a
 place are counted exactly; every exit of the others is counted as lost,

@@ -3,7 +3,7 @@ table that starts at 1,024, every exit counted once.
 
 kvmexit's program (raw-old mode, SVM layout, -DGROWTH) runs through
 BPF_PROG_TEST_RUN from live threads of this process pinned to CPUs 0 and
-1 (tests/bpfrun.py).  ThreadTables keeps a free generation twice the
+1 (tests/helpers/bpfrun.py).  ThreadTables keeps a free generation twice the
 newest's size; between batches, ThreadTables.grow() runs as the tool runs
 it every second and adds the next once a thread has entered the free one.
 Runs as root on the real kernel."""

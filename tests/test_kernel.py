@@ -5,7 +5,7 @@ tracepoint of new kernels (kvm_exit(vcpu, isa)).  This host's KVM never
 fires kvm_exit, so counting is checked with the raw program of old kernels
 (kvm_exit(exit_reason, vcpu, isa)), which loads here but does not attach:
 BPF_PROG_TEST_RUN runs it in the kernel from threads of this process pinned
-to chosen CPUs (tests/bpfrun.py), each run one kvm_exit event with the
+to chosen CPUs (tests/helpers/bpfrun.py), each run one kvm_exit event with the
 exit reason and isa we choose.  Counts are then read back with
 kvmexit.snapshot() and printed with print_report()."""
 

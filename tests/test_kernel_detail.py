@@ -11,7 +11,7 @@ tracepoints' fields as ctx->args and running the same code:
   test_kvm_page_fault(address, error_code)
   test_kvm_userspace_exit(reason, errno)
 BPF_PROG_TEST_RUN runs them from threads of this process pinned to a CPU
-(tests/bpfrun.py), with exit information encoded as the CPUs encode it
+(tests/helpers/bpfrun.py), with exit information encoded as the CPUs encode it
 (AMD APM vol. 2, Intel SDM vol. 3C); the sub-counts read back must be
 exact and decoded as the CPU meant them."""
 

@@ -4,7 +4,7 @@ The exporter's collector reads kvmexit's program (raw-old mode, SVM
 layout), filled through BPF_PROG_TEST_RUN by real processes: children
 started with QEMU's `-name guest=NAME` on their command line (or another
 process name), handed the program's fd, each test run one kvm_exit of
-theirs (tests/bpfrun.py).  Scrapes are parsed with prometheus_client's own
+theirs (tests/helpers/bpfrun.py).  Scrapes are parsed with prometheus_client's own
 parser.  The HTTP side is a real server on loopback, and the command is
 run as the service would run it.  A real Prometheus server scrapes it in
 the lab (tests/lab/test_lab_fleet.py).

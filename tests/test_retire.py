@@ -3,7 +3,7 @@ nothing they counted is lost.
 
 kvmexit's program (raw-old mode, SVM layout) runs through
 BPF_PROG_TEST_RUN from threads of this process pinned to CPUs 0 and 1
-(tests/bpfrun.py): each test run is one kvm_exit of that thread on that
+(tests/helpers/bpfrun.py): each test run is one kvm_exit of that thread on that
 CPU.  Threads that have ended stand for the vCPU threads of ended VMs;
 kvmexit.Ledger retires them as the tool does, every second.
 

@@ -8,7 +8,7 @@ program is the same as before.
 
 Per-event cost, with kernel.bpf_stats_enabled=1 (restored afterwards):
 run_time_ns / run_cnt of each program over runs through BPF_PROG_TEST_RUN
-from one thread pinned to one CPU (tests/bpfrun.py).  The --detail program
+from one thread pinned to one CPU (tests/helpers/bpfrun.py).  The --detail program
 is built with -DTEST_ENTRIES, whose raw tracepoint entries run the same
 code as its tracepoint programs with the fields as ctx->args:
 test_kvm_exit is kvm_exit's program (detail_exit() then count_exit()),
