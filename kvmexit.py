@@ -652,6 +652,30 @@ def tracepoint_dir():
     return None
 
 
+def format_fields(fmt):
+    """The field names of a tracepoint's format file."""
+    return set(re.findall(r"^\s*field:[^;]*?(\w+)(?:\[\d*\])?;", fmt,
+                          re.MULTILINE))
+
+
+def check_exit_fields(tp_dir):
+    """The counts come from kvm_exit's exit_reason and isa (x86: VMX, SVM).
+    arm64's kvm_exit has ret and esr_ec instead; its raw tracepoint's first
+    argument is ret, so counting there would start, attach and report one
+    wrong row per thread: refuse instead."""
+    fields = format_fields(read_text(tp_dir + "/format"))
+    if {"exit_reason", "isa"} <= fields:
+        return
+    if "esr_ec" in fields:
+        raise Error("this is an arm64 KVM (kvm:kvm_exit has ret and esr_ec, "
+                    "no exit_reason): kvmexit counts only x86 (VMX and SVM) "
+                    "exits")
+    raise Error("kvm:kvm_exit has no exit_reason and isa fields (%s): "
+                "kvmexit counts only x86 (VMX and SVM) exits"
+                % ", ".join(sorted(f for f in fields
+                                   if not f.startswith("common_"))))
+
+
 def parse_format_names(fmt):
     """Exit reason names the kernel's kvm_exit print fmt knows.
 
@@ -3908,6 +3932,7 @@ def main(argv=None, stdout_closed=False):
                         "tracepoint (modprobe kvm_intel or kvm_amd)")
         raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
                     "mounted?)" % " or ".join(TRACEFS_DIRS))
+    check_exit_fields(tp_dir)
     selection = select_readable(args)
     vmms = vmm_processes()
     max_threads = args.max_threads or max(MIN_MAX_THREADS,

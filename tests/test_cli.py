@@ -306,6 +306,44 @@ def test_no_kvm_at_all(ready):
                                   "kvm_intel or kvm_amd)")
 
 
+FORMATS = os.path.join(ROOT, "tests", "formats")
+
+
+def with_kvm_exit_format(path):
+    """Run where kvm:kvm_exit's format file holds `path`'s text: a tmpfs
+    over tracefs in a mount namespace, as another kernel's KVM shows it."""
+    event = "/sys/kernel/tracing/events/kvm/kvm_exit"
+    script = "mount -t tmpfs none /sys/kernel/tracing && " \
+        "mount -t tmpfs none /sys/kernel/debug && mkdir -p %s && " \
+        "cp %s %s/format" % (event, path, event)
+    return ["unshare", "-m", "sh", "-c", script + '; exec "$0" "$@"']
+
+
+def test_refuses_arm64(ready):
+    # Debian's 6.1 arm64 kernel's format, recorded in the arm64 lab.
+    result = run_tool([1], python=None, prefix=with_kvm_exit_format(
+        os.path.join(FORMATS, "kvm_exit-6.1-arm64")))
+    assert_one_error_line(result, "kvmexit: this is an arm64 KVM "
+                                  "(kvm:kvm_exit has ret and esr_ec, no "
+                                  "exit_reason): kvmexit counts only x86 "
+                                  "(VMX and SVM) exits")
+
+
+def test_refuses_kvm_exit_without_reason(ready, tmp_path):
+    fmt = tmp_path / "format"
+    fmt.write_text("name: kvm_exit\nID: 1\nformat:\n"
+                   "\tfield:unsigned short common_type;\toffset:0;\t"
+                   "size:2;\tsigned:0;\n\n"
+                   "\tfield:unsigned int code;\toffset:8;\tsize:4;\t"
+                   "signed:0;\n\tfield:char name[16];\toffset:12;\t"
+                   "size:16;\tsigned:0;\n\n"
+                   'print fmt: "code %u", REC->code\n')
+    result = run_tool([1], python=None, prefix=with_kvm_exit_format(fmt))
+    assert_one_error_line(result, "kvmexit: kvm:kvm_exit has no exit_reason "
+                                  "and isa fields (code, name): kvmexit "
+                                  "counts only x86 (VMX and SVM) exits")
+
+
 @pytest.fixture
 def broken_copy(tmp_path):
     """A copy of the tool whose BPF C does not compile: two errors, on
