@@ -12,9 +12,10 @@
 #     programs run under qemu-aarch64 through binfmt_misc);
 # and, after `dpkg --add-architecture arm64`, downloads Debian's arm64
 # kernel of the same ABI as the amd64 headers (linux-image-6.1.0-NN-arm64)
-# and builds, once, a root holding python3-bpfcc, the matching
-# linux-headers-6.1.0-NN-arm64 and busybox-static as an uncompressed
-# initramfs (newc cpio) whose /init is INIT below.
+# and builds, once, a root holding python3-bpfcc and python3-numpy (what
+# kvmexit imports), the matching linux-headers-6.1.0-NN-arm64 and
+# busybox-static as an uncompressed initramfs (newc cpio) whose /init is
+# INIT below.
 # Results are cached under $KVMEXIT_ARM64_CACHE (default
 # /var/cache/kvmexit-lab/arm64), keyed by the packages' versions and this
 # recipe's: a new Debian point release builds a new root, nothing else does.
@@ -27,7 +28,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 CACHE=${KVMEXIT_ARM64_CACHE:-/var/cache/kvmexit-lab/arm64}
 # Bump when the root's recipe (packages, trimming, INIT) changes.
-RECIPE=2
+RECIPE=3
 SUITE=bookworm
 
 LAB_NAME="arm64 lab"
@@ -39,28 +40,41 @@ source "$(dirname "$0")/setup_lib.sh"
 # share directories with the host.
 MODULES="virtio_pci 9pnet_virtio 9p"
 
-# The initramfs's first process.  It mounts what a lab command needs, the
-# host directories QEMU shares (-virtfs tags "src": read-only, "out":
-# writable), runs /out/lab-command if there is one (else a shell on the
-# console), records its status in /out/lab-status and powers off.
+# The initramfs's first process.  It mounts what a lab command needs and
+# the host directories QEMU shares with -virtfs: tag "src" read-only, tag
+# "out" writable, at the paths the kernel arguments lab.src= and lab.out=
+# give (default /src and /out: a runner can give the host's own paths, so
+# that paths mean the same inside).  Then, from the src directory, it runs
+# lab.run= (default OUT/lab-command) if that exists, else a shell on the
+# console; it records the status in OUT/lab-status and powers off.
 INIT='#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm /sys/kernel/tracing /src /out
+mkdir -p /dev/pts /dev/shm /sys/kernel/tracing
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+src=/src out=/out run=
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+    lab.src=*) src=${arg#lab.src=} ;;
+    lab.out=*) out=${arg#lab.out=} ;;
+    lab.run=*) run=${arg#lab.run=} ;;
+    esac
+done
+run=${run:-$out/lab-command}
 for m in virtio_pci 9pnet_virtio 9p; do modprobe $m; done
-mount -t 9p -o trans=virtio,version=9p2000.L,ro src /src 2>/dev/null
-mount -t 9p -o trans=virtio,version=9p2000.L out /out 2>/dev/null
-if [ -x /out/lab-command ]; then
-    cd /src 2>/dev/null || cd /
-    /out/lab-command
-    echo $? > /out/lab-status
+mkdir -p "$src" "$out"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro src "$src" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L out "$out" 2>/dev/null
+if [ -x "$run" ]; then
+    cd "$src" 2>/dev/null || cd /
+    "$run"
+    echo $? > "$out/lab-status"
     sync
 else
     setsid cttyhack sh -l
@@ -81,8 +95,9 @@ mirror_of() {
 # Sets $versions: "PACKAGE VERSION" lines, the candidates of the packages
 # the lab takes from Debian (one apt-cache run: each takes seconds).
 read_versions() {
-    versions=$(apt-cache policy python3-bpfcc "linux-headers-$release:arm64" \
-        busybox-static:arm64 "linux-image-$release:arm64" |
+    versions=$(apt-cache policy python3-bpfcc python3-numpy:arm64 \
+        "linux-headers-$release:arm64" busybox-static:arm64 \
+        "linux-image-$release:arm64" |
         awk '/^[^ ]/ { sub(":$", ""); name = $0 }
              /Candidate:/ && $2 != "(none)" { print name, $2 }')
 }
@@ -210,7 +225,8 @@ build_root() {
     rm -rf "$root"
     log "building the arm64 root from $mirror (a few minutes)"
     mmdebstrap --arch=arm64 --variant=apt --quiet \
-        --include="python3-bpfcc,linux-headers-$release,busybox-static" \
+        --include=python3-bpfcc,python3-numpy \
+        --include="linux-headers-$release,busybox-static" \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' \
