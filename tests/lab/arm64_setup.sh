@@ -28,7 +28,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 CACHE=${KVMEXIT_ARM64_CACHE:-/var/cache/kvmexit-lab/arm64}
 # Bump when the root's recipe (packages, trimming, INIT) changes.
-RECIPE=3
+RECIPE=4
 SUITE=bookworm
 
 LAB_NAME="arm64 lab"
@@ -45,8 +45,9 @@ MODULES="virtio_pci 9pnet_virtio 9p"
 # "out" writable, at the paths the kernel arguments lab.src= and lab.out=
 # give (default /src and /out: a runner can give the host's own paths, so
 # that paths mean the same inside).  Then, from the src directory, it runs
-# lab.run= (default OUT/lab-command) if that exists, else a shell on the
-# console; it records the status in OUT/lab-status and powers off.
+# lab.run= (a runner's own script), or else OUT/lab-command if there is one
+# and records its status in OUT/lab-status (by hand), or else a shell on
+# the console; then it powers off.
 INIT='#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 mount -t proc proc /proc
@@ -66,19 +67,20 @@ for arg in $(cat /proc/cmdline); do
     lab.run=*) run=${arg#lab.run=} ;;
     esac
 done
-run=${run:-$out/lab-command}
 for m in virtio_pci 9pnet_virtio 9p; do modprobe $m; done
 mkdir -p "$src" "$out"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro src "$src" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L out "$out" 2>/dev/null
-if [ -x "$run" ]; then
-    cd "$src" 2>/dev/null || cd /
+cd "$src" 2>/dev/null || cd /
+if [ -n "$run" ]; then
     "$run"
+elif [ -x "$out/lab-command" ]; then
+    "$out/lab-command"
     echo $? > "$out/lab-status"
-    sync
 else
     setsid cttyhack sh -l
 fi
+sync
 poweroff -f
 '
 
