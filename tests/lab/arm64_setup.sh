@@ -138,8 +138,7 @@ enable_binfmt() {
 download_deb() {
     local pkg=$1 version file
     version=$(candidate "$pkg:arm64")
-    [ -n "$version" ] && [ "$version" != "(none)" ] ||
-        die "no arm64 package $pkg"
+    [ -n "$version" ] || die "no arm64 package $pkg"
     mkdir -p "$CACHE/debs"
     file=$(find "$CACHE/debs" -name "${pkg}_${version//:/%3a}_arm64.deb")
     if [ -z "$file" ]; then
