@@ -53,7 +53,8 @@ HEARTBEAT = 5
 # Time a stopped machine gets between SIGTERM and SIGKILL.
 KILL_GRACE = 10
 # The labs: kind -> (module, class), imported only when used.
-LABS = {"amd": ("amd", "AmdLab"), "intel": ("intel", "IntelLab")}
+LABS = {"amd": ("amd", "AmdLab"), "intel": ("intel", "IntelLab"),
+        "arm64": ("arm64", "Arm64Lab")}
 
 
 class LabError(Exception):

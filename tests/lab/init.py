@@ -39,8 +39,10 @@ def ensure_tracefs():
 def ensure_kvm():
     with open("/proc/cpuinfo") as f:
         cpuinfo = f.read()
-    module = "kvm_amd" if "AuthenticAMD" in cpuinfo else "kvm_intel"
-    subprocess.run(["modprobe", module], check=True)
+    # arm64's KVM is built in: /dev/kvm is there from boot.
+    if not os.path.exists("/dev/kvm"):
+        module = "kvm_amd" if "AuthenticAMD" in cpuinfo else "kvm_intel"
+        subprocess.run(["modprobe", module], check=True)
     fd = os.open("/dev/kvm", os.O_RDWR)
     try:
         # Making a VM is the cheap proof that KVM works, not just exists.
