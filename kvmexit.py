@@ -2035,16 +2035,71 @@ class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
     __slots__ = ()
 
 
+# A new table is described to the kernel with BTF, as bcc describes its
+# own maps: Linux up to 6.1 compares BTF-derived state of a map-in-map's
+# inner table with the template's (bcc's pcpu_kvm_stat), and refuses one
+# made without BTF with EINVAL.  The BTF is the least that says "u64 key,
+# array of u64 value": two INT types and an ARRAY.
+BTF_MAGIC, BTF_KIND_INT_INFO, BTF_KIND_ARRAY_INFO = 0xeb9f, 1 << 24, 3 << 24
+
+
+def counters_btf(words):
+    """A BTF blob: [1] u64, [2] u32, [3] u64[words]."""
+    strings = b"\0u64\0u32\0"
+    types = struct.pack("<IIII", 1, BTF_KIND_INT_INFO, 8, 64) + \
+        struct.pack("<IIII", 5, BTF_KIND_INT_INFO, 4, 32) + \
+        struct.pack("<IIIIII", 0, BTF_KIND_ARRAY_INFO, 0, 1, 2, words)
+    header = struct.pack("<HBBIIIII", BTF_MAGIC, 1, 0, 24, 0, len(types),
+                         len(types), len(strings))
+    return header + types + strings
+
+
+class MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts (libbpf 1.x)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32),
+                ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32),
+                ("map_ifindex", ctypes.c_uint32)]
+
+
+def libbpf():
+    """libbpf.so.1, which libbcc is linked with."""
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as e:
+        raise Error("cannot load libbpf.so.1 (libbpf1): %s" % e)
+    lib.bpf_btf_load.restype = ctypes.c_int
+    lib.bpf_btf_load.argtypes = [ctypes.c_char_p, ctypes.c_size_t,
+                                 ctypes.c_void_p]
+    lib.bpf_map_create.restype = ctypes.c_int
+    lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p] + \
+        [ctypes.c_uint32] * 3 + [ctypes.POINTER(MapCreateOpts)]
+    return lib
+
+
 def create_map(map_type, key_size, value_size, max_entries):
-    """A new map's fd, preallocated as bcc makes them."""
-    create = ctypes.CDLL(libbcc._name, use_errno=True).bcc_create_map
-    create.restype = ctypes.c_int
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int] * 4
-    fd = create(map_type, b"pcpu_kvm_stat", key_size, value_size,
-                max_entries, 0)
+    """A new preallocated map's fd, its u64 key and u64[] value in BTF."""
+    lib = libbpf()
+    btf = counters_btf(value_size // 8)
+    btf_fd = lib.bpf_btf_load(btf, len(btf), None)
+    if btf_fd < 0:
+        raise Error("cannot load the BTF of a new table: %s"
+                    % os.strerror(-btf_fd))
+    try:
+        opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), btf_fd=btf_fd,
+                             btf_key_type_id=1 if key_size == 8 else 2,
+                             btf_value_type_id=3)
+        fd = lib.bpf_map_create(map_type, b"pcpu_kvm_stat", key_size,
+                                value_size, max_entries, ctypes.byref(opts))
+    finally:
+        os.close(btf_fd)
     if fd < 0:
         raise Error("cannot create a table of %d entries: %s"
-                    % (max_entries, os.strerror(ctypes.get_errno())))
+                    % (max_entries, os.strerror(-fd)))
     return fd
 
 
