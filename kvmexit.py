@@ -2036,19 +2036,25 @@ class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
 
 
 # A new table is described to the kernel with BTF, as bcc describes its
-# own maps: Linux up to 6.1 compares BTF-derived state of a map-in-map's
-# inner table with the template's (bcc's pcpu_kvm_stat), and refuses one
-# made without BTF with EINVAL.  The BTF is the least that says "u64 key,
-# array of u64 value": two INT types and an ARRAY.
-BTF_MAGIC, BTF_KIND_INT_INFO, BTF_KIND_ARRAY_INFO = 0xeb9f, 1 << 24, 3 << 24
+# own maps: Linux up to 6.1 compares what it found in the value's BTF type
+# (where a bpf_timer is: none in a struct, "no struct" otherwise) between a
+# map-in-map's inner table and the template, bcc's pcpu_kvm_stat, whose
+# value is struct thread_counts; a table made without BTF, or with a value
+# that is not a struct, is refused with EINVAL.  So: a struct of u64s.
+BTF_MAGIC = 0xeb9f
+BTF_INT, BTF_ARRAY, BTF_STRUCT = 1 << 24, 3 << 24, 4 << 24
+BTF_U64, BTF_U32, BTF_U64S, BTF_COUNTERS = 1, 2, 3, 4     # type ids
 
 
 def counters_btf(words):
-    """A BTF blob: [1] u64, [2] u32, [3] u64[words]."""
-    strings = b"\0u64\0u32\0"
-    types = struct.pack("<IIII", 1, BTF_KIND_INT_INFO, 8, 64) + \
-        struct.pack("<IIII", 5, BTF_KIND_INT_INFO, 4, 32) + \
-        struct.pack("<IIIIII", 0, BTF_KIND_ARRAY_INFO, 0, 1, 2, words)
+    """A BTF blob: u64, u32, u64[words] and struct thread_counts { u64
+    c[words]; }."""
+    strings = b"\0u64\0u32\0thread_counts\0c\0"
+    types = struct.pack("<IIII", 1, BTF_INT, 8, 64) + \
+        struct.pack("<IIII", 5, BTF_INT, 4, 32) + \
+        struct.pack("<IIIIII", 0, BTF_ARRAY, 0, BTF_U64, BTF_U32, words) + \
+        struct.pack("<IIIIII", 9, BTF_STRUCT | 1, 8 * words, 23, BTF_U64S,
+                    0)
     header = struct.pack("<HBBIIIII", BTF_MAGIC, 1, 0, 24, 0, len(types),
                          len(types), len(strings))
     return header + types + strings
@@ -2082,7 +2088,7 @@ def libbpf():
 
 
 def create_map(map_type, key_size, value_size, max_entries):
-    """A new preallocated map's fd, its u64 key and u64[] value in BTF."""
+    """A new preallocated map's fd: a u64 key, a struct of u64s."""
     lib = libbpf()
     btf = counters_btf(value_size // 8)
     btf_fd = lib.bpf_btf_load(btf, len(btf), None)
@@ -2091,8 +2097,8 @@ def create_map(map_type, key_size, value_size, max_entries):
                     % os.strerror(-btf_fd))
     try:
         opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts), btf_fd=btf_fd,
-                             btf_key_type_id=1 if key_size == 8 else 2,
-                             btf_value_type_id=3)
+                             btf_key_type_id=BTF_U64,
+                             btf_value_type_id=BTF_COUNTERS)
         fd = lib.bpf_map_create(map_type, b"pcpu_kvm_stat", key_size,
                                 value_size, max_entries, ctypes.byref(opts))
     finally:
