@@ -2002,7 +2002,6 @@ def start_tracing(program, debug=False):
 #
 # Reading the maps
 #
-BPF_MAP_TYPE_PERCPU_HASH = 5
 
 
 class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
@@ -2011,16 +2010,80 @@ class RawMap(collections.namedtuple("RawMap", "map_fd max_entries")):
     __slots__ = ()
 
 
-def create_map(map_type, key_size, value_size, max_entries):
-    """A new map's fd, preallocated as bcc makes them."""
-    create = ctypes.CDLL(libbcc._name, use_errno=True).bcc_create_map
-    create.restype = ctypes.c_int
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int] * 4
-    fd = create(map_type, b"pcpu_kvm_stat", key_size, value_size,
-                max_entries, 0)
+class MapInfo(ctypes.Structure):
+    """The head of the kernel's struct bpf_map_info (uapi/linux/bpf.h)."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32),
+                ("name", ctypes.c_char * 16), ("ifindex", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("netns_dev", ctypes.c_uint64),
+                ("netns_ino", ctypes.c_uint64),
+                ("btf_id", ctypes.c_uint32),
+                ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32)]
+
+
+class MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32),
+                ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32),
+                ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32),
+                ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32),
+                ("map_ifindex", ctypes.c_uint32)]
+
+
+def libbpf():
+    """libbpf (bcc's own dependency), with the functions used here."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.bpf_obj_get_info_by_fd.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_btf_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    lib.bpf_map_create.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+        ctypes.c_uint32, ctypes.POINTER(MapCreateOpts)]
+    return lib
+
+
+def create_map_like(template_fd, max_entries):
+    """A new map's fd, the same as the map template_fd (type, sizes, flags
+    and BTF types) but for its size: a map of maps takes only inner maps
+    equal to its template, and Linux 6.1 counts a map with BTF and one
+    without as different (their timer offsets differ)."""
+    lib = libbpf()
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if lib.bpf_obj_get_info_by_fd(template_fd, ctypes.byref(info),
+                                  ctypes.byref(size)):
+        raise Error("cannot read the thread table's type: %s"
+                    % os.strerror(ctypes.get_errno()))
+    opts = MapCreateOpts(sz=ctypes.sizeof(MapCreateOpts),
+                         map_flags=info.map_flags)
+    btf_fd = -1
+    if info.btf_id:
+        btf_fd = lib.bpf_btf_get_fd_by_id(info.btf_id)
+        if btf_fd < 0:
+            raise Error("cannot open the thread table's BTF: %s"
+                        % os.strerror(ctypes.get_errno()))
+        opts.btf_fd = btf_fd
+        opts.btf_key_type_id = info.btf_key_type_id
+        opts.btf_value_type_id = info.btf_value_type_id
+    try:
+        fd = lib.bpf_map_create(info.type, info.name, info.key_size,
+                                info.value_size, max_entries,
+                                ctypes.byref(opts))
+    finally:
+        if btf_fd >= 0:
+            os.close(btf_fd)
     if fd < 0:
         raise Error("cannot create a table of %d entries: %s"
-                    % (max_entries, os.strerror(ctypes.get_errno())))
+                    % (max_entries, os.strerror(-fd)))
     return fd
 
 
@@ -2316,8 +2379,7 @@ class ThreadTables:
                 raise Error("a table of %d more would take %s of kernel "
                             "memory, more than half of the %s available now"
                             % (size, gib(need), gib(available)))
-            fd = create_map(BPF_MAP_TYPE_PERCPU_HASH, THREAD_MAP.key.size,
-                            8 * THREAD_MAP.words(self.program.layout), size)
+            fd = create_map_like(self.generations[0].map_fd, size)
         except Error as e:
             self.at_limit = str(e)
             emit("kvmexit: warning: the thread table cannot grow beyond %d "
