@@ -8,7 +8,9 @@
 # kvm:kvm_exit is had on a machine whose KVM does not.  This installs:
 #   - linux-headers-amd64 (bcc in the lab compiles against it) and the
 #     linux-image-* it is for: the lab kernel must match those headers;
-#   - qemu-system-x86 and busybox-static, which virtme-ng boots with;
+#   - qemu-system-x86 and busybox-static, which virtme-ng boots with (the
+#     lab sees this root, so its qemu-system-x86_64 is also the real VMM
+#     that tests/lab/qemu_vm.py runs, with KVM, inside the lab);
 #   - virtme-ng (vng) from PyPI into a venv, $KVMEXIT_LAB_VENV
 #     (default /opt/kvmexit-lab/venv), that sees the system's packages;
 #   - /lib/modules/$(uname -r)/{build,source} links to those headers, when
