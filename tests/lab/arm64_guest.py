@@ -80,8 +80,9 @@ sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 # the report, the vCPU threads' start.
 from guest import (KVM_CREATE_VCPU, KVM_EXIT_INTR,  # noqa: E402
                    KVM_EXIT_MMIO, KVM_RUN, KVM_RUN_EXIT_REASON, KVM_RUN_MMIO,
-                   KVM_RUN_UNION, U32, Expect, VcpuRunner, _ioc,
-                   announce_ready, do_step, join_all, open_vm, parse_number,
+                   KVM_RUN_UNION, U32, Expect, Steps, VcpuRunner,
+                   _ioc, add_report_options, announce_ready,
+                   check_do_vcpus, do_step, join_all, open_vm, parse_number,
                    print_problems, write_report)
 from guest import parse_step as parse_step_of  # noqa: E402
 
@@ -400,11 +401,13 @@ def parse_step(text):
     return parse_step_of(text, KINDS)
 
 
-class Program:
+class Program(Steps):
     """A vCPU's steps, its machine code and what it must cause."""
 
+    kinds = KINDS
+
     def __init__(self, steps, code_page):
-        self.steps = [s for s in steps if s.count]
+        super().__init__(steps)
         self.code_page = code_page
 
     def code(self):
@@ -432,18 +435,6 @@ class Program:
             KINDS[s.kind].expect(s.key, s.count, e)
         Mmio(True).expect({"ipa": DONE_ADDR, "size": 4}, 1, e)
         return e.as_json()
-
-    def user_detail(self):
-        """What user space must see, keyed like --do: 'mmio-write:...'."""
-        seen = {}
-        for s in self.steps:
-            key = KINDS[s.kind].user_key(s.key)
-            if key:
-                seen[key] = seen.get(key, 0) + s.count
-        return seen
-
-    def needs(self, *kinds):
-        return any(s.kind in kinds for s in self.steps)
 
 
 class Vm:
@@ -544,10 +535,7 @@ class VcpuThread(VcpuRunner):
             return [self.error]
         if not self.done:
             return ["did not reach its end"]
-        want = self.program.user_detail()
-        if self.detail != want:
-            return [f"user space saw {self.detail}, expected {want}"]
-        return []
+        return self.user_problems()
 
     def report(self, done):
         entry = {"index": self.index, "tid": self.tid, "comm": self.name,
@@ -584,20 +572,14 @@ def parse_args(argv):
     p.add_argument("--thread-name", default="CPU {n}/KVM",
                    help="vCPU thread names, {n} the vCPU index (default: "
                         "QEMU's 'CPU {n}/KVM')")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--hold",
-                   help="wait before running until this file exists; for a "
-                        "FIFO until a byte arrives; '-': a line on stdin")
+    add_report_options(p)
     args = p.parse_args(argv)
     if args.vcpus is None:
         named = [max(where) + 1 for where, _ in args.do if where]
         args.vcpus = max([1] + named)
     if not 1 <= args.vcpus <= MAX_VCPUS:
         p.error(f"--vcpus must be 1 to {MAX_VCPUS}")
-    for where, step in args.do:
-        if where and max(where) >= args.vcpus:
-            p.error(f"--do {step.text}: no vCPU {max(where)} "
-                    f"({args.vcpus} vCPUs)")
+    check_do_vcpus(p, args)
     args.programs = [
         Program([s for where, s in args.do if where is None or i in where],
                 RAM_BASE + i * PAGE)

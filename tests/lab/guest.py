@@ -667,11 +667,30 @@ def parse_step(text, kinds=KINDS):
         count, 32, "count"), f"{kind}:{key}" if key else kind)
 
 
-class Program:
-    """A vCPU's steps, its machine code and what it must cause."""
+class Steps:
+    """A vCPU's steps of a KINDS table (`kinds`), those of COUNT 0 left
+    out: what user space must see of them."""
+
+    kinds = KINDS
 
     def __init__(self, steps):
         self.steps = [s for s in steps if s.count]
+
+    def user_detail(self):
+        """What user space must see, keyed like --do: 'out:0x510/1'."""
+        seen = {}
+        for s in self.steps:
+            key = self.kinds[s.kind].user_key(s.key)
+            if key:
+                seen[key] = seen.get(key, 0) + s.count
+        return seen
+
+    def needs(self, *kinds):
+        return any(s.kind in kinds for s in self.steps)
+
+
+class Program(Steps):
+    """A vCPU's steps, its machine code and what it must cause."""
 
     def code(self, isa, vcpu):
         # Each step is "mov ebp, COUNT; SETUP; again: BODY; dec ebp;
@@ -704,15 +723,6 @@ class Program:
         e.user(KVM_EXIT_HLT, 1)
         return e.as_json()
 
-    def user_detail(self):
-        """What user space must see, keyed like --do: 'out:0x510/1'."""
-        seen = {}
-        for s in self.steps:
-            key = KINDS[s.kind].user_key(s.key)
-            if key:
-                seen[key] = seen.get(key, 0) + s.count
-        return seen
-
     def legacy_expected(self):
         """The report's SVM reason counts kept from before --do."""
         def total(*kinds):
@@ -720,9 +730,6 @@ class Program:
         cr4 = total("cr4")
         return {"IOIO": total("out", "in"), "READ_CR4": cr4,
                 "WRITE_CR4": cr4, "HLT": 1}
-
-    def needs(self, *kinds):
-        return any(s.kind in kinds for s in self.steps)
 
     def needs_debug(self):
         return any(s.kind == "exc" and s.key["vector"] == 3
@@ -854,6 +861,13 @@ class VcpuRunner(threading.Thread):
                 self._run_vcpu()
             except Exception as e:
                 self.error = f"KVM_RUN: {e}"
+
+    def user_problems(self):
+        """How what user space saw differs from what the program makes."""
+        want = self.program.user_detail()
+        if self.detail != want:
+            return [f"user space saw {self.detail}, expected {want}"]
+        return []
 
 
 class VcpuThread(VcpuRunner):
@@ -994,10 +1008,7 @@ class VcpuThread(VcpuRunner):
             return []
         if self.exits.get("HLT") != 1:
             return ["did not halt"]
-        want = self.program.user_detail()
-        if self.detail != want:
-            return [f"user space saw {self.detail}, expected {want}"]
-        return []
+        return self.user_problems()
 
     def report(self, done):
         entry = {"index": self.index, "tid": self.tid, "comm": self.name,
@@ -1104,10 +1115,7 @@ def parse_args(argv):
                    help="vCPU thread names, {n} the vCPU index (default: "
                         "QEMU's 'CPU {n}/KVM'; another VMM's names test "
                         "what does not rely on them)")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--hold",
-                   help="wait before running until this file exists; for a "
-                        "FIFO until a byte arrives; '-': a line on stdin")
+    add_report_options(p)
     args = p.parse_args(argv)
     if args.vcpus is None:
         named = [max(where) + 1 for where, _ in args.do if where]
@@ -1116,10 +1124,7 @@ def parse_args(argv):
         p.error("--vcpus must be at least 1")
     if args.seconds is not None and args.do:
         p.error("--do needs counted mode (no --seconds)")
-    for where, step in args.do:
-        if where and max(where) >= args.vcpus:
-            p.error(f"--do {step.text}: no vCPU {max(where)} "
-                    f"({args.vcpus} vCPUs)")
+    check_do_vcpus(p, args)
     args.io = per_vcpu(args.io, args.vcpus, "--io")
     args.cr4 = per_vcpu(args.cr4, args.vcpus, "--cr4")
     args.programs = [program_of(args, i) for i in range(args.vcpus)]
@@ -1131,6 +1136,21 @@ def parse_args(argv):
                         f"{owners[page]} and {i}: give each its own page")
     args.isa = args.isa or host_isa()
     return args
+
+
+def add_report_options(p):
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--hold",
+                   help="wait before running until this file exists; for a "
+                        "FIFO until a byte arrives; '-': a line on stdin")
+
+
+def check_do_vcpus(p, args):
+    """Each --do's vCPUs exist."""
+    for where, step in args.do:
+        if where and max(where) >= args.vcpus:
+            p.error(f"--do {step.text}: no vCPU {max(where)} "
+                    f"({args.vcpus} vCPUs)")
 
 
 def program_of(args, i):
