@@ -5,6 +5,7 @@ datagram socket given as $NOTIFY_SOCKET, as systemd does (Type=notify).
 
 Runs as root on the real kernel, never skipped (see conftest.py)."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -24,6 +25,25 @@ def start(args, **kw):
                             text=True, **kw)
 
 
+@contextlib.contextmanager
+def running(args, **kw):
+    """kvmexit started with `args`, killed if the test ends before it."""
+    tool = start(args, **kw)
+    try:
+        yield tool
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+
+
+def pause(tool, seconds, stop=signal.SIGSTOP):
+    """Stop the tool (`stop`), then continue it `seconds` later."""
+    tool.send_signal(stop)
+    time.sleep(seconds)
+    tool.send_signal(signal.SIGCONT)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,39 +59,25 @@ def get(port):
 @pytest.mark.parametrize("stop", [signal.SIGSTOP, signal.SIGTSTP],
                          ids=["SIGSTOP", "Ctrl-Z"])
 def test_stop_and_continue_do_not_end_interval_reports(bcc, stop):
-    tool = start(["-i", 1, "-c", 4])
-    try:
+    with running(["-i", 1, "-c", 4]) as tool:
         first = tool.stdout.readline()
         assert first.startswith("Display kvm exit reasons")
         assert tool.stdout.readline() == "\n"
         assert tool.stdout.readline() == HEADER_ALL + "\n"
         time.sleep(0.3)         # into the wait for the next report
-        tool.send_signal(stop)
-        time.sleep(1.5)
-        tool.send_signal(signal.SIGCONT)
+        pause(tool, 1.5, stop)
         out, err = tool.communicate(timeout=30)
-    finally:
-        if tool.poll() is None:
-            tool.kill()
-            tool.wait()
     assert (tool.returncode, err) == (0, "")
     assert out == ("\n" + HEADER_ALL + "\n") * 3
 
 
 def test_stop_and_continue_do_not_end_a_duration(bcc):
-    tool = start([3])
-    try:
+    with running([3]) as tool:
         assert tool.stdout.readline().startswith("Display kvm exit reasons")
         started = time.monotonic()
         time.sleep(0.3)         # into the wait
-        tool.send_signal(signal.SIGSTOP)
-        time.sleep(3)           # past the end of the duration
-        tool.send_signal(signal.SIGCONT)
+        pause(tool, 3)          # past the end of the duration
         out, err = tool.communicate(timeout=30)
-    finally:
-        if tool.poll() is None:
-            tool.kill()
-            tool.wait()
     assert time.monotonic() - started > 3
     assert (tool.returncode, out, err) == (0, HEADER_ALL + "\n", "")
 
@@ -123,22 +129,15 @@ def test_sd_notify_to_a_socket_nobody_listens_on_warns(tmp_path, capsys):
 def test_the_service_is_ready_once_metrics_answers_and_says_stopping(
         bcc, notify_socket):
     port = free_port()
-    tool = start(["--prometheus", "127.0.0.1:%d" % port],
-                 env=dict(os.environ, NOTIFY_SOCKET=notify_socket.env))
-    try:
+    env = dict(os.environ, NOTIFY_SOCKET=notify_socket.env)
+    with running(["--prometheus", "127.0.0.1:%d" % port], env=env) as tool:
         assert notify_socket.receive(120) == "READY=1"
         assert get(port) == 200         # at once: no retry needed
-        tool.send_signal(signal.SIGSTOP)
-        time.sleep(0.5)
-        tool.send_signal(signal.SIGCONT)
+        pause(tool, 0.5)
         time.sleep(1.5)                 # a TICK after the stop
         assert tool.poll() is None
         assert get(port) == 200
         tool.send_signal(signal.SIGTERM)
         assert notify_socket.receive(30) == "STOPPING=1"
         out, err = tool.communicate(timeout=30)
-    finally:
-        if tool.poll() is None:
-            tool.kill()
-            tool.wait()
     assert (tool.returncode, err) == (0, "")

@@ -43,6 +43,17 @@ def import_bcc():
     return bcc
 
 
+def cost_bench_start(parser, rounds):
+    """The cost benches' start: `parser` (with the bench's own options)
+    gets --runs and --rounds, then root and bcc are checked.  Returns the
+    arguments, bcc and the CPU the probes are fired on (the first online)."""
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args()
+    need_root()
+    return args, import_bcc(), online_cpus()[0]
+
+
 def ncpus():
     """Per-CPU values come for every possible CPU."""
     return kvmexit.possible_cpus()

@@ -226,13 +226,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline-ref", help="git ref to compare the default "
                    "program with")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    args = p.parse_args()
+    args, bcc, cpu = benchlib.cost_bench_start(p, ROUNDS)
     ROUNDS = args.rounds
-    benchlib.need_root()
-    bcc = benchlib.import_bcc()
-    cpu = benchlib.online_cpus()[0]
     same = compare_with(bcc, args.baseline_ref) if args.baseline_ref \
         else True
     runs = [cost_table(measure(bcc, cpu), cpu) for _ in range(args.runs)]

@@ -224,13 +224,8 @@ def runs_table(runs):
 def main():
     global CPU, ROUNDS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    args = p.parse_args()
+    args, bcc, CPU = benchlib.cost_bench_start(p, ROUNDS)
     ROUNDS = args.rounds
-    benchlib.need_root()
-    bcc = benchlib.import_bcc()
-    CPU = benchlib.online_cpus()[0]
     runs, same = [], True
     for _ in range(args.runs):
         ratios, stats_same = one_run(bcc)

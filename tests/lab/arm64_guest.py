@@ -65,6 +65,7 @@ Run it several times for several VMs (processes).
 
 import argparse
 import ctypes
+import functools
 import mmap
 import os
 import signal
@@ -75,24 +76,17 @@ import time
 from fcntl import ioctl  # mutates ctypes structures in place
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-from guest import (Expect, join_all, parse_number,  # noqa: E402
-                   set_thread_name, wait_for_release, write_report)
+# What is the same on every ISA: the generic KVM ioctls and run page, steps,
+# the report, the vCPU threads' start.
+from guest import (KVM_CREATE_VCPU, KVM_EXIT_INTR,  # noqa: E402
+                   KVM_EXIT_MMIO, KVM_RUN, KVM_RUN_EXIT_REASON, KVM_RUN_MMIO,
+                   KVM_RUN_UNION, U32, Expect, Steps, VcpuRunner,
+                   _ioc, add_report_options, announce_ready,
+                   check_do_vcpus, do_step, join_all, open_vm, parse_number,
+                   print_problems, write_report)
+from guest import parse_step as parse_step_of  # noqa: E402
 
-# --- KVM's user ABI (arm64), from include/uapi/linux/kvm.h and
-# arch/arm64/include/uapi/asm/kvm.h ------------------------------------------
-
-KVMIO = 0xAE
-
-
-def _ioc(direction, nr, size):
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-class KvmUserspaceMemoryRegion(ctypes.Structure):
-    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("guest_phys_addr", ctypes.c_uint64),
-                ("memory_size", ctypes.c_uint64),
-                ("userspace_addr", ctypes.c_uint64)]
+# --- KVM's user ABI (arm64), from arch/arm64/include/uapi/asm/kvm.h ---------
 
 
 class KvmVcpuInit(ctypes.Structure):
@@ -106,13 +100,6 @@ class KvmOneReg(ctypes.Structure):
 
 assert ctypes.sizeof(KvmVcpuInit) == 32 and ctypes.sizeof(KvmOneReg) == 16
 
-KVM_GET_API_VERSION = _ioc(0, 0x00, 0)
-KVM_CREATE_VM = _ioc(0, 0x01, 0)
-KVM_GET_VCPU_MMAP_SIZE = _ioc(0, 0x04, 0)
-KVM_CREATE_VCPU = _ioc(0, 0x41, 0)
-KVM_SET_USER_MEMORY_REGION = _ioc(1, 0x46,
-                                  ctypes.sizeof(KvmUserspaceMemoryRegion))
-KVM_RUN = _ioc(0, 0x80, 0)
 KVM_GET_ONE_REG = _ioc(1, 0xab, ctypes.sizeof(KvmOneReg))
 KVM_SET_ONE_REG = _ioc(1, 0xac, ctypes.sizeof(KvmOneReg))
 KVM_ARM_VCPU_INIT = _ioc(1, 0xae, ctypes.sizeof(KvmVcpuInit))
@@ -148,14 +135,6 @@ FAULT_REGS = {"ESR_EL1": sys_reg(3, 0, 5, 2, 0),
               "ELR_EL1": sys_reg(3, 0, 4, 0, 1),
               "FAR_EL1": sys_reg(3, 0, 6, 0, 0)}
 
-# struct kvm_run: exit_reason at 8; the per-reason union at 32.
-KVM_RUN_EXIT_REASON = 8
-KVM_RUN_UNION = 32
-KVM_RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
-U32 = struct.Struct("<I")
-
-KVM_EXIT_MMIO = 6
-KVM_EXIT_INTR = 10
 KVM_EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 6: "MMIO", 8: "SHUTDOWN",
                   9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
                   24: "SYSTEM_EVENT", 34: "ARM_NISV"}
@@ -284,13 +263,6 @@ ACTING_FUNCTIONS = {
     0x8400000e: "PSCI_SYSTEM_SUSPEND", 0xc400000e: "PSCI_SYSTEM_SUSPEND",
     0x84000012: "PSCI_SYSTEM_RESET2", 0xc4000012: "PSCI_SYSTEM_RESET2",
 }
-
-
-class Step:
-    """One line of a program: do KIND on KEY, COUNT times."""
-
-    def __init__(self, kind, key, count, text):
-        self.kind, self.key, self.count, self.text = kind, key, count, text
 
 
 def parse_sized(text, what):
@@ -426,28 +398,16 @@ KINDS = {"mmio-write": Mmio(True), "mmio-read": Mmio(False),
 
 def parse_step(text):
     """'[VCPUS@]KIND[:KEY]:COUNT' -> (vCPU indexes or None, Step)."""
-    vcpus, at, rest = text.rpartition("@")
-    where = None
-    if at:
-        where = {parse_number(v, 16, "vCPU") for v in vcpus.split(",")}
-    kind, _, rest = rest.partition(":")
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} (one of "
-                         f"{', '.join(KINDS)})")
-    key, _, count = rest.rpartition(":")
-    if not count:
-        raise ValueError(f"{text!r} has no COUNT")
-    if not key and KINDS[kind].needs_key:
-        raise ValueError(f"{kind} needs a key: {kind}:KEY:COUNT")
-    return where, Step(kind, KINDS[kind].parse(key), parse_number(
-        count, 32, "count"), f"{kind}:{key}" if key else kind)
+    return parse_step_of(text, KINDS)
 
 
-class Program:
+class Program(Steps):
     """A vCPU's steps, its machine code and what it must cause."""
 
+    kinds = KINDS
+
     def __init__(self, steps, code_page):
-        self.steps = [s for s in steps if s.count]
+        super().__init__(steps)
         self.code_page = code_page
 
     def code(self):
@@ -476,35 +436,12 @@ class Program:
         Mmio(True).expect({"ipa": DONE_ADDR, "size": 4}, 1, e)
         return e.as_json()
 
-    def user_detail(self):
-        """What user space must see, keyed like --do: 'mmio-write:...'."""
-        seen = {}
-        for s in self.steps:
-            key = KINDS[s.kind].user_key(s.key)
-            if key:
-                seen[key] = seen.get(key, 0) + s.count
-        return seen
-
-    def needs(self, *kinds):
-        return any(s.kind in kinds for s in self.steps)
-
 
 class Vm:
     """A KVM VM with RAM_SIZE bytes of RAM at RAM_BASE, no irqchip."""
 
     def __init__(self):
-        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        version = ioctl(self.kvm, KVM_GET_API_VERSION)
-        if version != 12:
-            raise RuntimeError(f"unexpected KVM API version {version}")
-        self.fd = ioctl(self.kvm, KVM_CREATE_VM, 0)   # default IPA size
-        self.run_size = ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
-        self.mem = mmap.mmap(-1, RAM_SIZE)
-        region = KvmUserspaceMemoryRegion(
-            slot=0, flags=0, guest_phys_addr=RAM_BASE, memory_size=RAM_SIZE,
-            userspace_addr=ctypes.addressof(
-                ctypes.c_char.from_buffer(self.mem)))
-        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        open_vm(self, RAM_SIZE, RAM_BASE)       # type 0: default IPA size
         self.target = KvmVcpuInit()
         ioctl(self.fd, KVM_ARM_PREFERRED_TARGET, self.target)
         table = vector_table()
@@ -539,7 +476,7 @@ def get_reg(fd, reg_id):
     return buf.value
 
 
-class VcpuThread(threading.Thread):
+class VcpuThread(VcpuRunner):
     """Runs one vCPU until its write to DONE_ADDR."""
 
     def __init__(self, vm, index, program, ready, go, name):
@@ -554,20 +491,6 @@ class VcpuThread(threading.Thread):
         self.elapsed = 0.0
         self.fd, self.run_page = vm.create_vcpu(index, program.code())
         self.wakeups = 0        # signals the waker sent it
-
-    def run(self):
-        try:
-            set_thread_name(self.name)
-            self.tid = threading.get_native_id()
-        except Exception as e:  # reported, and the barrier must not hang
-            self.error = f"setup: {e}"
-        self.ready.wait()
-        self.go.wait()
-        if self.error is None:
-            try:
-                self._run_vcpu()
-            except Exception as e:
-                self.error = f"KVM_RUN: {e}"
 
     def _mmio(self):
         """Answer an MMIO exit; return False at the program's end."""
@@ -612,10 +535,7 @@ class VcpuThread(threading.Thread):
             return [self.error]
         if not self.done:
             return ["did not reach its end"]
-        want = self.program.user_detail()
-        if self.detail != want:
-            return [f"user space saw {self.detail}, expected {want}"]
-        return []
+        return self.user_problems()
 
     def report(self, done):
         entry = {"index": self.index, "tid": self.tid, "comm": self.name,
@@ -635,13 +555,6 @@ class VcpuThread(threading.Thread):
 
 # --- command line ------------------------------------------------------------
 
-def do_step(text):
-    try:
-        return parse_step(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -651,27 +564,22 @@ def parse_args(argv):
     p.add_argument("--vcpus", type=int,
                    help="number of vCPUs (default: highest --do vCPU + 1, "
                         "else 1)")
-    p.add_argument("--do", type=do_step, action="append", default=[],
+    p.add_argument("--do", type=functools.partial(do_step, kinds=KINDS),
+                   action="append", default=[],
                    metavar="[VCPUS@]KIND[:KEY]:COUNT",
                    help="do this COUNT times (repeatable, in order); "
                         "VCPUS: comma list of vCPU indexes (default all)")
     p.add_argument("--thread-name", default="CPU {n}/KVM",
                    help="vCPU thread names, {n} the vCPU index (default: "
                         "QEMU's 'CPU {n}/KVM')")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--hold",
-                   help="wait before running until this file exists; for a "
-                        "FIFO until a byte arrives; '-': a line on stdin")
+    add_report_options(p)
     args = p.parse_args(argv)
     if args.vcpus is None:
         named = [max(where) + 1 for where, _ in args.do if where]
         args.vcpus = max([1] + named)
     if not 1 <= args.vcpus <= MAX_VCPUS:
         p.error(f"--vcpus must be 1 to {MAX_VCPUS}")
-    for where, step in args.do:
-        if where and max(where) >= args.vcpus:
-            p.error(f"--do {step.text}: no vCPU {max(where)} "
-                    f"({args.vcpus} vCPUs)")
+    check_do_vcpus(p, args)
     args.programs = [
         Program([s for where, s in args.do if where is None or i in where],
                 RAM_BASE + i * PAGE)
@@ -732,11 +640,8 @@ def main(argv=None):
     for v in vcpus:
         v.start()
     ready.wait()                # every vCPU thread now has its tid and comm
-    write_report(args.report, make_report(args, vcpus, "ready"))
-    print(f"arm64_guest.py: pid {os.getpid()}: {args.vcpus} vCPUs ready, "
-          f"tids {[v.tid for v in vcpus]}", flush=True)
-    if args.hold:
-        wait_for_release(args.hold)
+    announce_ready("arm64_guest.py", args.report,
+                   make_report(args, vcpus, "ready"), args.hold)
     # KVM_RUN returns EINTR to the vCPU thread; Python's handler does
     # nothing (and runs in this thread).
     signal.signal(signal.SIGUSR1, lambda *_: None)
@@ -753,11 +658,7 @@ def main(argv=None):
     for v in report["vcpus"]:
         print(f"arm64_guest.py: pid {os.getpid()} vCPU {v['index']} tid "
               f"{v['tid']}: user exits {v['user_exits']}", flush=True)
-    problems = [f"vCPU {v['index']}: {e}" for v in report["vcpus"]
-                for e in v["errors"]]
-    for p in problems:
-        print(f"arm64_guest.py: {p}", file=sys.stderr)
-    return 1 if problems else 0
+    return print_problems("arm64_guest.py", report)
 
 
 if __name__ == "__main__":

@@ -113,17 +113,28 @@ def promql(server):
         "build": "kvmexit_build_info",
         "up": "up",
     }
+    return query_all(server, queries)
+
+
+def query_all(server, queries):
+    """{name: PromQL} -> {name: [[labels, value], ...]}, as JSON keeps it."""
     return {name: [[labels, value] for labels, value in server.query(q)]
             for name, q in queries.items()}
 
 
 def main(out):
-    plan = tracer_args()
+    return with_prometheus(out, tracer_args(), run, EXPORTER,
+                           PROMETHEUS_PORT)
+
+
+def with_prometheus(out, plan, scenario, exporter, port):
+    """scenario(out, plan, server) while a Prometheus on `port` scrapes the
+    exporter; its log ends in OUT."""
     # The TSDB on the lab's own disk: OUT is a 9p share.
-    server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [EXPORTER],
-                        port=PROMETHEUS_PORT).start()
+    server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [exporter],
+                        port=port).start()
     try:
-        return run(out, plan, server)
+        return scenario(out, plan, server)
     finally:
         server.stop()
         shutil.copy(server.log, os.path.join(out, "prometheus.log"))

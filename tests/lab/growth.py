@@ -31,11 +31,9 @@ tests/lab/test_lab_growth.py boots the lab once for it and checks them.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +41,6 @@ sys.path.insert(0, LAB_DIR)
 import fleet  # noqa: E402
 import qemu_vm  # noqa: E402
 from detail_scenario import arm, read_hists  # noqa: E402
-from prometheus import Prometheus  # noqa: E402
 from scenario import (HIST_KEYS, PYTHON, TRIGGER, finish,  # noqa: E402
                       read_hist, read_json)
 
@@ -90,19 +87,12 @@ def promql(server):
         "details_lost": "max_over_time(kvmexit_detail_lost_total"
                         "[%s])" % window,
     }
-    return {name: [[labels, value] for labels, value in server.query(q)]
-            for name, q in queries.items()}
+    return fleet.query_all(server, queries)
 
 
 def main(out):
-    plan = tracer_args()
-    server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [EXPORTER],
-                        port=PROMETHEUS_PORT).start()
-    try:
-        return run(out, plan, server)
-    finally:
-        server.stop()
-        shutil.copy(server.log, os.path.join(out, "prometheus.log"))
+    return fleet.with_prometheus(out, tracer_args(), run, EXPORTER,
+                                 PROMETHEUS_PORT)
 
 
 def run(out, plan, server):

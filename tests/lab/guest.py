@@ -647,30 +647,50 @@ KINDS = {"out": PortIo("out"), "in": PortIo("in"),
          "mmio-read": Mmio(False), "exc": Vector(), "cr4": Cr4()}
 
 
-def parse_step(text):
-    """'[VCPUS@]KIND[:KEY]:COUNT' -> (vCPU indexes or None, Step)."""
+def parse_step(text, kinds=KINDS):
+    """'[VCPUS@]KIND[:KEY]:COUNT' -> (vCPU indexes or None, Step), KIND a
+    key of `kinds` (arm64_guest.py passes its own table)."""
     vcpus, at, rest = text.rpartition("@")
     where = None
     if at:
         where = {parse_number(v, 16, "vCPU") for v in vcpus.split(",")}
     kind, _, rest = rest.partition(":")
-    if kind not in KINDS:
+    if kind not in kinds:
         raise ValueError(f"unknown kind {kind!r} (one of "
-                         f"{', '.join(KINDS)})")
+                         f"{', '.join(kinds)})")
     key, _, count = rest.rpartition(":")
     if not count:
         raise ValueError(f"{text!r} has no COUNT")
-    if not key and KINDS[kind].needs_key:
+    if not key and kinds[kind].needs_key:
         raise ValueError(f"{kind} needs a key: {kind}:KEY:COUNT")
-    return where, Step(kind, KINDS[kind].parse(key), parse_number(
+    return where, Step(kind, kinds[kind].parse(key), parse_number(
         count, 32, "count"), f"{kind}:{key}" if key else kind)
 
 
-class Program:
-    """A vCPU's steps, its machine code and what it must cause."""
+class Steps:
+    """A vCPU's steps of a KINDS table (`kinds`), those of COUNT 0 left
+    out: what user space must see of them."""
+
+    kinds = KINDS
 
     def __init__(self, steps):
         self.steps = [s for s in steps if s.count]
+
+    def user_detail(self):
+        """What user space must see, keyed like --do: 'out:0x510/1'."""
+        seen = {}
+        for s in self.steps:
+            key = self.kinds[s.kind].user_key(s.key)
+            if key:
+                seen[key] = seen.get(key, 0) + s.count
+        return seen
+
+    def needs(self, *kinds):
+        return any(s.kind in kinds for s in self.steps)
+
+
+class Program(Steps):
+    """A vCPU's steps, its machine code and what it must cause."""
 
     def code(self, isa, vcpu):
         # Each step is "mov ebp, COUNT; SETUP; again: BODY; dec ebp;
@@ -703,15 +723,6 @@ class Program:
         e.user(KVM_EXIT_HLT, 1)
         return e.as_json()
 
-    def user_detail(self):
-        """What user space must see, keyed like --do: 'out:0x510/1'."""
-        seen = {}
-        for s in self.steps:
-            key = KINDS[s.kind].user_key(s.key)
-            if key:
-                seen[key] = seen.get(key, 0) + s.count
-        return seen
-
     def legacy_expected(self):
         """The report's SVM reason counts kept from before --do."""
         def total(*kinds):
@@ -719,9 +730,6 @@ class Program:
         cr4 = total("cr4")
         return {"IOIO": total("out", "in"), "READ_CR4": cr4,
                 "WRITE_CR4": cr4, "HLT": 1}
-
-    def needs(self, *kinds):
-        return any(s.kind in kinds for s in self.steps)
 
     def needs_debug(self):
         return any(s.kind == "exc" and s.key["vector"] == 3
@@ -754,23 +762,29 @@ def set_thread_name(name):
         raise OSError(err, "prctl(PR_SET_NAME): " + os.strerror(err))
 
 
+def open_vm(vm, mem_size, base=0):
+    """Give `vm` /dev/kvm (.kvm), a new VM on it (.fd, its default type),
+    the size of a vCPU's run page (.run_size) and mem_size bytes of RAM
+    (.mem) at guest address `base`, in slot 0."""
+    vm.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    version = ioctl(vm.kvm, KVM_GET_API_VERSION)
+    if version != 12:
+        raise RuntimeError(f"unexpected KVM API version {version}")
+    vm.fd = ioctl(vm.kvm, KVM_CREATE_VM, 0)
+    vm.run_size = ioctl(vm.kvm, KVM_GET_VCPU_MMAP_SIZE)
+    vm.mem = mmap.mmap(-1, mem_size)
+    region = KvmUserspaceMemoryRegion(
+        slot=0, flags=0, guest_phys_addr=base, memory_size=mem_size,
+        userspace_addr=ctypes.addressof(ctypes.c_char.from_buffer(vm.mem)))
+    ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, region)
+
+
 class Vm:
     """A KVM VM with GUEST_MEM_SIZE bytes of RAM at guest address 0."""
 
     def __init__(self, vcpus, user_msrs=False):
         self.vcpus = vcpus
-        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-        version = ioctl(self.kvm, KVM_GET_API_VERSION)
-        if version != 12:
-            raise RuntimeError(f"unexpected KVM API version {version}")
-        self.fd = ioctl(self.kvm, KVM_CREATE_VM)
-        self.run_size = ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE)
-        self.mem = mmap.mmap(-1, GUEST_MEM_SIZE)
-        region = KvmUserspaceMemoryRegion(
-            slot=0, flags=0, guest_phys_addr=0, memory_size=GUEST_MEM_SIZE,
-            userspace_addr=ctypes.addressof(
-                ctypes.c_char.from_buffer(self.mem)))
-        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, region)
+        open_vm(self, GUEST_MEM_SIZE)
         self.next_code = CODE_ADDR
         self._install_handlers()
         if user_msrs:
@@ -829,7 +843,34 @@ class Vm:
         return fd, run
 
 
-class VcpuThread(threading.Thread):
+class VcpuRunner(threading.Thread):
+    """A vCPU's thread: it names itself, meets the others at `ready`, waits
+    for `go`, then runs the subclass's _run_vcpu, keeping any error for the
+    report."""
+
+    def run(self):
+        try:
+            set_thread_name(self.name)
+            self.tid = threading.get_native_id()
+        except Exception as e:  # reported, and the barrier must not hang
+            self.error = f"setup: {e}"
+        self.ready.wait()
+        self.go.wait()
+        if self.error is None:
+            try:
+                self._run_vcpu()
+            except Exception as e:
+                self.error = f"KVM_RUN: {e}"
+
+    def user_problems(self):
+        """How what user space saw differs from what the program makes."""
+        want = self.program.user_detail()
+        if self.detail != want:
+            return [f"user space saw {self.detail}, expected {want}"]
+        return []
+
+
+class VcpuThread(VcpuRunner):
     """Runs one vCPU until HLT, or in timed mode until the deadline."""
 
     def __init__(self, vm, index, program, cr4, seconds, ready, go, stop,
@@ -871,20 +912,6 @@ class VcpuThread(threading.Thread):
         if ioctl(self.fd, KVM_GET_MSRS, msrs) != 1:
             return 0
         return msrs.data
-
-    def run(self):
-        try:
-            set_thread_name(self.name)
-            self.tid = threading.get_native_id()
-        except Exception as e:  # reported, and the barrier must not hang
-            self.error = f"setup: {e}"
-        self.ready.wait()
-        self.go.wait()
-        if self.error is None:
-            try:
-                self._run_vcpu()
-            except Exception as e:
-                self.error = f"KVM_RUN: {e}"
 
     def _count(self, table, key):
         table[key] = table.get(key, 0) + 1
@@ -981,10 +1008,7 @@ class VcpuThread(threading.Thread):
             return []
         if self.exits.get("HLT") != 1:
             return ["did not halt"]
-        want = self.program.user_detail()
-        if self.detail != want:
-            return [f"user space saw {self.detail}, expected {want}"]
-        return []
+        return self.user_problems()
 
     def report(self, done):
         entry = {"index": self.index, "tid": self.tid, "comm": self.name,
@@ -1046,9 +1070,9 @@ def count_list(text):
     return values
 
 
-def do_step(text):
+def do_step(text, kinds=KINDS):
     try:
-        return parse_step(text)
+        return parse_step(text, kinds)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
@@ -1091,10 +1115,7 @@ def parse_args(argv):
                    help="vCPU thread names, {n} the vCPU index (default: "
                         "QEMU's 'CPU {n}/KVM'; another VMM's names test "
                         "what does not rely on them)")
-    p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--hold",
-                   help="wait before running until this file exists; for a "
-                        "FIFO until a byte arrives; '-': a line on stdin")
+    add_report_options(p)
     args = p.parse_args(argv)
     if args.vcpus is None:
         named = [max(where) + 1 for where, _ in args.do if where]
@@ -1103,10 +1124,7 @@ def parse_args(argv):
         p.error("--vcpus must be at least 1")
     if args.seconds is not None and args.do:
         p.error("--do needs counted mode (no --seconds)")
-    for where, step in args.do:
-        if where and max(where) >= args.vcpus:
-            p.error(f"--do {step.text}: no vCPU {max(where)} "
-                    f"({args.vcpus} vCPUs)")
+    check_do_vcpus(p, args)
     args.io = per_vcpu(args.io, args.vcpus, "--io")
     args.cr4 = per_vcpu(args.cr4, args.vcpus, "--cr4")
     args.programs = [program_of(args, i) for i in range(args.vcpus)]
@@ -1118,6 +1136,21 @@ def parse_args(argv):
                         f"{owners[page]} and {i}: give each its own page")
     args.isa = args.isa or host_isa()
     return args
+
+
+def add_report_options(p):
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--hold",
+                   help="wait before running until this file exists; for a "
+                        "FIFO until a byte arrives; '-': a line on stdin")
+
+
+def check_do_vcpus(p, args):
+    """Each --do's vCPUs exist."""
+    for where, step in args.do:
+        if where and max(where) >= args.vcpus:
+            p.error(f"--do {step.text}: no vCPU {max(where)} "
+                    f"({args.vcpus} vCPUs)")
 
 
 def program_of(args, i):
@@ -1172,6 +1205,26 @@ def join_all(threads, stop):
             t.join()
 
 
+def announce_ready(prog, path, report, hold):
+    """Write the "ready" report, say so, then wait for the release (--hold):
+    a tracer attaches in between."""
+    write_report(path, report)
+    tids = [v["tid"] for v in report["vcpus"]]
+    print(f"{prog}: pid {os.getpid()}: {len(tids)} vCPUs ready, tids "
+          f"{tids}", flush=True)
+    if hold:
+        wait_for_release(hold)
+
+
+def print_problems(prog, report):
+    """Each vCPU's errors on stderr; the exit status: 1 if there were any."""
+    problems = [f"vCPU {v['index']}: {e}" for v in report["vcpus"]
+                for e in v["errors"]]
+    for p in problems:
+        print(f"{prog}: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def make_vm(args):
     vm = Vm(args.vcpus,
             user_msrs=any(p.needs("rdmsr", "wrmsr") for p in args.programs))
@@ -1201,27 +1254,20 @@ def main(argv=None):
     if watch:
         watch.start()
     ready.wait()                # every vCPU thread now has its tid and comm
-    write_report(args.report, make_report(args, vcpus, "ready"))
-    print(f"guest.py: pid {os.getpid()}: {args.vcpus} vCPUs ready, tids "
-          f"{[v.tid for v in vcpus]}", flush=True)
-    if args.hold:
-        wait_for_release(args.hold)
+    announce_ready("guest.py", args.report,
+                   make_report(args, vcpus, "ready"), args.hold)
     go.set()
     join_all(vcpus, stop)
     if watch:
         watch.done.set()
     report = make_report(args, vcpus, "done")
     write_report(args.report, report)
-    problems = [f"vCPU {v['index']}: {e}" for v in report["vcpus"]
-                for e in v["errors"]]
     for v in report["vcpus"]:
         rate = (f", {v['io_exits_per_s']} IO exits/s"
                 if args.seconds is not None and "io_exits_per_s" in v else "")
         print(f"guest.py: pid {os.getpid()} vCPU {v['index']} tid "
               f"{v['tid']}: user exits {v['user_exits']}{rate}", flush=True)
-    for p in problems:
-        print(f"guest.py: {p}", file=sys.stderr)
-    return 1 if problems else 0
+    return print_problems("guest.py", report)
 
 
 if __name__ == "__main__":
