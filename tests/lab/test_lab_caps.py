@@ -3,7 +3,7 @@ nobody while a guest makes exits (tests/lab/caps.py): without CAP_BPF,
 CAP_PERFMON or CAP_DAC_READ_SEARCH one line says which is missing.  With
 all of the unit's set (CAP_SYS_PTRACE too), Debian's default
 kernel.perf_event_paranoid=3 refuses perf_event_open(2), which needs
-CAP_SYS_ADMIN there; at 2 the set goes as far as root.  RLIMIT_MEMLOCK 0
+CAP_SYS_ADMIN there; at 2 the set counts every exit, as root does.  RLIMIT_MEMLOCK 0
 changes nothing.  Runs in the same boot as the other AMD scenarios; if
 the lab cannot start, the tests fail with the reason.
 """
@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+import kvmexit
+from helpers import HEADER_ALL
+
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import caps  # noqa: E402
@@ -20,6 +23,7 @@ from fixtures import Scenario  # noqa: E402
 
 SCENARIO = Scenario("caps", script="tests/lab/caps.py",
                     env="KVMEXIT_LAB_CAPS")
+NAMES = kvmexit.ReasonNames()
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +89,39 @@ def test_with_perf_event_paranoid_2_the_units_set_goes_as_far_as_root(lab):
     assert run["paranoid"] == 2 and root["caps"] is None
     assert "perf_event_open" not in run["stderr"]
     assert (run["status"], run["stderr"]) == (root["status"], root["stderr"])
+
+
+def report_rows(stdout):
+    """{(pid, tid, reason name): count} of a text report (no -a)."""
+    lines = stdout.splitlines()
+    assert lines[0] == ("Display kvm exit reasons and statistics for all "
+                        "threads after sleeping %d secs." % caps.DURATION)
+    assert lines[1] == HEADER_ALL
+    rows = {}
+    for line in lines[2:]:
+        pid, tid, name, count = line.split()
+        rows[(int(pid), int(tid), name)] = int(count)
+    return rows
+
+
+def kernel(run):
+    """{(pid, tid, reason name): count} of the hist trigger's count: the
+    guest's vCPUs only (nothing else in the lab exits to KVM)."""
+    guest = run["guest"]
+    tids = {v["tid"] for v in guest["vcpus"]}
+    counts = {}
+    for key, n in run["hist"].items():
+        tid, code = map(int, key.split(","))
+        assert tid in tids, key
+        counts[(guest["pid"], tid, NAMES.name(2, code))] = n
+    return counts
+
+
+def test_with_perf_event_paranoid_2_the_units_set_counts_every_exit(lab):
+    run = lab["runs"]["paranoid2"]
+    assert run["status"] == 0 and run["guest_status"] == 0
+    rows = report_rows(run["stdout"])
+    assert rows == kernel(run)
+    vcpu = run["guest"]["vcpus"][1]
+    assert rows[(run["guest"]["pid"], vcpu["tid"], "IOIO")] == \
+        vcpu["expected"]["IOIO"]
