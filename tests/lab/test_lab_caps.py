@@ -4,8 +4,8 @@ CAP_PERFMON or CAP_DAC_READ_SEARCH one line says which is missing.  With
 all of the unit's set (CAP_SYS_PTRACE too), Debian's default
 kernel.perf_event_paranoid=3 refuses perf_event_open(2), which needs
 CAP_SYS_ADMIN there; at 2 the set counts every exit, as root does.
-RLIMIT_MEMLOCK 0 changes nothing.  Runs in the same boot as the other AMD scenarios; if
-the lab cannot start, the tests fail with the reason.
+RLIMIT_MEMLOCK 0 changes nothing.  Runs in the same boot as the other
+AMD scenarios; if the lab cannot start, the tests fail with the reason.
 """
 
 import os
