@@ -2403,19 +2403,19 @@ class ThreadTables:
                             % (size, gib(need), gib(available)))
             fd = create_map(BPF_MAP_TYPE_PERCPU_HASH, THREAD_MAP.key.size,
                             8 * THREAD_MAP.words(self.program.layout), size)
+            slot = ctypes.c_int(len(self.generations))
+            value = ctypes.c_int(fd)
+            if libbcc.bpf_update_elem(self.b[GENERATIONS_MAP.name].map_fd,
+                                      ctypes.byref(slot),
+                                      ctypes.byref(value), 0):
+                os.close(fd)
+                raise Error("cannot add a thread table: %s"
+                            % os.strerror(ctypes.get_errno()))
         except Error as e:
             self.at_limit = str(e)
             emit("kvmexit: warning: the thread table cannot grow beyond %d "
                  "threads: %s\n" % (self.capacity(), e), sys.stderr)
             return None
-        slot = ctypes.c_int(len(self.generations))
-        value = ctypes.c_int(fd)
-        if libbcc.bpf_update_elem(self.b[GENERATIONS_MAP.name].map_fd,
-                                  ctypes.byref(slot), ctypes.byref(value),
-                                  0):
-            os.close(fd)
-            raise Error("cannot add a thread table: %s"
-                        % os.strerror(ctypes.get_errno()))
         self.generations.append(RawMap(fd, size))
         return size
 

@@ -256,18 +256,6 @@ def test_the_dashboard_shows_what_an_operator_needs():
 #
 # Every query on a real Prometheus scraping a real kvmexit
 #
-class RulesPrometheus(Prometheus):
-    """The lab's Prometheus, also loading rule files."""
-
-    def __init__(self, workdir, targets, rule_files, **kw):
-        super().__init__(workdir, targets, **kw)
-        self.rule_files = rule_files
-
-    def config(self):
-        return super().config() + "rule_files:\n" + "".join(
-            "  - %s\n" % json.dumps(path) for path in self.rule_files)
-
-
 def free_port():
     import socket
     with socket.socket() as s:
@@ -308,9 +296,9 @@ def exporter():
 
 @pytest.fixture
 def prometheus(tmp_path, exporter):
-    server = RulesPrometheus(str(tmp_path / "prometheus"),
-                             ["127.0.0.1:%d" % exporter], [RULES],
-                             port=free_port())
+    server = Prometheus(str(tmp_path / "prometheus"),
+                        ["127.0.0.1:%d" % exporter], port=free_port(),
+                        rules=[RULES])
     try:
         server.start()
         yield server

@@ -19,8 +19,13 @@ Runs inside the lab (tests/lab/run), from the repository's top directory:
   5. waits until Prometheus has scraped the final counts, reads what it
      stored with PromQL, reads and disarms the hist trigger, and ends the
      kvmexits (SIGINT for the JSON one, SIGTERM for the exporter).
+Prometheus loads the operator's rules (deploy/kvmexit-rules.yml) and
+evaluates them all along; at the end every query of the dashboard
+(deploy/kvmexit-dashboard.json), every rule's expression, every recorded
+series and the active alerts are read too (tests/dashboard.py).
 It writes OUT/fleet.json: the guests' reports, the hist counts, the PromQL
-answers and each kvmexit's argv, exit status, stdout and stderr.
+answers, the kit's answers and each kvmexit's argv, exit status, stdout
+and stderr.
 tests/lab/test_lab_fleet.py boots the lab once for it and checks them.
 
 `fleet.py vm -name guest=NAME GUEST_ARGS...` is one such VM: guest.py
@@ -38,11 +43,15 @@ import time
 
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, LAB_DIR)
-from prometheus import Prometheus  # noqa: E402
+sys.path.insert(0, os.path.dirname(LAB_DIR))
+import dashboard  # noqa: E402
+from prometheus import Prometheus, PrometheusError  # noqa: E402
 from scenario import (HIST_KEYS, PYTHON, TRIGGER, attached,  # noqa: E402
                       finish, read_hist, read_json, start_tracer)
 
 REPO = os.path.dirname(os.path.dirname(LAB_DIR))
+RULES = os.path.join(REPO, "deploy", "kvmexit-rules.yml")
+DASHBOARD = os.path.join(REPO, "deploy", "kvmexit-dashboard.json")
 VMS = 20
 VCPUS = 2
 MAX_THREADS = 4
@@ -122,17 +131,48 @@ def query_all(server, queries):
             for name, q in queries.items()}
 
 
+def answer(server, query):
+    """[query, [[labels, value]], error or None]: a query of the kit that
+    Prometheus refuses is recorded, not raised, so that every one is."""
+    try:
+        return [query, [[labels, value] for labels, value in
+                        server.query(query)], None]
+    except PrometheusError as e:
+        return [query, [], str(e)]
+
+
+def recorded_names(path):
+    with open(path) as f:
+        groups = dashboard.yaml.safe_load(f)["groups"]
+    return [rule["record"] for group in groups for rule in group["rules"]
+            if "record" in rule]
+
+
+def kit(server):
+    """What the operator's kit gives on these exits: each dashboard query,
+    each rule expression, each series a recording rule stored, and the
+    alerts Prometheus has active (pending or firing)."""
+    return {
+        "dashboard": [answer(server, q)
+                      for q in dashboard.dashboard_queries(DASHBOARD)],
+        "rules": [answer(server, q)
+                  for q in dashboard.rule_expressions(RULES)],
+        "recorded": [answer(server, name) for name in recorded_names(RULES)],
+        "alerts": server.api("alerts")["alerts"],
+    }
+
+
 def main(out):
     return with_prometheus(out, tracer_args(), run, EXPORTER,
-                           PROMETHEUS_PORT)
+                           PROMETHEUS_PORT, rules=[RULES])
 
 
-def with_prometheus(out, plan, scenario, exporter, port):
+def with_prometheus(out, plan, scenario, exporter, port, rules=()):
     """scenario(out, plan, server) while a Prometheus on `port` scrapes the
-    exporter; its log ends in OUT."""
+    exporter (and evaluates the rule files `rules`); its log ends in OUT."""
     # The TSDB on the lab's own disk: OUT is a 9p share.
     server = Prometheus(tempfile.mkdtemp(prefix="prometheus-"), [exporter],
-                        port=port).start()
+                        port=port, rules=rules).start()
     try:
         return scenario(out, plan, server)
     finally:
@@ -167,6 +207,7 @@ def run(out, plan, server):
     time.sleep(GAP)
     server.wait_for_scrape(after=time.time())
     answers = promql(server)
+    kit_answers = kit(server)
     hist = read_hist()
     with open(TRIGGER, "w") as f:
         f.write("!" + HIST_KEYS)
@@ -177,7 +218,8 @@ def run(out, plan, server):
                                  signal.SIGTERM, plan["exporter"])
     with open(os.path.join(out, "fleet.json"), "w") as f:
         json.dump({"guests": guests, "guest_status": statuses,
-                   "hist": hist, "promql": answers, "tracers": results,
+                   "hist": hist, "promql": answers, "kit": kit_answers,
+                   "tracers": results,
                    "exporter": EXPORTER}, f, indent=1)
     print("fleet: %d VMs done; results in %s" % (len(guests), out))
     return 0

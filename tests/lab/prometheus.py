@@ -6,6 +6,7 @@ with Debian's `prometheus` package, 2.42).
     server.start()                   # returns once /-/ready answers 200
     server.wait_for_scrape(after=t)  # every target scraped after time t
     server.query('sum by (vm) (kvm_exits_total)')   # the result vector
+    server.api("alerts")             # with rules=[FILE]: the active alerts
     server.stop()
 
 The server scrapes every second, so that a test waits seconds, not
@@ -46,8 +47,9 @@ class PrometheusError(Exception):
 
 class Prometheus:
     def __init__(self, workdir, targets, port=9090, interval="1s",
-                 timeout="1s", binary=BINARY):
+                 timeout="1s", binary=BINARY, rules=()):
         self.workdir = workdir
+        self.rules = list(rules)
         self.targets = list(targets)
         self.address = "127.0.0.1:%d" % port
         self.interval, self.timeout = interval, timeout
@@ -56,9 +58,13 @@ class Prometheus:
         self.log = os.path.join(workdir, "prometheus.log")
 
     def config(self):
-        return CONFIG.format(interval=self.interval, timeout=self.timeout,
-                             job=JOB, targets=", ".join(
-                                 json.dumps(t) for t in self.targets))
+        config = CONFIG.format(interval=self.interval, timeout=self.timeout,
+                               job=JOB, targets=", ".join(
+                                   json.dumps(t) for t in self.targets))
+        if self.rules:
+            config += "rule_files:\n" + "".join(
+                "  - %s\n" % json.dumps(path) for path in self.rules)
+        return config
 
     def start(self):
         os.makedirs(self.workdir, exist_ok=True)

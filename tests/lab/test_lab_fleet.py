@@ -15,7 +15,9 @@ import os
 import sys
 
 import pytest
+import yaml
 
+import dashboard
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -137,3 +139,59 @@ def test_exporter_says_where_it_listens_and_ends_cleanly_on_sigterm(lab):
     assert [m["job"] for m, v in lab["promql"]["up"] if v == 1] == \
         ["kvmexit"]
     assert len(lab["promql"]["build"]) == 1
+
+
+# The operator's kit (deploy/) on these exits.  The exporter here runs
+# without --latency: the handling-time panel and recording rule have no
+# series to read (tests/test_deploy.py runs them on a --latency exporter,
+# with no exits).
+LATENCY_METRIC = "kvm_exit_handling_seconds"
+
+
+def rules():
+    with open(fleet.RULES) as f:
+        return [rule for group in yaml.safe_load(f)["groups"]
+                for rule in group["rules"]]
+
+
+def answers(lab, part):
+    """[(query, series)] of one part of the kit; every query evaluated."""
+    for query, series, error in lab["kit"][part]:
+        assert error is None, (query, error)
+    return [(query, series) for query, series, _ in lab["kit"][part]]
+
+
+def test_every_dashboard_query_returns_series_on_real_exits(lab):
+    got = answers(lab, "dashboard")
+    assert [q for q, _ in got] == dashboard.dashboard_queries(
+        fleet.DASHBOARD)
+    for query, series in got:
+        assert bool(series) == (LATENCY_METRIC not in query), query
+    by_query = dict(got)
+    assert by_query['sum(up{job="kvmexit", instance=~".*"})'] == \
+        [[{}, 1.0]]
+    # Fewer than 10 reasons: the top 10 are every reason the kernel saw.
+    top = by_query['topk(10, sum by (reason) (increase(kvm_exits_total'
+                   '{instance=~".*", vm=~".*"}[1h])))']
+    assert {m["reason"] for m, _ in top} == {
+        NAMES.name(2, code) for _, _, code in kernel(lab)}
+
+
+def test_every_recording_rule_returns_and_records_series(lab):
+    records = [r for r in rules() if "record" in r]
+    exprs = dict(answers(lab, "rules"))
+    recorded = dict(answers(lab, "recorded"))
+    assert sorted(recorded) == sorted(r["record"] for r in records)
+    for rule in records:
+        reads_latency = LATENCY_METRIC in rule["expr"]
+        assert bool(exprs[rule["expr"].strip()]) != reads_latency, rule
+        assert bool(recorded[rule["record"]]) != reads_latency, rule
+
+
+def test_no_alert_holds_on_a_fleet_that_lost_nothing(lab):
+    exprs = dict(answers(lab, "rules"))
+    alerts = [r for r in rules() if "alert" in r]
+    assert len(alerts) == 4
+    for rule in alerts:
+        assert exprs[rule["expr"].strip()] == [], rule["alert"]
+    assert lab["kit"]["alerts"] == []
