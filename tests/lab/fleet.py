@@ -105,7 +105,7 @@ def tracer_args():
     return {
         "json": ["-i", "1", "--json", "--max-threads", str(MAX_THREADS)],
         "exporter": ["--prometheus", EXPORTER, "--max-threads",
-                     str(MAX_THREADS), "-d"],
+                     str(MAX_THREADS), "--latency", "-d"],
     }
 
 
