@@ -1590,10 +1590,15 @@ EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
                          "detail", lambda p, ncpus: 128 * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
-# The names the kernel took of VMs whose threads ended (16 bytes each).
-VM_COMM_MAP = MapSpec(b"vm_comm", TGID_KEY, lambda layout: 2, False,
-                      "names", "names", lambda p, ncpus: hash_bytes(
-                          p.max_threads, TGID_KEY, 16))
+# The names the kernel took of VMs as their threads first exited (struct
+# vm_comm: start time, command line length, comm, VM_CMDLINE_BYTES of the
+# command line).
+VM_CMDLINE_BYTES = 256
+VM_COMM = struct.Struct("<QI4x16s%ds" % VM_CMDLINE_BYTES)
+VM_COMM_MAP = MapSpec(b"vm_comm", TGID_KEY,
+                      lambda layout: VM_COMM.size // 8, False, "names",
+                      "names", lambda p, ncpus: hash_bytes(
+                          p.max_threads, TGID_KEY, VM_COMM.size))
 # The thread table's generations after the first (ThreadTables.grow()).
 GENERATIONS_MAP = MapSpec(b"thread_tables", INDEX_KEY, None, False, None,
                           "growth", None)
@@ -1631,15 +1636,31 @@ def detail_macros(tp_dir=None):
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
+# What the kernel reads to name a VM (-DVM_NAMES): macro, struct, member
+# (the first of them the kernel has: start_boottime was real_start_time
+# before Linux 5.5).
+TASK_OFFSETS = (
+    ("TASK_GROUP_LEADER_OFF", "task_struct", ("group_leader",)),
+    ("TASK_COMM_OFF", "task_struct", ("comm",)),
+    ("TASK_START_OFF", "task_struct", ("start_boottime", "real_start_time")),
+    ("TASK_MM_OFF", "task_struct", ("mm",)),
+    ("MM_ARG_START_OFF", "mm_struct", ("arg_start",)),
+    ("MM_ARG_END_OFF", "mm_struct", ("arg_end",)),
+)
+
+
 def task_offsets(btf_dir=BTF_DIR):
-    """(task_struct.group_leader, task_struct.comm) from the kernel's BTF,
-    for the names the kernel takes (-DVM_NAMES); None without BTF."""
+    """{macro: offset} of TASK_OFFSETS from the kernel's BTF, for the names
+    the kernel takes (-DVM_NAMES); None without BTF or without one of
+    them."""
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     if vmlinux is None:
         return None
-    found = (vmlinux.offset("task_struct", "group_leader"),
-             vmlinux.offset("task_struct", "comm"))
-    return None if None in found else found
+    found = {}
+    for macro, struct_name, members in TASK_OFFSETS:
+        offsets = [vmlinux.offset(struct_name, m) for m in members]
+        found[macro] = next((o for o in offsets if o is not None), None)
+    return None if None in found.values() else found
 
 
 def growth_macros(program):
@@ -1647,9 +1668,8 @@ def growth_macros(program):
 
 
 def names_macros(program):
-    leader, comm = task_offsets()
-    return ["-DVM_NAMES", "-DTASK_GROUP_LEADER_OFF=%d" % leader,
-            "-DTASK_COMM_OFF=%d" % comm]
+    return ["-DVM_NAMES"] + ["-D%s=%d" % item
+                             for item in task_offsets().items()]
 
 
 class Feature(collections.namedtuple("Feature", "name cflags")):
@@ -2452,13 +2472,12 @@ class ThreadTables:
         return counts, vcpu_ids
 
     def take_names(self, spec):
-        """{tgid: process name} the kernel took (VM_COMM_MAP), deleted."""
+        """{tgid: KernelName} the kernel took (VM_COMM_MAP), deleted."""
         keys, values = read_map(self.b, spec, self.program.layout,
                                 self.ncpus)
         self.delete(spec, keys)
-        return {spec.key.layout.unpack(k)[0]: printable(
-            v.tobytes().split(b"\0")[0].decode("utf-8", "backslashreplace"))
-            for k, v in zip(keys, values)}
+        return {spec.key.layout.unpack(k)[0]: kernel_name(v.tobytes())
+                for k, v in zip(keys, values)}
 
     def final_counts(self, keys, slots):
         """Counts and vCPU ids of dead threads that cache slots hold, read
@@ -2537,6 +2556,13 @@ class Ident(collections.namedtuple("Ident", "comm guest")):
         return self.guest or self.comm
 
 
+def ident_of(comm, argv):
+    """The Ident of a process name and command line (argv: its arguments;
+    only complete ones)."""
+    guest = guest_name(argv)
+    return Ident(printable(comm), None if guest is None else printable(guest))
+
+
 def process_ident(pid, proc="/proc"):
     """The Ident of a running process, None if it is gone."""
     try:
@@ -2544,9 +2570,29 @@ def process_ident(pid, proc="/proc"):
         argv = read_text("%s/%d/cmdline" % (proc, pid)).split("\0")
     except OSError:
         return None
-    guest = guest_name(argv)
-    return Ident(printable(comm[:-1] if comm.endswith("\n") else comm),
-                 None if guest is None else printable(guest))
+    return ident_of(comm[:-1] if comm.endswith("\n") else comm, argv)
+
+
+class KernelName(collections.namedtuple("KernelName", "start ident")):
+    """A name the kernel took (VM_COMM_MAP): its process's start time, as
+    process_start() reads it, and its Ident."""
+
+    __slots__ = ()
+
+
+def clock_ticks_of(ns):
+    """/proc/PID/stat's start time of a task_struct's start_boottime."""
+    return ns // (10 ** 9 // os.sysconf("SC_CLK_TCK"))
+
+
+def kernel_name(value):
+    """The KernelName of a struct vm_comm.  Its command line is the first
+    bytes of /proc/PID/cmdline: an argument it cuts short is left out."""
+    start, length, comm, cmdline = VM_COMM.unpack_from(value)
+    decode = lambda raw: raw.decode("utf-8", "backslashreplace")
+    argv = cmdline[:length].split(b"\0")
+    return KernelName(clock_ticks_of(start), ident_of(
+        decode(comm.split(b"\0")[0]), [decode(a) for a in argv[:-1]]))
 
 
 class Ledger:
@@ -2577,12 +2623,14 @@ class Ledger:
     thread's entry; subtracting what was retired makes it start from zero
     if the old thread was retired first (within a TICK, the kernel's PIDs
     must wrap around, its exits are counted as the old thread's).  A PID
-    reused by a new process (its start time in /proc differs) is a new VM:
-    the old one's retired counts are dropped at the next forget_gone().
+    reused by a new process (another start time in /proc or in the name
+    the kernel took) is a new VM: once its threads are seen in the tables,
+    the old one's retired counts and name are dropped (drop_process()), in
+    every output, so that the new VM starts from zero under its own name.
 
-    Each process is named (idents) the first time it is seen in the
-    tables, while it runs; one that ended before has the name the kernel
-    took as its thread ended (VM_COMM_MAP)."""
+    Each process is named (idents) when it is first seen: by the kernel as
+    its first thread entered the thread table (VM_COMM_MAP, read first),
+    else from /proc while it runs."""
 
     def __init__(self, proc="/proc", clock=time.monotonic):
         self.lock = threading.Lock()
@@ -2593,7 +2641,8 @@ class Ledger:
         self.tgids = set()      # processes seen in the tables
         self.held = {}          # pid_tgid: {(isa, code): retired count}
         self.starts = {}        # tgid: its process's start time
-        self.replaced = {}      # tgid: its old process's retired keys
+        self.replaced = set()   # tgids taken by a new process since
+        #                         forget_gone() (for the exporter's names)
         self.idents = {}        # tgid: Ident, taken when first seen
 
     @staticmethod
@@ -2609,27 +2658,36 @@ class Ledger:
         except OSError:
             return set()
 
-    def note_start(self, tgid):
-        """Remember when a process seen in the tables started; if its PID
-        now belongs to a process that started later, the retired counts
-        so far are the old process's (see forget_gone())."""
-        start = process_start(tgid, self.proc)
+    def see(self, tgid, name=None):
+        """Note a process seen in the tables (or with retired counts): when
+        it started, from /proc or from the KernelName `name`, and what it
+        is called, the first time.  If its PID now belongs to a process
+        that started later, what the ledger has of the PID is the old
+        process's: dropped."""
+        start = process_start(tgid, self.proc) if name is None else \
+            name.start
         # None: gone when first seen, so any process with its PID is new.
         if tgid in self.starts and start not in (None, self.starts[tgid]):
-            self.replaced.setdefault(tgid, set()).update(
-                k for entries in self.retired.values() for k in entries
-                if k[0] == tgid)
-            self.idents.pop(tgid, None)
+            self.drop_process(tgid)
         if start is not None or tgid not in self.starts:
             self.starts[tgid] = start
-
-    def note_ident(self, tgid):
-        """Name a process the first time it is seen, while it runs; one
-        that ended before has the name the kernel took (VM_COMM_MAP)."""
         if tgid not in self.idents:
-            ident = process_ident(tgid, self.proc)
+            ident = process_ident(tgid, self.proc) if name is None else \
+                name.ident
             if ident is not None:
                 self.idents[tgid] = ident
+
+    def drop_process(self, tgid):
+        """Forget the retired counts, vCPU ids and name of a process whose
+        PID a new process took."""
+        for name, entries in self.retired.items():
+            self.retired[name] = {k: v for k, v in entries.items()
+                                  if k[0] != tgid}
+        self.vcpu_ids = {k: v for k, v in self.vcpu_ids.items()
+                         if k[0] != tgid}
+        self.idents.pop(tgid, None)
+        self.gone_since.pop(tgid, None)
+        self.replaced.add(tgid)
 
     def retire(self, tables):
         """Move the counts of threads that have exited out of the tables;
@@ -2646,22 +2704,24 @@ class Ledger:
                 pid_tgid = pid_tgid_of(key)
                 tgid = pid_tgid >> 32
                 if tgid not in tids:
-                    self.note_start(tgid)
-                    self.note_ident(tgid)
+                    self.see(tgid)
                     tids[tgid] = self.threads_of(tgid)
                 if pid_tgid & 0xffffffff not in tids[tgid]:
                     found.append(key)
             return found
 
+        # The kernel's names first: one of a new process with a reused PID
+        # drops the old process's counts before the new one's are added.
+        for spec in tables.program.maps():
+            if spec.merge == "names":
+                for tgid, name in tables.take_names(spec).items():
+                    self.see(tgid, name)
         retired = 0
         for spec in tables.program.maps():
             if spec.merge == "threads":
                 retired = self.retire_threads(tables, dead(tables.keys(spec)))
             elif spec.merge == "pending":
                 tables.delete(spec, dead(tables.keys(spec)))
-            elif spec.merge == "names":
-                for tgid, comm in tables.take_names(spec).items():
-                    self.idents.setdefault(tgid, Ident(comm, None))
             elif isinstance(spec.merge, Table):
                 keys = dead(tables.keys(spec))
                 if keys:
@@ -2744,28 +2804,26 @@ class Ledger:
         """Drop the retired counts of processes gone for `keep` seconds,
         and at once those of a process whose PID a new one took: a
         process that lives on keeps all of its threads' counts, so its
-        series never go down.  Returns the tgids dropped."""
+        series never go down.  Returns the tgids dropped, at once or
+        since the last call."""
         with self.lock:
             now = self.clock()
             for tgid in {k[0] for entries in self.retired.values()
                          for k in entries}:
                 if os.path.exists("%s/%d" % (self.proc, tgid)):
                     self.gone_since.pop(tgid, None)
-                    self.note_start(tgid)
+                    self.see(tgid)
                 else:
                     self.gone_since.setdefault(tgid, now)
             expired = {t for t, since in self.gone_since.items()
                        if now - since >= keep}
-            replaced, self.replaced = self.replaced, {}
-            if expired or replaced:
-                old = set().union(*replaced.values())
-                old_threads = {k[:2] for k in old}
-                drop = lambda table, old: {
-                    k: v for k, v in table.items()
-                    if k[0] not in expired and k not in old}
-                self.retired = {name: drop(entries, old)
+            replaced, self.replaced = self.replaced, set()
+            if expired:
+                drop = lambda table: {k: v for k, v in table.items()
+                                      if k[0] not in expired}
+                self.retired = {name: drop(entries)
                                 for name, entries in self.retired.items()}
-                self.vcpu_ids = drop(self.vcpu_ids, old_threads)
+                self.vcpu_ids = drop(self.vcpu_ids)
                 for tgid in expired:
                     del self.gone_since[tgid]
                     self.starts.pop(tgid, None)
@@ -2854,12 +2912,17 @@ class Report:
         self.selection, self.names = selection, names
         self.opts = opts or ReportOptions()
         self.out = out or sys.stdout
-        self.comms = {}
+        self.comms = {}         # pid: name read from /proc, once
         self.idents = {}        # tgid: Ident, as the Ledger took it
 
     def comm(self, pid):
+        """The Ledger's name of the process (it changes if a new process
+        takes the PID), else the one read from /proc when first asked."""
+        ident = self.idents.get(pid)
+        if ident is not None:
+            return ident.text()
         if pid not in self.comms:
-            ident = self.idents.get(pid) or process_ident(pid)
+            ident = process_ident(pid)
             self.comms[pid] = "?" if ident is None else ident.text()
         return self.comms[pid]
 
@@ -3082,7 +3145,11 @@ class VmNames:
 
     def get(self, tgid):
         """The name, read now if never read: "?" if the process is gone
-        and was never seen."""
+        and was never seen.  The Ledger's first: a new process that took
+        the PID has its own."""
+        ident = self.idents.get(tgid)
+        if ident is not None:
+            return ident.label()
         name = self.names.get(tgid)
         if name is None:
             name = self.names[tgid] = self.read(tgid)

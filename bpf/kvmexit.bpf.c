@@ -19,8 +19,8 @@
 //                       tracepoint probe only)
 //   GROWTH              slots for thread table generations (see its
 //                       section)
-//   VM_NAMES            also take each VM's process name as its threads end
-//                       (see its section, at the end)
+//   VM_NAMES            also take each VM's name as its first thread enters
+//                       the thread table (see its section)
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
 //                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
@@ -176,6 +176,108 @@ static __always_inline int update_thread(u64 *pid_tgid,
 }
 #endif
 
+#ifdef VM_NAMES
+// VM names: what each VM is called, taken in the kernel when one of its
+// threads first enters the thread table (its first exit since tracing
+// began), so that a VM that starts and ends between two of kvmexit.py's
+// looks at /proc (every second) is named all the same.  Only there, off the
+// hit path: once per thread.  The name is the process name (comm) and the
+// first bytes of the command line, which kvmexit.py parses as it parses
+// /proc/PID/cmdline; read from the VM's own memory, as the thread is the
+// VM's.  The leader's start time tells a PID's processes apart: an entry
+// of an earlier process with the same PID is replaced.  kvmexit.py deletes
+// each entry once it has read it.  From the kernel's BTF:
+//   TASK_GROUP_LEADER_OFF, TASK_COMM_OFF, TASK_START_OFF, TASK_MM_OFF
+//                          offsets in struct task_struct
+//   MM_ARG_START_OFF, MM_ARG_END_OFF    in struct mm_struct
+#define VM_CMDLINE_BYTES 256    // a power of two: see read_cmdline()
+
+struct vm_comm {
+    u64 start;                  // the leader's start_boottime (ns)
+    u32 cmdline_len;            // bytes of cmdline read; 0: none
+    u32 pad;
+    char comm[16];              // TASK_COMM_LEN
+    char cmdline[VM_CMDLINE_BYTES];
+};
+
+BPF_HASH(vm_comm, u32, struct vm_comm, MAX_THREADS);
+// Where an entry is built: too big for the BPF stack.
+BPF_PERCPU_ARRAY(vm_comm_scratch, struct vm_comm, 1);
+
+// The first bytes of the command line (NUL-separated arguments), as
+// /proc/PID/cmdline has them.  Non-faulting: a page of it swapped out
+// leaves no command line (the name is then the comm, until kvmexit.py
+// reads /proc).  A thread that is exiting has no mm: no command line.
+static __always_inline void read_cmdline(struct vm_comm *name, void *task)
+{
+    unsigned long arg_start, arg_end;
+    void *mm;
+    u32 len;
+
+    name->cmdline_len = 0;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), task + TASK_MM_OFF) || !mm ||
+        bpf_probe_read_kernel(&arg_start, sizeof(arg_start),
+                              mm + MM_ARG_START_OFF) ||
+        bpf_probe_read_kernel(&arg_end, sizeof(arg_end),
+                              mm + MM_ARG_END_OFF) ||
+        arg_end <= arg_start)
+        return;
+    len = arg_end - arg_start < VM_CMDLINE_BYTES ?
+          arg_end - arg_start : VM_CMDLINE_BYTES - 1;
+    // The mask is what the verifier sees as the bound, however clang
+    // compiles the comparison above.
+    len &= VM_CMDLINE_BYTES - 1;
+    if (!bpf_probe_read_user(name->cmdline, len, (void *)arg_start))
+        name->cmdline_len = len;
+}
+
+// Name the current thread's process, unless this process (PID and start
+// time) is named already.
+static __always_inline void take_vm_name(u64 pid_tgid)
+{
+    u32 tgid = pid_tgid >> 32;
+    void *task = (void *)bpf_get_current_task(), *leader;
+    struct vm_comm *name, *known;
+    int zero = 0;
+    u64 start;
+
+    if (bpf_probe_read_kernel(&leader, sizeof(leader),
+                              task + TASK_GROUP_LEADER_OFF) ||
+        bpf_probe_read_kernel(&start, sizeof(start),
+                              leader + TASK_START_OFF))
+        return;
+    known = vm_comm.lookup(&tgid);
+    if (known && known->start == start)
+        return;
+    name = vm_comm_scratch.lookup(&zero);
+    if (!name)
+        return;
+    name->start = start;
+    if (bpf_probe_read_kernel(name->comm, sizeof(name->comm),
+                              leader + TASK_COMM_OFF))
+        return;
+    read_cmdline(name, task);
+    vm_comm.update(&tgid, name);
+}
+
+// As a thread that exited to KVM ends: its process's name, if the first
+// exit's could not be stored (the table of names full), without the
+// command line (exit_mm() has run).  A separate program, so the kvm_exit
+// program is unchanged by it; one hash lookup per thread end on the host.
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+
+    if (find_thread(&pid_tgid))
+        take_vm_name(pid_tgid);
+    return 0;
+}
+#else
+static __always_inline void take_vm_name(u64 pid_tgid)
+{
+}
+#endif
+
 // NR_SLOTS for a rare code.  Off the hit path, which tests for a direct
 // slot itself (count_exit()).
 static __always_inline u32 slot_of(u32 code)
@@ -263,7 +365,8 @@ static __always_inline void write_back(struct cache_slot *cache)
 
 // A thread's first exit on this CPU since tracing began: it starts from
 // zero, and enters the table now, so that the write-back that evicts it
-// from the cache slot always finds its entry.
+// from the cache slot always finds its entry.  With VM_NAMES its VM is
+// named now, if it is not yet.
 static __always_inline struct thread_counts *
 enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
 {
@@ -278,6 +381,7 @@ enter_new_thread(struct cache_slot *cache, u64 pid_tgid)
         count_lost(LOST_THREAD_TABLE_FULL);
         return NULL;
     }
+    take_vm_name(pid_tgid);
     return &cache->counts;
 }
 
@@ -1054,36 +1158,4 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
     return count_exit(pid_tgid, &ev);
 }
 
-#endif
-
-#ifdef VM_NAMES
-// The process name of each VM one of whose threads exited to KVM, taken
-// in the kernel as that thread ends: a VM that starts and ends between two
-// of kvmexit.py's looks at /proc (every second) keeps a name.  A separate
-// program on sched_process_exit, so the kvm_exit program is unchanged; it
-// costs one hash lookup per thread end on the host.  kvmexit.py deletes
-// each entry once it has taken the name.  From the kernel's BTF:
-//   TASK_GROUP_LEADER_OFF, TASK_COMM_OFF   offsets in struct task_struct
-struct vm_comm {
-    char comm[16];              // TASK_COMM_LEN
-};
-
-BPF_HASH(vm_comm, u32, struct vm_comm, MAX_THREADS);
-
-TRACEPOINT_PROBE(sched, sched_process_exit)
-{
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    void *task = (void *)bpf_get_current_task(), *leader;
-    struct vm_comm name = {};
-
-    if (!find_thread(&pid_tgid) || vm_comm.lookup(&tgid))
-        return 0;
-    if (bpf_probe_read_kernel(&leader, sizeof(leader),
-                              task + TASK_GROUP_LEADER_OFF) ||
-        bpf_probe_read_kernel(&name, sizeof(name), leader + TASK_COMM_OFF))
-        return 0;
-    vm_comm.update(&tgid, &name);
-    return 0;
-}
 #endif

@@ -1,19 +1,24 @@
-"""VM names: taken when a VM's threads are first seen, by kvmexit from
-/proc while the VM runs, or by the kernel as a thread that exited to KVM
-ends (-DVM_NAMES), so that a VM that lived one exit is never `?`.
+"""VM names: taken when a VM's threads are first seen, by the kernel as a
+VM's thread first enters the thread table (-DVM_NAMES: its comm and the
+first bytes of its command line, from its own memory), or by kvmexit from
+/proc while the VM runs, so that a VM that lived one exit is never `?`.
 
 The kernel tests run kvmexit's program (raw-old, SVM layout, with the
-names feature) through BPF_PROG_TEST_RUN from a child process named like
-a VM (prctl PR_SET_NAME); its end is a real thread end, so the real
-sched:sched_process_exit fires.  Each VMM's command line is a fake /proc
-tree: the VMMs themselves are not installed here."""
+names feature) through BPF_PROG_TEST_RUN from real child processes named
+like a VM (prctl PR_SET_NAME) and started with a VMM's command line
+(tests/helpers/vmm.py); their ends are real thread ends, so the real
+sched:sched_process_exit fires.  The VMMs themselves are not installed
+here: the /proc of each (for kvmexit's own reads) is also a fake tree."""
 
 import ctypes
+import io
+import json
 import os
 
 import pytest
 
 from helpers import bpfrun
+from helpers.vmm import HERE, SYSTEM_PYTHON, Vmm
 import kvmexit
 
 SVM = kvmexit.ISA_SVM
@@ -60,11 +65,16 @@ def short_vm(fd, name, exits=1):
 
 
 def test_the_names_feature_is_in_the_program_where_btf_has_the_offsets():
-    leader, comm = kvmexit.task_offsets()
-    assert 0 < leader and 0 < comm
+    offsets = kvmexit.task_offsets()
+    assert sorted(offsets) == sorted(m for m, _, _ in kvmexit.TASK_OFFSETS)
+    vmlinux = kvmexit.load_btf("vmlinux")
+    assert offsets["TASK_COMM_OFF"] == vmlinux.offset("task_struct", "comm")
+    assert offsets["MM_ARG_END_OFF"] == \
+        vmlinux.offset("mm_struct", "arg_start") + 8
     flags = program({"names"}).cflags()
     assert "-DVM_NAMES" in flags
-    assert "-DTASK_COMM_OFF=%d" % comm in flags
+    for item in offsets.items():
+        assert "-D%s=%d" % item in flags
     assert kvmexit.VM_COMM_MAP in program({"names"}).maps()
     assert kvmexit.VM_COMM_MAP not in program(()).maps()
 
@@ -167,7 +177,7 @@ def test_each_vmms_name_in_reports_and_labels(fake_proc, vmm):
     assert kvmexit.process_name(100, proc) == text
     assert kvmexit.vm_label(100, proc) == label
     ledger = kvmexit.Ledger(proc=proc)
-    ledger.note_ident(100)
+    ledger.see(100)
     # Named once: the VM may end, the name stays.
     for name in ("comm", "cmdline"):
         os.remove(os.path.join(proc, "100", name))
@@ -179,3 +189,120 @@ def test_each_vmms_name_in_reports_and_labels(fake_proc, vmm):
     assert report.comm(100) == text
     # The vCPU threads' names are the VMM's own, not the VM's.
     assert kvmexit.thread_names(100, proc)[101] == vcpu_name % 0 + "\n"
+
+
+#
+# Names from the VM's own command line, taken by the kernel
+#
+def reports(ledger, snap):
+    """(the text report with --comm, the JSON report's rows, the vm label)
+    of a snapshot, with the ledger's names, as kvmexit prints them."""
+    selection = kvmexit.Selection("all threads", "all")
+    text, records = io.StringIO(), io.StringIO()
+    report = kvmexit.TextReport(selection, kvmexit.ReasonNames(),
+                                kvmexit.ReportOptions(comm=True), out=text)
+    report.idents = ledger.idents
+    report.report(snap, 0, 1)
+    record = kvmexit.RecordReport(
+        selection, kvmexit.ReasonNames(), kvmexit.Probe("raw-old", "test"),
+        kvmexit.ReportOptions(json=True), out=records)
+    record.idents = ledger.idents
+    record.report(snap, 0, 1)
+    return text.getvalue(), json.loads(records.getvalue())["rows"], \
+        kvmexit.VmNames(idents=ledger.idents)
+
+
+def test_a_vm_that_ended_before_the_first_tick_has_its_command_lines_name(
+        loaded):
+    b, tables = loaded()
+    vm = Vmm.start(b.fd, "qemu-system-x86", [
+        "-name", "guest=short-vm,debug-threads=on", "-m", "16"])
+    start = kvmexit.process_start(vm.pid)
+    vm.exits(0, IOIO, 3)
+    vm.end()
+    assert not os.path.exists("/proc/%d" % vm.pid)
+    ledger = kvmexit.Ledger()
+    snap = ledger.read(tables)
+    assert snap.counts == {(vm.pid, vm.pid, SVM, IOIO): 3}
+    assert ledger.idents[vm.pid] == kvmexit.Ident("qemu-system-x86",
+                                                  "short-vm")
+    # The kernel's start time is /proc's: the same process.
+    assert ledger.starts[vm.pid] == start
+    assert tables.keys(kvmexit.VM_COMM_MAP) == []
+    text, rows, labels = reports(ledger, snap)
+    assert text.splitlines()[1] == "%-8u %-32s %-8u %-35s %-8u" % (
+        vm.pid, "qemu-system-x86 guest=short-vm", vm.pid, "IOIO", 3)
+    assert [(r["pid"], r["comm"], r["count"]) for r in rows] == [
+        (vm.pid, "qemu-system-x86 guest=short-vm", 3)]
+    assert labels.get(vm.pid) == "short-vm"
+
+
+@pytest.mark.parametrize("vmm", sorted(VMMS))
+def test_each_vmms_name_from_its_own_memory(loaded, vmm):
+    comm, argv, _, text, label = VMMS[vmm]
+    b, tables = loaded()
+    vm = Vmm.start(b.fd, comm, argv)
+    vm.exits(1, IOIO)
+    vm.end()
+    ledger = kvmexit.Ledger()
+    ledger.read(tables)
+    assert ledger.idents[vm.pid].text() == text
+    assert ledger.idents[vm.pid].label() == label
+
+
+def cut_at(args_before, value):
+    """Padding for "-append PAD" so that `value`, the last argument after
+    args_before, ends this many bytes before the kernel's read stops
+    (negative: past it)."""
+    head = [SYSTEM_PYTHON, HERE, "-append"]
+    tail = args_before
+    fixed = sum(len(a) + 1 for a in head + tail) + 1    # PAD's NUL
+    limit = kvmexit.VM_CMDLINE_BYTES - 1
+    return lambda ends_before: "x" * (limit - ends_before - fixed -
+                                      len(value) - 1)
+
+
+@pytest.mark.parametrize("ends_before, guest", [
+    (0, "late-vm"),         # its NUL is the last byte read
+    (-1, None),             # its NUL is not read: the name may be cut
+    (-4, None),             # "guest=late" is read: left out
+])
+def test_a_command_line_is_read_up_to_its_first_bytes(loaded, ends_before,
+                                                      guest):
+    b, tables = loaded()
+    pad = cut_at(["-name"], "guest=late-vm")(ends_before)
+    vm = Vmm.start(b.fd, "qemu-system-x86",
+                   ["-append", pad, "-name", "guest=late-vm"])
+    cmdline = vm.cmdline()
+    end = cmdline.index(b"guest=late-vm\0") + len(b"guest=late-vm\0")
+    assert end == kvmexit.VM_CMDLINE_BYTES - 1 - ends_before
+    vm.exits(0, IOIO)
+    vm.end()
+    ledger = kvmexit.Ledger()
+    ledger.read(tables)
+    assert ledger.idents[vm.pid] == kvmexit.Ident("qemu-system-x86", guest)
+
+
+def exit_keeps_memory():
+    """Whether sched_process_exit fires before the ending thread lets go
+    of its process's memory: since Linux 6.16, where it also has a
+    group_dead argument (before, exit_mm() ran first)."""
+    vmlinux = kvmexit.load_btf("vmlinux")
+    return vmlinux.tracepoint_params("sched_process_exit") == 2
+
+
+def test_as_its_thread_ends_the_kernel_names_a_vm_again(loaded):
+    """A thread's end names its process again once its first name was
+    read: the comm, and the command line where the kernel still has the
+    VM's memory then."""
+    b, tables = loaded()
+    vm = Vmm.start(b.fd, "firecracker", ["--id", "vm-9"])
+    start = kvmexit.process_start(vm.pid)
+    vm.exits(0, IOIO)
+    assert tables.take_names(kvmexit.VM_COMM_MAP) == {
+        vm.pid: kvmexit.KernelName(start, kvmexit.Ident("firecracker",
+                                                        "vm-9"))}
+    vm.end()
+    assert tables.take_names(kvmexit.VM_COMM_MAP) == {
+        vm.pid: kvmexit.KernelName(start, kvmexit.Ident(
+            "firecracker", "vm-9" if exit_keeps_memory() else None))}
