@@ -2589,10 +2589,9 @@ def kernel_name(value):
     """The KernelName of a struct vm_comm.  Its command line is the first
     bytes of /proc/PID/cmdline: an argument it cuts short is left out."""
     start, length, comm, cmdline = VM_COMM.unpack_from(value)
-    decode = lambda raw: raw.decode("utf-8", "backslashreplace")
-    argv = cmdline[:length].split(b"\0")
-    return KernelName(clock_ticks_of(start), ident_of(
-        decode(comm.split(b"\0")[0]), [decode(a) for a in argv[:-1]]))
+    comm, *argv = (raw.decode("utf-8", "backslashreplace") for raw in
+                   [comm.split(b"\0")[0]] + cmdline[:length].split(b"\0"))
+    return KernelName(clock_ticks_of(start), ident_of(comm, argv[:-1]))
 
 
 class Ledger:

@@ -72,6 +72,12 @@ class Vmm:
         self.stdout.close()
 
 
+def c_strings(items):
+    """A NULL-terminated char *[] of these strings."""
+    return (ctypes.c_char_p * (len(items) + 1))(
+        *[item.encode() for item in items], None)
+
+
 def spawn_as(pid, argv, env, fd):
     """Start argv with PID `pid` (clone3's set_tid: root, and the PID
     free), stdin and stdout piped, fd inherited; (pid, stdin, stdout).
@@ -80,10 +86,8 @@ def spawn_as(pid, argv, env, fd):
     to_child, from_parent = os.pipe()
     to_parent, from_child = os.pipe()
     os.set_inheritable(fd, True)
-    strings = lambda items: (ctypes.c_char_p * (len(items) + 1))(
-        *[item.encode() for item in items], None)
-    c_argv = strings(argv)
-    c_env = strings(["%s=%s" % item for item in env.items()])
+    c_argv = c_strings(argv)
+    c_env = c_strings(["%s=%s" % item for item in env.items()])
     tids = (ctypes.c_int * 1)(pid)
     # struct clone_args up to set_tid_size (CLONE_ARGS_SIZE_VER1).
     args = ctypes.create_string_buffer(struct.pack(
