@@ -1636,16 +1636,14 @@ def detail_macros(tp_dir=None):
         (["-DTP_HAS_INTR_INFO"] if intr_info else [])
 
 
-# What the kernel reads to name a VM (-DVM_NAMES): macro, struct, member
-# (the first of them the kernel has: start_boottime was real_start_time
-# before Linux 5.5).
+# What the kernel reads to name a VM (-DVM_NAMES): macro, struct, member.
 TASK_OFFSETS = (
-    ("TASK_GROUP_LEADER_OFF", "task_struct", ("group_leader",)),
-    ("TASK_COMM_OFF", "task_struct", ("comm",)),
-    ("TASK_START_OFF", "task_struct", ("start_boottime", "real_start_time")),
-    ("TASK_MM_OFF", "task_struct", ("mm",)),
-    ("MM_ARG_START_OFF", "mm_struct", ("arg_start",)),
-    ("MM_ARG_END_OFF", "mm_struct", ("arg_end",)),
+    ("TASK_GROUP_LEADER_OFF", "task_struct", "group_leader"),
+    ("TASK_COMM_OFF", "task_struct", "comm"),
+    ("TASK_START_OFF", "task_struct", "start_boottime"),
+    ("TASK_MM_OFF", "task_struct", "mm"),
+    ("MM_ARG_START_OFF", "mm_struct", "arg_start"),
+    ("MM_ARG_END_OFF", "mm_struct", "arg_end"),
 )
 
 
@@ -1656,10 +1654,8 @@ def task_offsets(btf_dir=BTF_DIR):
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     if vmlinux is None:
         return None
-    found = {}
-    for macro, struct_name, members in TASK_OFFSETS:
-        offsets = [vmlinux.offset(struct_name, m) for m in members]
-        found[macro] = next((o for o in offsets if o is not None), None)
+    found = {macro: vmlinux.offset(struct_name, member)
+             for macro, struct_name, member in TASK_OFFSETS}
     return None if None in found.values() else found
 
 

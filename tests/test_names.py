@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from helpers import bpfrun
+from helpers import bpfrun, kernel_btf
 from helpers.vmm import HERE, SYSTEM_PYTHON, Vmm
 import kvmexit
 
@@ -66,7 +66,7 @@ def short_vm(fd, name, exits=1):
 
 def test_the_names_feature_is_in_the_program_where_btf_has_the_offsets():
     offsets = kvmexit.task_offsets()
-    assert sorted(offsets) == sorted(m for m, _, _ in kvmexit.TASK_OFFSETS)
+    assert list(offsets) == [m for m, _, _ in kvmexit.TASK_OFFSETS]
     vmlinux = kvmexit.load_btf("vmlinux")
     assert offsets["TASK_COMM_OFF"] == vmlinux.offset("task_struct", "comm")
     assert offsets["MM_ARG_END_OFF"] == \
@@ -289,6 +289,19 @@ def exit_keeps_memory():
     group_dead argument (before, exit_mm() ran first)."""
     vmlinux = kvmexit.load_btf("vmlinux")
     return vmlinux.tracepoint_params("sched_process_exit") == 2
+
+
+def test_debian_61_has_the_offsets_and_ends_threads_without_memory(
+        tmp_path):
+    """The lab's kernel: VM names compile there, and its thread ends come
+    after exit_mm() (so they name a VM by its comm only)."""
+    btf_dir = kernel_btf.write_btf_dir(kernel_btf.debian_release(),
+                                       str(tmp_path))
+    vmlinux = kvmexit.load_btf("vmlinux", btf_dir=btf_dir)
+    assert kvmexit.task_offsets(btf_dir) == {
+        macro: vmlinux.offset(struct_name, member)
+        for macro, struct_name, member in kvmexit.TASK_OFFSETS}
+    assert vmlinux.tracepoint_params("sched_process_exit") == 1
 
 
 def test_as_its_thread_ends_the_kernel_names_a_vm_again(loaded):
