@@ -2576,9 +2576,24 @@ class KernelName(collections.namedtuple("KernelName", "start ident")):
     __slots__ = ()
 
 
+def boottime_offset_ns(proc="/proc"):
+    """What /proc adds to the kernel's boot times for this process: its
+    time namespace's boottime offset (0 in the first one)."""
+    try:
+        for line in read_text(proc + "/self/timens_offsets").splitlines():
+            clock, secs, nsecs = line.split()
+            if clock == "boottime":
+                return int(secs) * 10 ** 9 + int(nsecs)
+    except (OSError, ValueError):
+        pass                    # no time namespaces in this kernel
+    return 0
+
+
 def clock_ticks_of(ns):
-    """/proc/PID/stat's start time of a task_struct's start_boottime."""
-    return ns // (10 ** 9 // os.sysconf("SC_CLK_TCK"))
+    """/proc/PID/stat's start time of a task_struct's start_boottime, as
+    this process reads it."""
+    return (ns + boottime_offset_ns()) // (10 ** 9 //
+                                           os.sysconf("SC_CLK_TCK"))
 
 
 def kernel_name(value):

@@ -14,10 +14,11 @@ import ctypes
 import io
 import json
 import os
+import subprocess
 
 import pytest
 
-from helpers import bpfrun, kernel_btf
+from helpers import ROOT, bpfrun, kernel_btf
 from helpers.vmm import HERE, SYSTEM_PYTHON, Vmm
 import kvmexit
 
@@ -248,6 +249,21 @@ def test_each_vmms_name_from_its_own_memory(loaded, vmm):
     ledger.read(tables)
     assert ledger.idents[vm.pid].text() == text
     assert ledger.idents[vm.pid].label() == label
+
+
+def test_start_times_as_a_process_in_another_time_namespace_reads_them():
+    """/proc adds the reader's time namespace's boottime offset to start
+    times; kvmexit in such a namespace adds it to the kernel's too."""
+    pid, hz = os.getpid(), os.sysconf("SC_CLK_TCK")
+    ns = kvmexit.process_start(pid) * (10 ** 9 // hz)
+    script = ("import sys; sys.path.insert(0, %r); import kvmexit; "
+              "print(kvmexit.process_start(%d), kvmexit.clock_ticks_of(%d))"
+              % (ROOT, pid, ns))
+    out = subprocess.run(["unshare", "--time", "--fork", "--boottime",
+                          "1000", SYSTEM_PYTHON, "-c", script], cwd="/",
+                         stdout=subprocess.PIPE, text=True, check=True)
+    inside, ours = map(int, out.stdout.split())
+    assert inside == kvmexit.process_start(pid) + 1000 * hz == ours
 
 
 def cut_at(args_before, value):
