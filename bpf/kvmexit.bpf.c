@@ -260,9 +260,12 @@ static __always_inline void take_vm_name(u64 pid_tgid)
     vm_comm.update(&tgid, name);
 }
 
-// As a thread that exited to KVM ends: its process's name, if the first
-// exit's could not be stored (the table of names full), without the
-// command line (exit_mm() has run).  A separate program, so the kvm_exit
+// As a thread that exited to KVM ends: its process's name, unless the
+// table holds it already.  This names a process whose thread never entered
+// the table: a new VM whose thread took a TID that an old VM's entry still
+// has (a reused PID, while a cache slot holds the old thread), so that its
+// exits were hits.  Its command line only where this tracepoint fires
+// before exit_mm() (newer kernels).  A separate program, so the kvm_exit
 // program is unchanged by it; one hash lookup per thread end on the host.
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {

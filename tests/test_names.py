@@ -301,8 +301,8 @@ def test_a_command_line_is_read_up_to_its_first_bytes(loaded, ends_before,
 
 def exit_keeps_memory():
     """Whether sched_process_exit fires before the ending thread lets go
-    of its process's memory: since Linux 6.16, where it also has a
-    group_dead argument (before, exit_mm() ran first)."""
+    of its process's memory: where it has a group_dead argument, which
+    came with that move (before, exit_mm() ran first)."""
     vmlinux = kvmexit.load_btf("vmlinux")
     return vmlinux.tracepoint_params("sched_process_exit") == 2
 
