@@ -204,10 +204,10 @@ BPF_HASH(vm_comm, u32, struct vm_comm, MAX_THREADS);
 // Where an entry is built: too big for the BPF stack.
 BPF_PERCPU_ARRAY(vm_comm_scratch, struct vm_comm, 1);
 
-// The first bytes of the command line (NUL-separated arguments), as
-// /proc/PID/cmdline has them.  Non-faulting: a page of it swapped out
-// leaves no command line (the name is then the comm, until kvmexit.py
-// reads /proc).  A thread that is exiting has no mm: no command line.
+// The first VM_CMDLINE_BYTES - 1 bytes of the command line (NUL-separated
+// arguments), as /proc/PID/cmdline has them.  Non-faulting: a page of it
+// swapped out leaves no command line (the name is then the comm, until
+// kvmexit.py reads /proc).  A thread past exit_mm() has no mm: none.
 static __always_inline void read_cmdline(struct vm_comm *name, void *task)
 {
     unsigned long arg_start, arg_end;
