@@ -489,10 +489,14 @@ static __always_inline void count_cold(struct cache_slot *cache,
         counts->slot[slot]++;
 }
 
-static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+// `code` is the exit code as the probe passes it.  On raw-old it is the
+// whole u64 argument: the kernel widens the tracepoint's unsigned int with
+// zeroes, and were the upper half not zero the exit would go the cold way,
+// which counts ev->code (its low half); so the hit path need not cut it.
+static __always_inline int count_exit(u64 pid_tgid, u64 code,
+                                      struct exit_event *ev)
 {
     struct cache_slot *cache;
-    u64 code = ev->code;
     int zero = 0;
 
     start_exit(pid_tgid, ev);
@@ -502,15 +506,11 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
         return 0;
     // The hit, on nearly every exit: the thread that exited here last
     // exits again, with a code of a direct slot.  One comparison of each,
-    // one increment; nothing else is read.  The code is tested where it
-    // is used, in one register, so that the verifier sees the bound (clang
-    // may otherwise test a copy of it).
-    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1)) {
-        asm volatile("" : "+r"(code));
-        if (__builtin_expect(code < DIRECT_SLOTS, 1)) {
-            cache->counts.slot[code]++;
-            return 0;
-        }
+    // one increment; nothing else is read.
+    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1) &&
+        __builtin_expect(code < DIRECT_SLOTS, 1)) {
+        cache->counts.slot[code]++;
+        return 0;
     }
     count_cold(cache, pid_tgid, ev);
     return 0;
@@ -932,7 +932,7 @@ int test_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     detail_exit(pid_tgid, ev.isa, ev.code, ctx->args[2], ctx->args[3],
                 ctx->args[4]);
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 int test_kvm_msr(struct bpf_raw_tracepoint_args *ctx)
@@ -992,7 +992,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 #elif defined(DETAIL)
     detail_exit(pid_tgid, ev.isa, ev.code, args->info1, args->info2, 0);
 #endif
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #elif defined(PROBE_RAW_OLD)
@@ -1008,7 +1008,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 
     if (filtered_out(pid_tgid))
         return 0;
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ctx->args[0], &ev);
 }
 
 #elif defined(PROBE_RAW_NEW)
@@ -1051,7 +1051,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
         count_lost(LOST_REASON_UNREADABLE);
         return 0;
     }
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #endif
