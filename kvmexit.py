@@ -2293,14 +2293,17 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     keys, sums, header = merge_thread_counts(keys, values, cache_keys,
                                              cache_values)
     rows, slots = np.nonzero(sums)
+    # The key's parts as columns, zipped in C: a big host has tens of
+    # thousands of (thread, reason) rows.
+    pid_tgids = np.array(keys, dtype=np.uint64)
+    codes = np.array([layout.code(slot) for slot in range(layout.slots)],
+                     dtype=np.uint64)
+    columns = [(pid_tgids[rows] >> np.uint64(32)).tolist(),
+               (pid_tgids[rows] & np.uint64(0xffffffff)).tolist(),
+               (header[rows] >> np.uint64(32)).tolist(),
+               codes[slots].tolist()]
+    counts = dict(zip(zip(*columns), sums[rows, slots].tolist()))
     header = header.tolist()
-    codes = [layout.code(slot) for slot in range(layout.slots)]
-    counts = {}
-    for row, slot, count in zip(rows.tolist(), slots.tolist(),
-                                sums[rows, slots].tolist()):
-        pid_tgid = keys[row]
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, header[row] >> 32,
-                codes[slot])] = count
     vcpu_ids = {(pid_tgid >> 32, pid_tgid & 0xffffffff): h & 0xffffffff
                 for pid_tgid, h in zip(keys, header)}
     return counts, vcpu_ids
@@ -3372,10 +3375,15 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        for labels, n in self.series(snap, snap.counts,
-                                     self.labels).items():
-            f["exits"].add_metric(labels, n)
-        yield f["exits"]
+        # The samples add_metric() would make, made in one go: a big host
+        # has tens of thousands of series.
+        exits = f["exits"]
+        name, keep = exits.name + "_total", self.labels
+        exits.samples.extend(
+            prometheus_client.core.Sample(name, dict(zip(keep, labels)), n)
+            for labels, n in self.series(snap, snap.counts,
+                                         keep).items())
+        yield exits
         for (macro, _), n in zip(LOST, snap.lost):
             f["lost"].add_metric((lost_label(macro),), n)
         yield f["lost"]
