@@ -531,6 +531,7 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
+//   PENDING_ENTRIES     pending-count entries per CPU (see "Pending counts")
 //   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
 //   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
@@ -556,7 +557,7 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 #define VMX_INTR_INFO_VALID 0x80000000u
 #define PAGE_MASK_4K (~0xfffull)
 
-// Keyed by thread, so that only that thread writes an entry: no atomics.
+// One count per thread and sub-key (added to as "Pending counts" says).
 struct detail_key {
     u64 pid_tgid;
     u32 isa;
@@ -570,23 +571,113 @@ BPF_HASH(detail_counts, struct detail_key, u64, MAX_DETAIL);
 // Sub-keys not counted for lack of room (their exits are counted).
 BPF_PERCPU_ARRAY(detail_lost, u64, 1);
 
+// n more of `key` in detail_counts.  Atomic: a thread that moved leaves
+// its pending counts on its old CPU, which may add them while its new CPU
+// adds the same key's.
+static __always_inline void add_detail(struct detail_key *key, u64 n)
+{
+    u64 zero = 0, *count;
+    int first = 0;
+
+    count = detail_counts.lookup_or_try_init(key, &zero);
+    if (count) {
+        __sync_fetch_and_add(count, n);
+        return;
+    }
+    count = detail_lost.lookup(&first);
+    if (count)
+        *count += n;
+}
+
+// Pending counts
+//
+// A hash update per event was most of what --detail cost (a port exit
+// twice a no-sub-key one).  So each CPU keeps, per kind of sub-key, the
+// last key it counted and how many of it are not in detail_counts yet
+// (detail_pending: PENDING_ENTRIES per CPU): the same key again adds
+// one there; another key first adds the pending count to detail_counts.
+// Two entries per kind, by the key's lowest bit, so that keys taken by
+// turns (ports 0x70 and 0x71 of the RTC) each keep their own.
+// kvmexit.py has every CPU add its pending counts before it reads
+// detail_counts (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).
+// Exact: an entry is written only on its CPU.  Events there run one at a
+// time (tracepoint programs are not preempted); the flush, which may
+// interrupt one (an IPI), leaves the CPU's entries alone while an event
+// has one busy, and kvmexit.py runs it again.  The key holds the thread,
+// so a thread that moves or is preempted counts its own key wherever it
+// runs.
+struct detail_pending {
+    struct detail_key key;
+    u64 count;                  // 0: nothing pending (key unused)
+    u64 busy;                   // an event is changing this entry
+};
+
+BPF_ARRAY(detail_pending, struct detail_pending,
+          DETAIL_CPUS * PENDING_ENTRIES);
+
+static __always_inline bool same_key(const struct detail_key *a,
+                                     const struct detail_key *b)
+{
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
+
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 static __always_inline void count_detail(u64 pid_tgid, u32 isa, u32 code,
                                          u32 kind, u64 sub, u32 attr)
 {
     struct detail_key key = {.pid_tgid = pid_tgid, .isa = isa,
                              .code = code, .sub = sub, .kind = kind,
                              .attr = attr};
-    u64 zero = 0, *count;
-    int first = 0;
+    u32 index = bpf_get_smp_processor_id() * PENDING_ENTRIES +
+                (kind * 2 + (sub & 1)) % PENDING_ENTRIES;
+    struct detail_pending *p = detail_pending.lookup(&index);
 
-    count = detail_counts.lookup_or_try_init(&key, &zero);
-    if (count) {
-        (*count)++;
+    if (!p) {
+        add_detail(&key, 1);
         return;
     }
-    count = detail_lost.lookup(&first);
-    if (count)
-        (*count)++;
+    p->busy = 1;
+    // The flush, on this CPU, sees busy before anything below changes.
+    asm volatile("" ::: "memory");
+    if (p->count && !same_key(&p->key, &key)) {
+        add_detail(&p->key, p->count);
+        p->count = 0;
+    }
+    if (!p->count)
+        __builtin_memcpy(&p->key, &key, sizeof(key));
+    p->count++;
+    asm volatile("" ::: "memory");
+    p->busy = 0;
+}
+
+// Run by kvmexit.py on each CPU before it reads detail_counts: that CPU's
+// pending counts go there.  Returns 1 (run again) if it interrupted an
+// event changing one of them.
+int flush_detail(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 base = bpf_get_smp_processor_id() * PENDING_ENTRIES;
+    struct detail_pending *p;
+
+#pragma unroll
+    for (int k = 0; k < PENDING_ENTRIES; k++) {
+        u32 index = base + k;
+
+        p = detail_pending.lookup(&index);
+        if (p && p->busy)
+            return 1;
+    }
+#pragma unroll
+    for (int k = 0; k < PENDING_ENTRIES; k++) {
+        u32 index = base + k;
+
+        p = detail_pending.lookup(&index);
+        if (p && p->count) {
+            add_detail(&p->key, p->count);
+            p->count = 0;
+        }
+    }
+    return 0;
 }
 
 // The exit being handled
