@@ -531,7 +531,8 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
-//   PENDING_ENTRIES     pending-count entries per CPU (see "Pending counts")
+//   PENDING_ENTRIES     pending-count entries per CPU, DETAIL_PENDING
+//                       whether they are used (see "Pending counts")
 //   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
 //   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
@@ -591,21 +592,23 @@ static __always_inline void add_detail(struct detail_key *key, u64 n)
 
 // Pending counts
 //
-// A hash update per event was most of what --detail cost (a port exit
-// twice a no-sub-key one).  So each CPU keeps, per kind of sub-key, the
-// last key it counted and how many of it are not in detail_counts yet
-// (detail_pending: PENDING_ENTRIES per CPU): the same key again adds
-// one there; another key first adds the pending count to detail_counts.
-// Two entries per kind, by the key's lowest bit, so that keys taken by
-// turns (ports 0x70 and 0x71 of the RTC) each keep their own.
-// kvmexit.py has every CPU add its pending counts before it reads
-// detail_counts (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).
+// A hash update per event was most of what --detail cost (some 45 ns of a
+// port exit's 52).  So each CPU keeps, per entry of detail_pending
+// (PENDING_ENTRIES per CPU: two per kind, by the key's lowest bit, so that
+// keys taken by turns such as the RTC's ports 0x70 and 0x71 keep one each),
+// the last key it counted there and how many of it are not in
+// detail_counts yet: the same key again adds one in the entry; another key
+// first adds the entry's pending count to detail_counts.  kvmexit.py has
+// every CPU add its pending counts before it reads detail_counts
+// (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).  Only with
+// DETAIL_PENDING (kvmexit.py's pending_counts(): Linux 5.10 or later);
+// else each event adds its one at once.
 // Exact: an entry is written only on its CPU.  Events there run one at a
 // time (tracepoint programs are not preempted); the flush, which may
-// interrupt one (an IPI), leaves the CPU's entries alone while an event
-// has one busy, and kvmexit.py runs it again.  The key holds the thread,
-// so a thread that moves or is preempted counts its own key wherever it
-// runs.
+// interrupt one (it runs in an IPI), leaves the CPU's entries alone while
+// an event has one busy, and kvmexit.py runs it again.  The key holds the
+// thread, so a thread that moves or is preempted counts its own key
+// wherever it runs.
 struct detail_pending {
     struct detail_key key;
     u64 count;                  // 0: nothing pending (key unused)
@@ -629,9 +632,13 @@ static __always_inline void count_detail(u64 pid_tgid, u32 isa, u32 code,
     struct detail_key key = {.pid_tgid = pid_tgid, .isa = isa,
                              .code = code, .sub = sub, .kind = kind,
                              .attr = attr};
+#ifdef DETAIL_PENDING
     u32 index = bpf_get_smp_processor_id() * PENDING_ENTRIES +
                 (kind * 2 + (sub & 1)) % PENDING_ENTRIES;
     struct detail_pending *p = detail_pending.lookup(&index);
+#else
+    struct detail_pending *p = NULL;
+#endif
 
     if (!p) {
         add_detail(&key, 1);
