@@ -1634,7 +1634,6 @@ def detail_macros(tp_dir=None):
     return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
             "-DDETAIL_CPUS=%d" % cpus,
             "-DPENDING_ENTRIES=%d" % PENDING_ENTRIES] + \
-        (["-DDETAIL_PENDING"] if pending_counts() else []) + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
         ["-D%s=%d" % item for item in DETAIL_CODES.items()] + \
@@ -2341,25 +2340,11 @@ BPF_F_TEST_RUN_ON_CPU = 1
 FLUSH_TRIES = 1000
 
 
-# BPF_PROG_TEST_RUN runs a raw tracepoint program on a chosen CPU since
-# Linux 5.10; before, --detail counts each sub-key in its table at once.
-PENDING_SINCE = (5, 10)
-
-
-def pending_counts(release=None):
-    """Whether --detail keeps pending counts per CPU (flush_details())."""
-    release = release or os.uname().release
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return bool(found) and \
-        (int(found.group(1)), int(found.group(2))) >= PENDING_SINCE
-
-
 def flush_details(b):
     """Every online CPU adds its pending --detail counts to detail_counts
     (flush_detail in bpf/kvmexit.bpf.c), so that reading that table misses
-    none counted before now."""
-    if not pending_counts():
-        return
+    none counted before now.  (BPF_PROG_TEST_RUN runs a raw tracepoint
+    program on a chosen CPU since Linux 5.10; --detail needs 5.12.)"""
     lib = libbpf()
     lib.bpf_prog_test_run_opts.restype = ctypes.c_int
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int,

@@ -531,8 +531,7 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
-//   PENDING_ENTRIES     pending-count entries per CPU, DETAIL_PENDING
-//                       whether they are used (see "Pending counts")
+//   PENDING_ENTRIES     pending-count entries per CPU (see "Pending counts")
 //   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
 //   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
@@ -600,9 +599,7 @@ static __always_inline void add_detail(struct detail_key *key, u64 n)
 // detail_counts yet: the same key again adds one in the entry; another key
 // first adds the entry's pending count to detail_counts.  kvmexit.py has
 // every CPU add its pending counts before it reads detail_counts
-// (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).  Only with
-// DETAIL_PENDING (kvmexit.py's pending_counts(): Linux 5.10 or later);
-// else each event adds its one at once.
+// (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).
 // Exact: an entry is written only on its CPU.  Events there run one at a
 // time (tracepoint programs are not preempted); the flush, which may
 // interrupt one (it runs in an IPI), leaves the CPU's entries alone while
@@ -632,13 +629,9 @@ static __always_inline void count_detail(u64 pid_tgid, u32 isa, u32 code,
     struct detail_key key = {.pid_tgid = pid_tgid, .isa = isa,
                              .code = code, .sub = sub, .kind = kind,
                              .attr = attr};
-#ifdef DETAIL_PENDING
     u32 index = bpf_get_smp_processor_id() * PENDING_ENTRIES +
                 (kind * 2 + (sub & 1)) % PENDING_ENTRIES;
     struct detail_pending *p = detail_pending.lookup(&index);
-#else
-    struct detail_pending *p = NULL;
-#endif
 
     if (!p) {
         add_detail(&key, 1);

@@ -482,21 +482,6 @@ def test_reads_while_a_thread_counts_on_another_cpu_are_exact(
         Detail("port", 0x70 + n, "out", None): 1000 for n in range(4)}
 
 
-def test_before_linux_5_10_each_event_adds_to_the_table_at_once(
-        bcc, cpus_0_1, threads, monkeypatch):
-    monkeypatch.setattr(kvmexit, "pending_counts", lambda: False)
-    p = DetailProgram(bcc)
-    try:
-        t = threads()
-        p.events(t, *repeat(3, port(0x70)), port(0x72), port(0x70))
-        table = pending_entries(p)
-        assert [table[i].count for i in range(len(table))] == \
-            [0] * len(table)
-        assert mine(p.snap(), t.tid) == {OUT_70: 4, OUT_72: 1}
-    finally:
-        p.close()
-
-
 def test_text_report_shows_sub_keys_under_their_reason(prog, threads):
     t = threads()
     prog.events(t, *repeat(3, exit_(SVM_MSR, info1=1),
