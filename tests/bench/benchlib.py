@@ -110,7 +110,8 @@ def kvmexit_at(ref):
 
 def load_ours_at(module, bcc, max_threads, tgid=None):
     """load_ours() with the kvmexit module of kvmexit_at(): its program in
-    the raw-old mode, SVM layout, all threads or (tgid) one process.
+    the raw-old mode, SVM layout, all threads or (tgid) one process, with
+    the DEFAULT_FEATURES it has.
     Older commits took the options as load_program()'s arguments, newer
     ones as a Program."""
     probe = module.Probe("raw-old", "bench")
@@ -118,8 +119,12 @@ def load_ours_at(module, bcc, max_threads, tgid=None):
         if tgid else module.Selection("all threads", "all")
     layout = module.SVM_LAYOUT
     if hasattr(module, "Program"):
-        b = module.load_program(module.Program(probe, selection,
-                                               max_threads, layout))
+        # With what that commit's main() always added (growth, once it
+        # existed), as load_ours() does with DEFAULT_FEATURES.
+        known = {feature.name for feature in getattr(module, "FEATURES", ())}
+        b = module.load_program(module.Program(
+            probe, selection, max_threads, layout,
+            frozenset(DEFAULT_FEATURES & known)))
     else:
         b = module.load_program(probe, selection, max_threads, layout)
     return b, b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd

@@ -3,7 +3,7 @@
 """Per-event cost in the kernel: kvmexit's program against bcc 0.26's.
 
     /usr/bin/python3 tests/bench/event_cost.py [--runs 5] [--rounds 200]
-    (as root, ~10 s a run)
+        [--baseline-ref REF ...]      (as root, ~15 s a run, more with refs)
 
 With kernel.bpf_stats_enabled=1 (restored afterwards) the kernel adds up,
 per program, the time spent running it (run_time_ns) and the runs
@@ -25,23 +25,29 @@ Programs, all loaded in the same run:
   empty      int fn(ctx) { return 0; } -- what running any program costs
              with this accounting; subtracted from the others.
   kvmexit    bpf/kvmexit.bpf.c, raw-old, SVM layout, all threads (and a
-             second load with -p 1 for the filtered path).
+             second load with -p 1 for the filtered path), with the table
+             growth kvmexit always compiles in (benchlib.DEFAULT_FEATURES).
+  kvmexit REF   with --baseline-ref REF (repeatable): the same, as kvmexit.py
+             and bpf/ are at git REF (e.g. 5ea84f6, before the table grew:
+             issue 16's "the per-event cost must not grow").
   bcc 0.26   the program text of /usr/sbin/kvmexit-bpfcc (Debian's bcc
              0.26 kvmexit), read at run time, as its raw tracepoint
              variant (exit reason in args[0]), THREAD_FILTER 0 (and
              'tgid != 1' for the filtered path).
 
 Each round measures, per path and one right after the other, the empty
-program, kvmexit's and bcc 0.26's (these two in turn first), so that
-other work on the machine (an interrupt or a host preemption during a run
-counts in run_time_ns) hits them alike; the order of the paths rotates.
+program, then kvmexit's, bcc 0.26's and each REF's (each in turn first),
+so that other work on the machine (an interrupt or a host preemption
+during a run counts in run_time_ns) hits them alike; the order of the
+paths rotates.
 A run is ROUNDS such rounds; each run's table shows medians over its
 rounds of ns per event minus that round's empty program, and of the
-rounds' kvmexit/bcc ratios.  After --runs runs (each loading the programs
-anew, so that their maps sit elsewhere in memory) a last table gives, per
-path, each run's median ratio, their median and their spread (lowest to
-highest run); the targets (kvmexit/bcc <= 1.0 on every path) are judged
-on the median over the runs.
+rounds' kvmexit/bcc (and kvmexit/REF) ratios.  After --runs runs (each
+loading the programs anew, so that their maps sit elsewhere in memory) a
+last table gives, per path and compared program, each run's median ratio,
+their median and their spread (lowest to highest run); the targets
+(kvmexit <= 1.0x bcc 0.26, and <= 1.0x each REF, on every path) are
+judged on the median over the runs.
 """
 
 import argparse
