@@ -2344,7 +2344,11 @@ def flush_details(b):
     """Every online CPU adds its pending --detail counts to detail_counts
     (flush_detail in bpf/kvmexit.bpf.c), so that reading that table misses
     none counted before now.  (BPF_PROG_TEST_RUN runs a raw tracepoint
-    program on a chosen CPU since Linux 5.10; --detail needs 5.12.)"""
+    program on a chosen CPU since Linux 5.10; --detail needs 5.12.)  Once
+    per read, not per retirement tick: each run on another CPU is an IPI,
+    which interrupts a guest running there (an exit).  An ended thread's
+    counts still pending are added at the next read, and retired at the
+    tick after."""
     lib = libbpf()
     lib.bpf_prog_test_run_opts.restype = ctypes.c_int
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int,
@@ -2703,10 +2707,6 @@ class Ledger:
 
     def _retire(self, tables):
         tids = {}           # tgid: its TIDs now
-
-        # Ended threads' pending --detail counts are retired with them.
-        if DETAIL_MAP in tables.program.maps():
-            flush_details(tables.b)
 
         def dead(keys):
             found = []
