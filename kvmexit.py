@@ -70,6 +70,7 @@ except KeyboardInterrupt:
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BTF_DIR = "/sys/kernel/btf"
 POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
+ONLINE_CPUS = "/sys/devices/system/cpu/online"
 
 #
 # Numbers shared with the C
@@ -1588,6 +1589,12 @@ EXIT_HOME_MAP = MapSpec(b"exit_home", THREAD_KEY, None, False, None,
 # Each CPU's last exit, 128 bytes a CPU (struct exit_slot).
 EXIT_SLOTS_MAP = MapSpec(b"exit_slots", INDEX_KEY, None, False, None,
                          "detail", lambda p, ncpus: 128 * ncpus)
+# Each CPU's pending sub-key counts: PENDING_ENTRIES entries of 48 bytes
+# (struct detail_pending), read only through flush_details().
+PENDING_ENTRIES = 16
+DETAIL_PENDING_MAP = MapSpec(b"detail_pending", INDEX_KEY, None, False, None,
+                             "detail", lambda p, ncpus: 48 * PENDING_ENTRIES
+                             * ncpus)
 DETAIL_LOST_MAP = MapSpec(b"detail_lost", INDEX_KEY, one_word, True, "lost",
                           "detail", lambda p, ncpus: 8 * ncpus)
 # The names the kernel took of VMs as their threads first exited (struct
@@ -1604,7 +1611,8 @@ GENERATIONS_MAP = MapSpec(b"thread_tables", INDEX_KEY, None, False, None,
                           "growth", None)
 # In the order retirement visits them.
 MAPS = (CACHE_MAP, THREAD_MAP, RARE_MAP, LOST_MAP, LATENCY_MAP, PENDING_MAP,
-        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_LOST_MAP,
+        DETAIL_MAP, EXIT_HOME_MAP, EXIT_SLOTS_MAP, DETAIL_PENDING_MAP,
+        DETAIL_LOST_MAP,
         VM_COMM_MAP, GENERATIONS_MAP)
 
 
@@ -1629,7 +1637,8 @@ def detail_macros(tp_dir=None):
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
     cpus = max(parse_cpu_list(read_text(POSSIBLE_CPUS))) + 1
     return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
-            "-DDETAIL_CPUS=%d" % cpus] + \
+            "-DDETAIL_CPUS=%d" % cpus,
+            "-DPENDING_ENTRIES=%d" % PENDING_ENTRIES] + \
         ["-DDETAIL_%s=%d" % (name.upper(), n)
          for name, n in DETAIL_KINDS.items()] + \
         ["-D%s=%d" % item for item in DETAIL_CODES.items()] + \
@@ -2036,6 +2045,8 @@ def start_tracing(program, debug=False):
             check_vcpu_ids(program.selection, probe)
             program = program._replace(probe=probe)
             b = load_program(program, debug)
+    if "detail" in program.features:
+        flush_details(b)    # loads its program: a refusal shows at start
     return b, program
 
 
@@ -2309,17 +2320,72 @@ def thread_counts(keys, values, cache_keys, cache_values, layout):
     keys, sums, header = merge_thread_counts(keys, values, cache_keys,
                                              cache_values)
     rows, slots = np.nonzero(sums)
+    # The key's parts as columns, zipped in C: a big host has tens of
+    # thousands of (thread, reason) rows.
+    pid_tgids = np.array(keys, dtype=np.uint64)
+    codes = np.array([layout.code(slot) for slot in range(layout.slots)],
+                     dtype=np.uint64)
+    columns = [(pid_tgids[rows] >> np.uint64(32)).tolist(),
+               (pid_tgids[rows] & np.uint64(0xffffffff)).tolist(),
+               (header[rows] >> np.uint64(32)).tolist(),
+               codes[slots].tolist()]
+    counts = dict(zip(zip(*columns), sums[rows, slots].tolist()))
     header = header.tolist()
-    codes = [layout.code(slot) for slot in range(layout.slots)]
-    counts = {}
-    for row, slot, count in zip(rows.tolist(), slots.tolist(),
-                                sums[rows, slots].tolist()):
-        pid_tgid = keys[row]
-        counts[(pid_tgid >> 32, pid_tgid & 0xffffffff, header[row] >> 32,
-                codes[slot])] = count
     vcpu_ids = {(pid_tgid >> 32, pid_tgid & 0xffffffff): h & 0xffffffff
                 for pid_tgid, h in zip(keys, header)}
     return counts, vcpu_ids
+
+
+class TestRunOpts(ctypes.Structure):
+    """libbpf's struct bpf_test_run_opts (libbpf 1.x)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p),
+                ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32),
+                ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+                ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+BPF_F_TEST_RUN_ON_CPU = 1
+# Runs of flush_detail on one CPU, each finding an event half done there
+# (it takes nanoseconds), before the read gives up.
+FLUSH_TRIES = 1000
+
+
+def flush_details(b):
+    """Every online CPU adds its pending --detail counts to detail_counts
+    (flush_detail in bpf/kvmexit.bpf.c), so that reading that table misses
+    none counted before now.  (BPF_PROG_TEST_RUN runs a raw tracepoint
+    program on a chosen CPU since Linux 5.10; --detail needs 5.12.)  Once
+    per read, not per retirement tick: each run on another CPU is an IPI,
+    which interrupts a guest running there (an exit).  An ended thread's
+    counts still pending are added at the next read, and retired at the
+    tick after."""
+    lib = libbpf()
+    lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+    lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int,
+                                           ctypes.POINTER(TestRunOpts)]
+    try:
+        fd = b.load_func(b"flush_detail", bcc.BPF.RAW_TRACEPOINT).fd
+    except Exception as e:
+        raise Error("cannot load --detail's flush program: %s" % e)
+    for cpu in parse_cpu_list(read_text(ONLINE_CPUS)):
+        for _ in range(FLUSH_TRIES):
+            opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts),
+                               flags=BPF_F_TEST_RUN_ON_CPU, cpu=cpu)
+            err = lib.bpf_prog_test_run_opts(fd, ctypes.byref(opts))
+            if err:
+                raise Error("cannot flush --detail's counts on CPU %d: %s"
+                            % (cpu, os.strerror(-err)))
+            if opts.retval == 0:
+                break
+        else:
+            raise Error("cannot flush --detail's counts on CPU %d: busy"
+                        % cpu)
 
 
 def snapshot(b, program, ncpus, read_threads=None):
@@ -2335,6 +2401,8 @@ def snapshot(b, program, ncpus, read_threads=None):
         [pid_tgid_of(k) for k in raw_keys], values,
         [int(k) for k in cache[0][:, 0]], cache[0][:, 1:], layout)
     snap = Snapshot(counts, vcpu_ids, [])
+    if DETAIL_MAP in program.maps():
+        flush_details(b)
     for spec in program.maps():
         if isinstance(spec.merge, Table):
             add_counts(getattr(snap, spec.merge.name),
@@ -3449,10 +3517,15 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        for labels, n in self.series(snap, snap.counts,
-                                     self.labels).items():
-            f["exits"].add_metric(labels, n)
-        yield f["exits"]
+        # The samples add_metric() would make, made in one go: a big host
+        # has tens of thousands of series.
+        exits = f["exits"]
+        name, keep = exits.name + "_total", self.labels
+        exits.samples.extend(
+            prometheus_client.core.Sample(name, dict(zip(keep, labels)), n)
+            for labels, n in self.series(snap, snap.counts,
+                                         keep).items())
+        yield exits
         for (macro, _), n in zip(LOST, snap.lost):
             f["lost"].add_metric((lost_label(macro),), n)
         yield f["lost"]

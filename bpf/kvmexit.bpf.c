@@ -596,10 +596,14 @@ static __always_inline void count_cold(struct cache_slot *cache,
         counts->slot[slot]++;
 }
 
-static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
+// `code` is the exit code as the probe passes it.  On raw-old it is the
+// whole u64 argument: the kernel widens the tracepoint's unsigned int with
+// zeroes, and were the upper half not zero the exit would go the cold way,
+// which counts ev->code (its low half); so the hit path need not cut it.
+static __always_inline int count_exit(u64 pid_tgid, u64 code,
+                                      struct exit_event *ev)
 {
     struct cache_slot *cache;
-    u64 code = ev->code;
     int zero = 0;
 
     start_exit(pid_tgid, ev);
@@ -609,15 +613,11 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
         return 0;
     // The hit, on nearly every exit: the thread that exited here last
     // exits again, with a code of a direct slot.  One comparison of each,
-    // one increment; nothing else is read.  The code is tested where it
-    // is used, in one register, so that the verifier sees the bound (clang
-    // may otherwise test a copy of it).
-    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1)) {
-        asm volatile("" : "+r"(code));
-        if (__builtin_expect(code < DIRECT_SLOTS, 1)) {
-            cache->counts.slot[code]++;
-            return 0;
-        }
+    // one increment; nothing else is read.
+    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1) &&
+        __builtin_expect(code < DIRECT_SLOTS, 1)) {
+        cache->counts.slot[code]++;
+        return 0;
     }
     count_cold(cache, pid_tgid, ev);
     return 0;
@@ -638,6 +638,7 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
 //   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
 //   MAX_DETAIL          room in the detail table
+//   PENDING_ENTRIES     pending-count entries per CPU (see "Pending counts")
 //   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
 //   TP_HAS_INTR_INFO    kvm_exit has intr_info (else no VMX vectors)
 // With TEST_ENTRIES, raw tracepoint entries take the fields as ctx->args,
@@ -663,7 +664,7 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 #define VMX_INTR_INFO_VALID 0x80000000u
 #define PAGE_MASK_4K (~0xfffull)
 
-// Keyed by thread, so that only that thread writes an entry: no atomics.
+// One count per thread and sub-key (added to as "Pending counts" says).
 struct detail_key {
     u64 pid_tgid;
     u32 isa;
@@ -677,23 +678,113 @@ BPF_HASH(detail_counts, struct detail_key, u64, MAX_DETAIL);
 // Sub-keys not counted for lack of room (their exits are counted).
 BPF_PERCPU_ARRAY(detail_lost, u64, 1);
 
+// n more of `key` in detail_counts.  Atomic: a thread that moved leaves
+// its pending counts on its old CPU, which may add them while its new CPU
+// adds the same key's.
+static __always_inline void add_detail(struct detail_key *key, u64 n)
+{
+    u64 zero = 0, *count;
+    int first = 0;
+
+    count = detail_counts.lookup_or_try_init(key, &zero);
+    if (count) {
+        __sync_fetch_and_add(count, n);
+        return;
+    }
+    count = detail_lost.lookup(&first);
+    if (count)
+        *count += n;
+}
+
+// Pending counts
+//
+// A hash update per event was most of what --detail cost (some 45 ns of a
+// port exit's 52).  So each CPU keeps, per entry of detail_pending
+// (PENDING_ENTRIES per CPU: two per kind, by the key's lowest bit, so that
+// keys taken by turns such as the RTC's ports 0x70 and 0x71 keep one each),
+// the last key it counted there and how many of it are not in
+// detail_counts yet: the same key again adds one in the entry; another key
+// first adds the entry's pending count to detail_counts.  kvmexit.py has
+// every CPU add its pending counts before it reads detail_counts
+// (flush_detail(), run on each CPU with BPF_PROG_TEST_RUN).
+// Exact: an entry is written only on its CPU.  Events there run one at a
+// time (tracepoint programs are not preempted); the flush, which may
+// interrupt one (it runs in an IPI), leaves the CPU's entries alone while
+// an event has one busy, and kvmexit.py runs it again.  The key holds the
+// thread, so a thread that moves or is preempted counts its own key
+// wherever it runs.
+struct detail_pending {
+    struct detail_key key;
+    u64 count;                  // 0: nothing pending (key unused)
+    u64 busy;                   // an event is changing this entry
+};
+
+BPF_ARRAY(detail_pending, struct detail_pending,
+          DETAIL_CPUS * PENDING_ENTRIES);
+
+static __always_inline bool same_key(const struct detail_key *a,
+                                     const struct detail_key *b)
+{
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
+
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 static __always_inline void count_detail(u64 pid_tgid, u32 isa, u32 code,
                                          u32 kind, u64 sub, u32 attr)
 {
     struct detail_key key = {.pid_tgid = pid_tgid, .isa = isa,
                              .code = code, .sub = sub, .kind = kind,
                              .attr = attr};
-    u64 zero = 0, *count;
-    int first = 0;
+    u32 index = bpf_get_smp_processor_id() * PENDING_ENTRIES +
+                (kind * 2 + (sub & 1)) % PENDING_ENTRIES;
+    struct detail_pending *p = detail_pending.lookup(&index);
 
-    count = detail_counts.lookup_or_try_init(&key, &zero);
-    if (count) {
-        (*count)++;
+    if (!p) {
+        add_detail(&key, 1);
         return;
     }
-    count = detail_lost.lookup(&first);
-    if (count)
-        (*count)++;
+    p->busy = 1;
+    // The flush, on this CPU, sees busy before anything below changes.
+    asm volatile("" ::: "memory");
+    if (p->count && !same_key(&p->key, &key)) {
+        add_detail(&p->key, p->count);
+        p->count = 0;
+    }
+    if (!p->count)
+        __builtin_memcpy(&p->key, &key, sizeof(key));
+    p->count++;
+    asm volatile("" ::: "memory");
+    p->busy = 0;
+}
+
+// Run by kvmexit.py on each CPU before it reads detail_counts: that CPU's
+// pending counts go there.  Returns 1 (run again) if it interrupted an
+// event changing one of them.
+int flush_detail(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 base = bpf_get_smp_processor_id() * PENDING_ENTRIES;
+    struct detail_pending *p;
+
+#pragma unroll
+    for (int k = 0; k < PENDING_ENTRIES; k++) {
+        u32 index = base + k;
+
+        p = detail_pending.lookup(&index);
+        if (p && p->busy)
+            return 1;
+    }
+#pragma unroll
+    for (int k = 0; k < PENDING_ENTRIES; k++) {
+        u32 index = base + k;
+
+        p = detail_pending.lookup(&index);
+        if (p && p->count) {
+            add_detail(&p->key, p->count);
+            p->count = 0;
+        }
+    }
+    return 0;
 }
 
 // The exit being handled
@@ -1039,7 +1130,7 @@ int test_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     detail_exit(pid_tgid, ev.isa, ev.code, ctx->args[2], ctx->args[3],
                 ctx->args[4]);
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 int test_kvm_msr(struct bpf_raw_tracepoint_args *ctx)
@@ -1099,7 +1190,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 #elif defined(DETAIL)
     detail_exit(pid_tgid, ev.isa, ev.code, args->info1, args->info2, 0);
 #endif
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #elif defined(PROBE_RAW_OLD)
@@ -1115,7 +1206,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 
     if (filtered_out(pid_tgid))
         return 0;
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ctx->args[0], &ev);
 }
 
 #elif defined(PROBE_RAW_NEW)
@@ -1158,7 +1249,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
         count_lost(LOST_REASON_UNREADABLE);
         return 0;
     }
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #endif

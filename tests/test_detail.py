@@ -219,7 +219,7 @@ def test_detail_tables_are_counted_in_the_memory_check():
     plain = program(1024, layout).memory(2)
     assert program(1024, layout, {"detail"}).memory(2) - plain == \
         kvmexit.MAX_DETAIL * (40 + kvmexit.HASH_ELEM_OVERHEAD) + \
-        1024 * (24 + kvmexit.HASH_ELEM_OVERHEAD) + (8 + 128) * 2
+        1024 * (24 + kvmexit.HASH_ELEM_OVERHEAD) + (8 + 128 + 16 * 48) * 2
 
 
 #
@@ -240,3 +240,4 @@ def test_command_refuses_detail_with_probe_raw(bcc):
         run_tool(["--detail", "--probe", "raw", "1"]),
         "kvmexit: --detail reads the fields of the kvm_exit tracepoint: use "
         "it without --probe raw")
+

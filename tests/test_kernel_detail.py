@@ -17,6 +17,7 @@ exact and decoded as the CPU meant them."""
 
 import io
 import os
+import threading
 
 import pytest
 
@@ -385,6 +386,100 @@ def test_a_full_detail_table_loses_sub_keys_not_exits(bcc, cpus_0_1,
         assert snap.lost == [0] * len(kvmexit.LOST)
     finally:
         p.close()
+
+
+# Pending counts: each CPU holds the last key of each of its entries and
+# how many of it are not in detail_counts yet; ports 0x70 and 0x72 share an
+# entry (same kind, same lowest bit), 0x70 and 0x71 do not.
+def port(p):
+    return exit_(SVM_IOIO, info1=p << 16)
+
+
+OUT_70, OUT_72 = Detail("port", 0x70, "out", None), \
+    Detail("port", 0x72, "out", None)
+
+
+def test_a_new_key_in_an_entry_adds_the_pending_count_of_the_last(
+        prog, threads):
+    t = threads()
+    prog.events(t, *repeat(3, port(0x70)), *repeat(2, port(0x72)),
+                port(0x70), port(0x72), port(0x70))
+    assert mine(prog.snap(), t.tid) == {OUT_70: 5, OUT_72: 3}
+
+
+def test_another_thread_in_an_entry_adds_the_pending_count_of_the_last(
+        prog, threads):
+    a, b = threads(2)
+    prog.events(a, *repeat(4, port(0x70)))
+    prog.events(b, *repeat(2, port(0x70)))
+    prog.events(a, port(0x70))
+    snap = prog.snap()
+    assert (mine(snap, a.tid), mine(snap, b.tid)) == \
+        ({OUT_70: 5}, {OUT_70: 2})
+
+
+def test_a_read_takes_the_pending_counts_once(prog, threads, cpus_0_1):
+    t = threads()
+    # Pending on both CPUs: the thread moved between exits to one port.
+    prog.events(t, *repeat(3, port(0x70)), move_to(1), *repeat(2, port(0x70)))
+    first = prog.snap()
+    assert mine(first, t.tid) == {OUT_70: 5}
+    assert mine(prog.snap(), t.tid) == {OUT_70: 5}
+    prog.events(t, move_to(1), port(0x70), move_to(0), port(0x70))
+    last = prog.snap()
+    assert mine(last, t.tid) == {OUT_70: 7}
+    assert mine(last.minus(first), t.tid) == {OUT_70: 2}
+
+
+def pending_entries(prog):
+    """The detail_pending table (struct detail_pending per CPU entry)."""
+    return prog.b[b"detail_pending"]
+
+
+def test_a_flush_that_interrupts_an_event_leaves_the_cpu_for_a_retry(
+        prog, threads, monkeypatch):
+    t = threads()
+    prog.events(t, *repeat(2, port(0x70)))
+    table = pending_entries(prog)
+    index = next(i for i in range(kvmexit.PENDING_ENTRIES)
+                 if table[i].key.pid_tgid == PID << 32 | t.tid)
+    busy = table[index]
+    busy.busy = 1
+    table[index] = busy         # as an event on CPU 0 would leave it
+    monkeypatch.setattr(kvmexit, "FLUSH_TRIES", 3)
+    try:
+        with pytest.raises(kvmexit.Error) as exc:
+            prog.snap()
+        assert str(exc.value) == \
+            "cannot flush --detail's counts on CPU 0: busy"
+        assert table[index].count == 2
+    finally:
+        busy.busy = 0
+        table[index] = busy
+    assert mine(prog.snap(), t.tid) == {OUT_70: 2}
+    assert table[index].count == 0
+
+
+def test_reads_while_a_thread_counts_on_another_cpu_are_exact(
+        prog, threads, cpus_0_1):
+    """Each read runs the flush on CPU 1 (an IPI) while the thread counts
+    there: the counts read never go down, and the last is exact."""
+    t = threads()
+    events = [port(0x70 + n % 4) for n in range(4000)]
+    done = []
+
+    def job():
+        prog.events(t, move_to(1), *events)
+        done.append(True)
+    firing = threading.Thread(target=job)
+    firing.start()
+    seen = []
+    while not done:
+        seen.append(sum(mine(prog.snap(), t.tid).values()))
+    firing.join()
+    assert seen == sorted(seen)
+    assert mine(prog.snap(), t.tid) == {
+        Detail("port", 0x70 + n, "out", None): 1000 for n in range(4)}
 
 
 def test_text_report_shows_sub_keys_under_their_reason(prog, threads):

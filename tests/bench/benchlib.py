@@ -8,9 +8,14 @@ threads pinned to CPUs (tests/helpers/bpfrun.py), in the raw-old probe
 mode where ctx->args are (exit_reason, vcpu, isa).
 """
 
+import atexit
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -64,6 +69,10 @@ def online_cpus():
         kvmexit.read_text("/sys/devices/system/cpu/online"))
 
 
+# What kvmexit.py's main() always adds to the kvm_exit program.
+DEFAULT_FEATURES = frozenset({"growth"})
+
+
 def program(layout, max_threads=kvmexit.MIN_MAX_THREADS, features=(),
             selection=None):
     """kvmexit's program in the raw-old mode."""
@@ -74,13 +83,51 @@ def program(layout, max_threads=kvmexit.MIN_MAX_THREADS, features=(),
 
 
 def load_ours(bcc, max_threads, layout=kvmexit.SVM_LAYOUT,
-              selection=None):
+              selection=None, features=()):
     """kvmexit's program in the raw-old mode, loaded but not attached:
     (BPF object, program fd)."""
-    b = kvmexit.load_program(program(layout, max_threads,
+    b = kvmexit.load_program(program(layout, max_threads, features,
                                      selection=selection))
     fd = b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
     return b, fd
+
+
+def kvmexit_at(ref):
+    """kvmexit.py as it is at git `ref`, imported from a copy of that
+    commit's kvmexit.py and bpf/ (so it compiles its own BPF C)."""
+    where = tempfile.mkdtemp(prefix="kvmexit-at-")
+    atexit.register(shutil.rmtree, where, True)
+    tree = subprocess.run(["git", "-C", ROOT, "archive", ref, "kvmexit.py",
+                           "bpf"], stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", where], input=tree, check=True)
+    spec = importlib.util.spec_from_file_location(
+        "kvmexit_at_%s" % re.sub(r"\W", "_", ref),
+        os.path.join(where, "kvmexit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_ours_at(module, bcc, max_threads, tgid=None):
+    """load_ours() with the kvmexit module of kvmexit_at(): its program in
+    the raw-old mode, SVM layout, all threads or (tgid) one process, with
+    the DEFAULT_FEATURES it has.
+    Older commits took the options as load_program()'s arguments, newer
+    ones as a Program."""
+    probe = module.Probe("raw-old", "bench")
+    selection = module.Selection("PID %d" % tgid, "pid", tgid=tgid) \
+        if tgid else module.Selection("all threads", "all")
+    layout = module.SVM_LAYOUT
+    if hasattr(module, "Program"):
+        # With what that commit's main() always added (growth, once it
+        # existed), as load_ours() does with DEFAULT_FEATURES.
+        known = {feature.name for feature in getattr(module, "FEATURES", ())}
+        b = module.load_program(module.Program(
+            probe, selection, max_threads, layout,
+            frozenset(DEFAULT_FEATURES & known)))
+    else:
+        b = module.load_program(probe, selection, max_threads, layout)
+    return b, b.load_func(b"raw_kvm_exit", bcc.BPF.RAW_TRACEPOINT).fd
 
 
 def bcc026_text():
@@ -283,13 +330,36 @@ def model_bench_main(doc, real_maps, modeled, model):
                         help=argparse.SUPPRESS)
     parser.add_argument("--no-model", action="store_true",
                         help="skip the 640-CPU model")
+    parser.add_argument("--no-real", action="store_true",
+                        help="skip the real maps (the model only)")
+    parser.add_argument("--model-runs", type=int, default=1, metavar="N",
+                        help="run the model N times, each in a new process "
+                        "(default 1)")
     args = parser.parse_args()
     if args.model_child:
         r = model(*args.model_child)
         print(" ".join("%s=%r" % kv for kv in sorted(r.items())))
         return 0
     need_root()
-    ok = real_maps(import_bcc())
+    ok = args.no_real or real_maps(import_bcc())
     if not args.no_model:
-        ok = modeled() and ok
+        ok = model_runs(modeled, args.model_runs) and ok
     return 0 if ok else 1
+
+
+def model_runs(modeled, runs):
+    """modeled() `runs` times (each returns whether its target was met and
+    its figure, seconds); with more than one, the figures' median and
+    spread.  Whether every run met the target."""
+    results = [modeled() for _ in range(runs)]
+    if runs > 1:
+        figures = sorted(s for _, s in results)
+        print()
+        print("model, %d runs: %s s; median %.2f s, spread %.2f..%.2f s; "
+              "target met in %d of %d runs"
+              % (runs, " ".join("%.2f" % s for _, s in results),
+                 figures[runs // 2] if runs % 2 else
+                 (figures[runs // 2 - 1] + figures[runs // 2]) / 2,
+                 figures[0], figures[-1], sum(met for met, _ in results),
+                 runs))
+    return all(met for met, _ in results)

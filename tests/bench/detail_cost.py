@@ -18,6 +18,9 @@ count_exit() alone), on the same thread and CPU, so both hit their cache
 slot.  Paths:
   exit, no sub-key   an SVM HLT exit: --detail only remembers the exit
   exit, port         an SVM IOIO exit: also counts its port sub-key
+                     (the same port each time: a CPU's pending count)
+  exit, 2 ports in turn   IOIO exits to two ports by turns: each adds
+                     the other's pending count to the detail table
   kvm_msr            an MSR event under the thread's exit: an event the
                      default program does not trace at all
   user-space exit    a kvm_userspace_exit after each IOIO exit
@@ -54,6 +57,7 @@ EVENTS = 1000
 SVM = kvmexit.ISA_SVM
 HLT, IOIO, MSR = 0x78, 0x7b, 0x7c
 PORT_0X70_OUT_1 = 0x70 << 16 | 0x10
+PORT_0X71_OUT_1 = 0x71 << 16 | 0x10
 KVM_EXIT_IO = 2
 # The most --detail may add to an exit, ns: (path, target).
 TARGETS = (("exit, no sub-key", 15), ("exit, port", 40))
@@ -97,6 +101,7 @@ def measure(bcc, cpu):
     ioio_old = [IOIO, 0, SVM]
     hlt_tp = [HLT, SVM, 0, 0, 0, 0]
     ioio_tp = [IOIO, SVM, PORT_0X70_OUT_1, 0, 0, 0]
+    ioio2_tp = [IOIO, SVM, PORT_0X71_OUT_1, 0, 0, 0]
     msr_tp = [MSR, SVM, 1, 0, 0, 0]
     # path: (default program's (fd, args) or None, --detail's measured fd,
     # the calls of one event of the path)
@@ -105,6 +110,8 @@ def measure(bcc, cpu):
          [(det["kvm_exit"], hlt_tp)]),
         ("exit, port", (base, ioio_old), det["kvm_exit"],
          [(det["kvm_exit"], ioio_tp)]),
+        ("exit, 2 ports in turn", (base, ioio_old), det["kvm_exit"],
+         [(det["kvm_exit"], ioio_tp), (det["kvm_exit"], ioio2_tp)]),
         ("kvm_msr", None, det["kvm_msr"],
          [(det["kvm_exit"], msr_tp), (det["kvm_msr"], [1, 0x6e0])]),
         ("user-space exit", None, det["kvm_userspace_exit"],

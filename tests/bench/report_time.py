@@ -287,7 +287,7 @@ def modeled():
           "estimated kernel copy-out %.2f s)"
           % (MODEL_TARGET_S, "met" if met else "MISSED", r["best_s"],
              r["best_s"] + r["bytes"] / rate))
-    return met
+    return met, r["best_s"]
 
 
 def main():

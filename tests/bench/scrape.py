@@ -25,8 +25,10 @@ reasons, in a child process.  Synthetic per-CPU buffers of the real byte
 size (4096 x 640 x 1544 B = 3.8 GiB) are fed through the exporter itself,
 with kvmexit.read_percpu() replaced by a function that returns them (as
 tests/bench/report_time.py does).  The kernel's copy-out of those bytes is
-estimated apart, from the measured copy-out rate.  Target: a scrape under
-1 s there.
+estimated apart, from the measured copy-out rate.  Target (issue 18): a
+scrape within 0.5 s there, with the default labels, in every run
+(--model-runs 5 --no-real runs the model alone 5 times, each in a new
+process, and gives the spread).
 """
 
 import os
@@ -44,7 +46,7 @@ REASONS = 20
 CODES = (0x7b, 0x78, 0x60, 0x400, 0x72, 0x7c, 0x04, 0x14, 0x6e, 0x77,
          0x79, 0x7d, 0x81, 0x8d, 0x61, 0x64, 0x00, 0x10, 0x03, 0x13)
 MODEL_CPUS, MODEL_THREADS = 640, 4096
-TARGET_S = 1.0
+TARGET_S = 0.5
 SCRAPES = 5
 
 
@@ -229,11 +231,11 @@ def modeled():
                                     benchlib.human(r["peak"]),
                                     benchlib.human(r["bytes"])))
     print("scrape / report: %.2f" % (r["best_s"] / r["report_s"]))
-    met = r["best_s"] < TARGET_S
-    print("target: scrape < %.0f s: %s (%.2f s; with the estimated kernel "
+    met = r["best_s"] <= TARGET_S
+    print("target: scrape <= %.1f s: %s (%.2f s; with the estimated kernel "
           "copy-out %.2f s)" % (TARGET_S, "met" if met else "MISSED",
                                 r["best_s"], r["best_s"] + r["bytes"] / rate))
-    return met
+    return met, r["best_s"]
 
 
 def main():
