@@ -159,6 +159,35 @@ def test_an_x86_format_names_no_arm64_code():
 
 
 #
+# Which probe
+#
+@pytest.fixture
+def arm64_tp(tmp_path):
+    (tmp_path / "format").write_text(read(ARM64_FORMAT))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("requested,kind,fallback", [
+    ("auto", "raw-arm64", "tracepoint"), ("raw", "raw-arm64", None),
+    ("tracepoint", "tracepoint", None)])
+def test_raw_is_the_default_on_arm64_with_the_tracepoint_to_fall_back_on(
+        arm64_tp, requested, kind, fallback):
+    probe = kvmexit.choose_probe(requested, arm64_tp, kvm="arm64")
+    assert probe.kind == kind
+    assert (probe.fallback and probe.fallback.kind) == fallback
+    assert not probe.sees_vcpu_ids
+    assert "-DKVM_ARM64" in probe.macros()
+    assert probe.fallback is None or \
+        "-DKVM_ARM64" in probe.fallback.macros()
+
+
+def test_detail_is_refused_on_arm64_for_now(arm64_tp):
+    with pytest.raises(kvmexit.Error, match="^--detail is not available on "
+                       "arm64 yet: run kvmexit without it$"):
+        kvmexit.choose_probe("auto", arm64_tp, detail=True, kvm="arm64")
+
+
+#
 # The arm64 program in this kernel
 #
 RAW_ARM64 = kvmexit.Probe("raw-arm64", "test", kvm="arm64")
