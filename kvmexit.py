@@ -77,6 +77,16 @@ POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
 # Numbers that this script and bpf/kvmexit.bpf.c must agree on.  They are
 # defined here only and handed to the C as -DNAME=VALUE (shared_macros()).
 ISA_VMX, ISA_SVM = 1, 2                 # kvm_exit's isa argument
+# arm64's kvm_exit has no isa argument: kvmexit gives its exits this code,
+# far from the kernel's small KVM_ISA_* numbers (and within the 8 bits
+# --detail keeps of an isa).
+ISA_ARM64 = 0x64
+# arm64's exit codes (see ARM64 below): a trap counts as its ESR exception
+# class (6 bits), any other exit as ARM64_NON_TRAP_BASE + ret.  ret's bit
+# 31 only says an SError was pending (ARM_EXCEPTION_CODE masks it).
+ARM64_EXCEPTION_TRAP = 2
+ARM64_NON_TRAP_BASE = 64
+ARM64_SERROR_PENDING = 1 << 31
 VCPU_ID_UNKNOWN = 0xffffffff            # the probe cannot see vCPU ids
 HIGH_BASE = 0x400                       # first SVM code of the high slots
 # The latency histogram (see latency_bucket()): LAT_SUB buckets per power
@@ -123,7 +133,10 @@ MMIO_FAST_WRITE = 3
 
 
 def shared_macros():
-    values = {"ISA_VMX": ISA_VMX, "ISA_SVM": ISA_SVM,
+    values = {"ISA_VMX": ISA_VMX, "ISA_SVM": ISA_SVM, "ISA_ARM64": ISA_ARM64,
+              "ARM64_EXCEPTION_TRAP": ARM64_EXCEPTION_TRAP,
+              "ARM64_NON_TRAP_BASE": ARM64_NON_TRAP_BASE,
+              "ARM64_SERROR_PENDING": ARM64_SERROR_PENDING,
               "VCPU_ID_UNKNOWN": VCPU_ID_UNKNOWN, "HIGH_BASE": HIGH_BASE,
               "LAT_SUB_BITS": LAT_SUB_BITS, "LAT_SUB": LAT_SUB,
               "LAT_MAX_LOG2": LAT_MAX_LOG2, "LAT_BUCKETS": LAT_BUCKETS,
@@ -661,20 +674,19 @@ def format_fields(fmt):
                           re.MULTILINE))
 
 
+# kvm_exit's fields, per kind of KVM: x86's tell VMX from SVM per exit.
+EXIT_FIELDS = (("x86", ("exit_reason", "isa")), ("arm64", ("ret", "esr_ec")))
+
+
 def check_exit_fields(tp_dir):
-    """The counts come from kvm_exit's exit_reason and isa (x86: VMX, SVM).
-    arm64's kvm_exit has ret and esr_ec instead; its raw tracepoint's first
-    argument is ret, so counting there would start, attach and report one
-    wrong row per thread: refuse instead."""
+    """Which kind of KVM this is, "x86" or "arm64", from the fields of
+    kvm_exit that the counts come from."""
     fields = format_fields(read_text(tp_dir + "/format"))
-    if {"exit_reason", "isa"} <= fields:
-        return
-    if "esr_ec" in fields:
-        raise Error("this is an arm64 KVM (kvm:kvm_exit has ret and esr_ec, "
-                    "no exit_reason): kvmexit counts only x86 (VMX and SVM) "
-                    "exits")
-    raise Error("kvm:kvm_exit has no exit_reason and isa fields (%s): "
-                "kvmexit counts only x86 (VMX and SVM) exits"
+    for kind, needed in EXIT_FIELDS:
+        if set(needed) <= fields:
+            return kind
+    raise Error("kvm:kvm_exit has neither exit_reason and isa (x86) nor ret "
+                "and esr_ec (arm64) fields (%s)"
                 % ", ".join(sorted(f for f in fields
                                    if not f.startswith("common_"))))
 
@@ -695,6 +707,28 @@ def parse_format_names(fmt):
             value = (int(code, 0) + int(plus or 0)) & 0xffffffff
             table[value] = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
     return tables
+
+
+def parse_arm64_format_names(fmt):
+    """arm64 exit names the kernel's kvm_exit print fmt knows, as {code:
+    name} in ARM64's codes: its table for REC->ret (the kinds of exit) and
+    the one for REC->esr_ec (the ESR exception classes of traps)."""
+    names = {}
+    for part in fmt.split("__print_symbolic(")[1:]:
+        field = re.match(r"\s*REC->(\w+)\s*,", part)
+        base = {"ret": ARM64_NON_TRAP_BASE, "esr_ec": 0}.get(
+            field and field.group(1))
+        if base is None:
+            continue
+        for code, name in re.findall(
+                r'\{\s*\(?\s*((?:0x)?[0-9a-fA-F]+)\s*\)?\s*,'
+                r'\s*"([^"]*)"\s*\}', part):
+            code = int(code, 0)
+            # A trap counts as its class, so ret's TRAP names no code.
+            if base and code == ARM64_EXCEPTION_TRAP:
+                continue
+            names[base + code] = re.sub(r"[^A-Za-z0-9]+", "_", name)
+    return names
 
 
 def check_kernel_headers(release=None, modules="/lib/modules"):
@@ -1031,6 +1065,52 @@ def vmx_vector_kind(attr):
     return VMX_EVENT_TYPES.get(attr, str(attr))
 
 
+# arm64: an exit's kind is kvm_exit's ret (kvm_asm.h's ARM_EXCEPTION_*,
+# without the prefix), and a trap's reason its ESR exception class (esr.h's
+# ESR_ELx_EC_*, without the prefix; the names kvm_arm.h gives the
+# tracepoint).  Classes not allocated in the architecture have no name.
+ARM64_EXCEPTIONS = {0: "IRQ", 1: "SERROR", 3: "IL", 0xbadca11: "HYP_GONE"}
+ARM64_CLASSES = {
+    0x00: "UNKNOWN", 0x01: "WFx", 0x03: "CP15_32", 0x04: "CP15_64",
+    0x05: "CP14_MR", 0x06: "CP14_LS", 0x07: "FP_ASIMD", 0x08: "CP10_ID",
+    0x09: "PAC", 0x0c: "CP14_64", 0x0d: "BTI", 0x0e: "ILL", 0x11: "SVC32",
+    0x12: "HVC32", 0x13: "SMC32", 0x15: "SVC64", 0x16: "HVC64",
+    0x17: "SMC64", 0x18: "SYS64", 0x19: "SVE", 0x1a: "ERET", 0x1c: "FPAC",
+    0x1d: "SME", 0x1f: "IMP_DEF", 0x20: "IABT_LOW", 0x21: "IABT_CUR",
+    0x22: "PC_ALIGN", 0x24: "DABT_LOW", 0x25: "DABT_CUR", 0x26: "SP_ALIGN",
+    0x27: "MOPS", 0x28: "FP_EXC32", 0x2c: "FP_EXC64", 0x2d: "GCS",
+    0x2f: "SERROR", 0x30: "BREAKPT_LOW", 0x31: "BREAKPT_CUR",
+    0x32: "SOFTSTP_LOW", 0x33: "SOFTSTP_CUR", 0x34: "WATCHPT_LOW",
+    0x35: "WATCHPT_CUR", 0x38: "BKPT32", 0x3a: "VECTOR32", 0x3c: "BRK64",
+}
+ARM64_REASONS = {**ARM64_CLASSES,
+                 **{ARM64_NON_TRAP_BASE + ret: name
+                    for ret, name in ARM64_EXCEPTIONS.items()}}
+
+
+def arm64_code(ret, esr_ec):
+    """The exit code kvmexit counts for kvm_exit's (ret, esr_ec): what the
+    BPF C computes (arm64_code() there)."""
+    ret &= ~ARM64_SERROR_PENDING & 0xffffffff
+    if ret == ARM64_EXCEPTION_TRAP:
+        return esr_ec
+    return ARM64_NON_TRAP_BASE + ret
+
+
+def arm64_reason_name(names, code):
+    """Unnamed: the class of a trap, or the ret of another exit, in hex."""
+    if code in names:
+        return names[code]
+    if code < ARM64_NON_TRAP_BASE:
+        return "EC_0x%02x" % code
+    return "RET_0x%x" % (code - ARM64_NON_TRAP_BASE)
+
+
+# Every class (6 bits) and the kinds of exit up to IL; HYP_GONE and kinds
+# beyond are rare, counted in the table of rare codes.
+ARM64_LAYOUT = SlotLayout(ARM64_NON_TRAP_BASE + 4, 0)
+
+
 class Isa(collections.namedtuple("Isa", (
         "code name module vcpu_struct fmt_table reasons reason_name layout "
         "raw_reason port_access page_access vector_kind"))):
@@ -1050,15 +1130,21 @@ VMX = Isa(ISA_VMX, "vmx", "kvm_intel", "vcpu_vmx", 0, VMX_REASONS,
 SVM = Isa(ISA_SVM, "svm", "kvm_amd", "vcpu_svm", 1, SVM_REASONS,
           svm_reason_name, SVM_LAYOUT, svm_raw_reason, svm_port_access,
           svm_page_access, svm_vector_kind)
-# In the order the raw probe looks for their vCPU structs.
-ISAS = (SVM, VMX)
+# arm64's KVM is built in and its raw tracepoint passes (ret, esr_ec): no
+# module, no vCPU struct to read.  Its print fmt has tables of its own
+# (parse_arm64_format_names()).  --detail's decoders: not yet.
+ARM64 = Isa(ISA_ARM64, "arm64", None, None, 2, ARM64_REASONS,
+            arm64_reason_name, ARM64_LAYOUT, None, None, None, None)
+# x86's, in the order the raw probe looks for their vCPU structs.
+X86_ISAS = (SVM, VMX)
+ISAS = X86_ISAS + (ARM64,)
 ISA_BY_CODE = {isa.code: isa for isa in ISAS}
 
 
 def slot_layout(sys_module="/sys/module"):
     """The layout of the one ISA whose module is loaded; else SVM's, the
     larger."""
-    loaded = [isa for isa in ISAS
+    loaded = [isa for isa in X86_ISAS
               if os.path.exists("%s/%s" % (sys_module, isa.module))]
     return loaded[0].layout if len(loaded) == 1 else SVM.layout
 
@@ -1085,6 +1171,8 @@ def kernel_reason_names(tp_dir):
         fmt = read_text(tp_dir + "/format")
     except (OSError, TypeError):
         return ReasonNames()
+    if "esr_ec;" in fmt:
+        return ReasonNames(None, None, parse_arm64_format_names(fmt))
     return ReasonNames(*parse_format_names(fmt))
 
 
@@ -1094,18 +1182,21 @@ def kernel_reason_names(tp_dir):
 class Probe:
     """Which kvm_exit probe, decided completely before anything loads.
 
-    kind: "tracepoint"; "raw-old", whose args[0] is the exit reason; or
+    kind: "tracepoint"; "raw-old", whose args[0] is the exit reason;
     "raw-new", which reads the reason from the vendor's vCPU struct at
-    `offsets` (C macro: byte offset, from BTF).  A raw probe the kernel
-    refuses to attach falls back to `fallback`, the tracepoint, which is
-    None where the user asked for raw."""
+    `offsets` (C macro: byte offset, from BTF); or "raw-arm64", whose
+    args[0] and args[1] are arm64's ret and ESR class.  A raw probe the
+    kernel refuses to attach falls back to `fallback`, the tracepoint,
+    which is None where the user asked for raw.  kvm: "x86" or "arm64",
+    whose kvm_exit has other fields (check_exit_fields())."""
 
-    KINDS = ("tracepoint", "raw-old", "raw-new")
+    KINDS = ("tracepoint", "raw-old", "raw-new", "raw-arm64")
 
     def __init__(self, kind, why, offsets=None, tp_vcpu_id=False,
-                 requested="auto", fallback=None):
+                 requested="auto", fallback=None, kvm="x86"):
         assert kind in self.KINDS, kind
         self.kind, self.why, self.requested = kind, why, requested
+        self.kvm = kvm
         self.offsets = dict(offsets or {})
         self.tp_vcpu_id = tp_vcpu_id        # the tracepoint has vcpu_id
         self.fallback = fallback
@@ -1125,6 +1216,8 @@ class Probe:
         macros += ["-D%s=%d" % item for item in self.offsets.items()]
         if not self.raw and self.tp_vcpu_id:
             macros.append("-DTP_HAS_VCPU_ID")
+        if self.kvm == "arm64":
+            macros.append("-DKVM_ARM64")
         return macros
 
 
@@ -1135,7 +1228,7 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
     kvm = kvm or load_btf("kvm", vmlinux, btf_dir) or vmlinux
     vcpu_id = kvm.offset("kvm_vcpu", "vcpu_id")
     common = {} if vcpu_id is None else {"KVM_VCPU_ID_OFF": vcpu_id}
-    for isa in ISAS:
+    for isa in X86_ISAS:
         # The vendor code is a module on distro kernels, else built in.
         found = isa.raw_reason(load_btf(isa.module, vmlinux, btf_dir) or
                                vmlinux)
@@ -1143,18 +1236,23 @@ def raw_reason_offsets(vmlinux, btf_dir=BTF_DIR, kvm=None):
             offsets, why = found
             return (dict(offsets, **common) if offsets else None), why
     return None, "no %s in the BTF of %s or vmlinux in %s" % (
-        " or ".join(isa.vcpu_struct for isa in ISAS),
-        ", ".join(isa.module for isa in ISAS), btf_dir)
+        " or ".join(isa.vcpu_struct for isa in X86_ISAS),
+        ", ".join(isa.module for isa in X86_ISAS), btf_dir)
 
 
-def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False):
+def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False,
+                 kvm="x86"):
     """Raw tracepoint where the kernel's BTF shows how to get the exit
-    reason from it, the regular tracepoint otherwise.  --detail takes the
+    reason from it (on arm64 always: its arguments are the tracepoint's
+    fields), the regular tracepoint otherwise.  --detail takes the
     tracepoint: its fields hold the exit information the kernel read for
     it, which a raw probe runs too early to find."""
     tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
     tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
-                                   requested=requested)
+                                   requested=requested, kvm=kvm)
+    if detail and kvm == "arm64":
+        raise Error("--detail is not available on arm64 yet: run kvmexit "
+                    "without it")
     if requested == "tracepoint":
         return tracepoint("asked for with --probe tracepoint")
     if detail:
@@ -1164,6 +1262,10 @@ def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False):
         return tracepoint("--detail reads the tracepoint's exit information")
     fallback = None if requested == "raw" else tracepoint(
         "fallback, the raw tracepoint did not attach")
+    if kvm == "arm64":
+        return Probe("raw-arm64", "arm64: kvm_exit(ret, esr_ec, vcpu_pc) "
+                     "passes the exit's kind and class", requested=requested,
+                     fallback=fallback, kvm=kvm)
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     params = kvm = None
     if vmlinux is not None:
@@ -4231,15 +4333,15 @@ def main(argv=None, stdout_closed=False):
                         "tracepoint (modprobe kvm_intel or kvm_amd)")
         raise Error("no kvm:kvm_exit tracepoint under %s (is tracefs "
                     "mounted?)" % " or ".join(TRACEFS_DIRS))
-    check_exit_fields(tp_dir)
+    kvm = check_exit_fields(tp_dir)
     selection = select_readable(args)
     vmms = vmm_processes()
     max_threads = args.max_threads or max(MIN_MAX_THREADS,
                                           2 * sum(vmms.values()))
     check_kernel_headers()
-    probe = choose_probe(args.probe, tp_dir, detail=args.detail)
+    probe = choose_probe(args.probe, tp_dir, detail=args.detail, kvm=kvm)
     check_vcpu_ids(selection, probe)
-    layout = slot_layout()
+    layout = ARM64.layout if kvm == "arm64" else slot_layout()
     ncpus = possible_cpus()
     program = Program(probe, selection, max_threads, layout,
                       frozenset(feature.name for feature in FEATURES

@@ -3,7 +3,10 @@
 // kvmexit's in-kernel half: count VM exits per thread and exit reason.
 //
 // Loaded by kvmexit.py through bcc, which compiles it with these macros:
-//   PROBE_TRACEPOINT | PROBE_RAW_OLD | PROBE_RAW_NEW   which probe to use
+//   PROBE_TRACEPOINT | PROBE_RAW_OLD | PROBE_RAW_NEW | PROBE_RAW_ARM64
+//                       which probe to use
+//   KVM_ARM64           arm64's KVM: its kvm_exit (see the end), and none
+//                       of x86's other tracepoints
 //   TP_HAS_VCPU_ID      the tracepoint has a vcpu_id field (newer kernels)
 //   SVM_VCPU_OFF, SVM_VMCB_OFF, VMCB_EXIT_CODE_OFF      raw path on new
 //   VMX_VCPU_OFF, VMX_EXIT_REASON_OFF                   kernels (from BTF)
@@ -24,7 +27,8 @@
 //   TEST_ENTRIES        also raw tracepoint entries for BPF_PROG_TEST_RUN
 //                       (tests and benchmarks only)
 // and the numbers kvmexit.py shares with this file (shared_macros()):
-//   ISA_VMX, ISA_SVM, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_SUB_BITS, LAT_SUB,
+//   ISA_VMX, ISA_SVM, ISA_ARM64, ARM64_EXCEPTION_TRAP, ARM64_NON_TRAP_BASE,
+//   ARM64_SERROR_PENDING, VCPU_ID_UNKNOWN, HIGH_BASE, LAT_SUB_BITS, LAT_SUB,
 //   LAT_MAX_LOG2, LAT_BUCKETS, NR_LOST, the LOST_* indexes of pcpu_lost and
 //   MMIO_FAST_WRITE; with DETAIL, the exit codes of DETAIL_CODES.
 //
@@ -885,6 +889,9 @@ static __always_inline void detail_page_fault(u64 address, u64 error_code)
                      address & PAGE_MASK_4K, error_code & 7);
 }
 
+#ifndef KVM_ARM64
+// x86's events: bcc needs each one's format to compile its probe, and
+// arm64's KVM has none of them.
 TRACEPOINT_PROBE(kvm, kvm_msr)
 {
     detail_event(DETAIL_MSR, args->ecx, args->write);
@@ -896,6 +903,7 @@ TRACEPOINT_PROBE(kvm, kvm_hypercall)
     detail_event(DETAIL_HYPERCALL, args->nr, 0);
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(kvm, kvm_mmio)
 {
@@ -903,6 +911,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
     return 0;
 }
 
+#ifndef KVM_ARM64
 TRACEPOINT_PROBE(kvm, kvm_fast_mmio)
 {
     detail_event(DETAIL_MMIO, args->gpa, MMIO_FAST_WRITE);
@@ -914,6 +923,7 @@ TRACEPOINT_PROBE(kvm, kvm_page_fault)
     detail_page_fault(args->fault_address, args->error_code);
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
 {
@@ -1073,7 +1083,51 @@ int test_kvm_userspace_exit(struct bpf_raw_tracepoint_args *ctx)
 #endif
 #endif  // DETAIL
 
+#if defined(KVM_ARM64)
+
+// arm64: TP_PROTO(int ret, unsigned int esr_ec, unsigned long vcpu_pc).
+// ret is the kind of exit (kvm_asm.h's ARM_EXCEPTION_*: IRQ, SERROR,
+// TRAP, IL, HYP_GONE), with bit 31 set if an SError was pending; esr_ec
+// the ESR exception class, which names a trap.  The tracepoint stores ret
+// without bit 31, and esr_ec only for traps (0 otherwise); the raw
+// arguments have neither done, so both probes count the same code:
+// a trap's class (0..63), or ARM64_NON_TRAP_BASE + ret.  kvmexit.py's
+// arm64_code() is the same function.
+static __always_inline u32 arm64_code(u32 ret, u32 esr_ec)
+{
+    ret &= ~ARM64_SERROR_PENDING;
+    return ret == ARM64_EXCEPTION_TRAP ? esr_ec : ARM64_NON_TRAP_BASE + ret;
+}
+
 #if defined(PROBE_TRACEPOINT)
+
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.code = arm64_code(args->ret, args->esr_ec),
+                            .isa = ISA_ARM64, .vcpu_id = VCPU_ID_UNKNOWN};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+    return count_exit(pid_tgid, &ev);
+}
+
+#else
+
+int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.code = arm64_code(ctx->args[0], ctx->args[1]),
+                            .isa = ISA_ARM64, .vcpu_id = VCPU_ID_UNKNOWN};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+    return count_exit(pid_tgid, &ev);
+}
+
+#endif
+
+#elif defined(PROBE_TRACEPOINT)
 
 TRACEPOINT_PROBE(kvm, kvm_exit)
 {
