@@ -1132,7 +1132,8 @@ SVM = Isa(ISA_SVM, "svm", "kvm_amd", "vcpu_svm", 1, SVM_REASONS,
           svm_page_access, svm_vector_kind)
 # arm64's KVM is built in and its raw tracepoint passes (ret, esr_ec): no
 # module, no vCPU struct to read.  Its print fmt has tables of its own
-# (parse_arm64_format_names()).  --detail's decoders: not yet.
+# (parse_arm64_format_names()).  --detail's kinds are its own (DECODE's
+# wfx, smccc, sysreg and ipa; mmio and user as on x86).
 ARM64 = Isa(ISA_ARM64, "arm64", None, None, 2, ARM64_REASONS,
             arm64_reason_name, ARM64_LAYOUT, None, None, None, None)
 # x86's, in the order the raw probe looks for their vCPU structs.
@@ -1245,27 +1246,26 @@ def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False,
     """Raw tracepoint where the kernel's BTF shows how to get the exit
     reason from it (on arm64 always: its arguments are the tracepoint's
     fields), the regular tracepoint otherwise.  --detail takes the
-    tracepoint: its fields hold the exit information the kernel read for
-    it, which a raw probe runs too early to find."""
+    tracepoint on x86: its fields hold the exit information the kernel
+    read for it, which a raw probe runs too early to find."""
     tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
     tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
                                    requested=requested, kvm=kvm)
-    if detail and kvm == "arm64":
-        raise Error("--detail is not available on arm64 yet: run kvmexit "
-                    "without it")
     if requested == "tracepoint":
         return tracepoint("asked for with --probe tracepoint")
+    fallback = None if requested == "raw" else tracepoint(
+        "fallback, the raw tracepoint did not attach")
+    if kvm == "arm64":
+        # --detail too: arm64's kvm_exit holds no exit information, its
+        # sub-keys all come from other events.
+        return Probe("raw-arm64", "arm64: kvm_exit(ret, esr_ec, vcpu_pc) "
+                     "passes the exit's kind and class", requested=requested,
+                     fallback=fallback, kvm=kvm)
     if detail:
         if requested == "raw":
             raise Error("--detail reads the fields of the kvm_exit "
                         "tracepoint: use it without --probe raw")
         return tracepoint("--detail reads the tracepoint's exit information")
-    fallback = None if requested == "raw" else tracepoint(
-        "fallback, the raw tracepoint did not attach")
-    if kvm == "arm64":
-        return Probe("raw-arm64", "arm64: kvm_exit(ret, esr_ec, vcpu_pc) "
-                     "passes the exit's kind and class", requested=requested,
-                     fallback=fallback, kvm=kvm)
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     params = kvm = None
     if vmlinux is not None:

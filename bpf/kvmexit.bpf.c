@@ -19,7 +19,7 @@
 //   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
 //   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
-//                       tracepoint probe only)
+//                       on x86 the tracepoint probe only)
 //   GROWTH              slots for thread table generations (see its
 //                       section)
 //   VM_NAMES            also take each VM's process name as its threads end
@@ -521,11 +521,12 @@ static __always_inline int count_exit(u64 pid_tgid, struct exit_event *ev)
 }
 
 #ifdef DETAIL
-#ifndef PROBE_TRACEPOINT
-#error "--detail reads the fields of the kvm_exit tracepoint"
+#if !defined(PROBE_TRACEPOINT) && !defined(KVM_ARM64)
+#error "--detail reads the fields of the kvm_exit tracepoint (x86)"
 #endif
 // --detail: which port, MSR, page, vector, CR, hypercall or user-space
-// exit is behind each exit reason.  Compiled only with -DDETAIL, so that
+// exit (on arm64: WFI/WFE, SMCCC function, system register, IPA, MMIO,
+// user-space exit) is behind each exit reason.  Compiled only with -DDETAIL, so that
 // the default program is unchanged (bcc rewrites map calls and tracepoint
 // arguments in its main file only, hence not a header).  Needs the regular
 // kvm:kvm_exit tracepoint: its info1, info2 and intr_info fields are the
@@ -1109,6 +1110,9 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 
     if (filtered_out(pid_tgid))
         return 0;
+#ifdef DETAIL
+    detail_exit_arm64(pid_tgid, ev.code);
+#endif
     return count_exit(pid_tgid, &ev);
 }
 
@@ -1122,6 +1126,9 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 
     if (filtered_out(pid_tgid))
         return 0;
+#ifdef DETAIL
+    detail_exit_arm64(pid_tgid, ev.code);
+#endif
     return count_exit(pid_tgid, &ev);
 }
 

@@ -178,3 +178,18 @@ def test_arm64_mmio_and_user_exits_as_on_x86():
 def test_prometheus_labels_of_arm64_sub_keys(kind, key, attr, labels):
     detail = kvmexit.decode_detail(0, 0, K[kind], key, attr)
     assert kvmexit.detail_labels(detail) == labels
+
+
+@pytest.mark.parametrize("requested, kind", [("auto", "raw-arm64"),
+                                             ("raw", "raw-arm64"),
+                                             ("tracepoint", "tracepoint")])
+def test_detail_on_arm64_takes_either_probe(tmp_path, requested, kind):
+    # arm64's kvm_exit holds no exit information: the raw probe, cheaper,
+    # serves --detail as well (x86's takes the tracepoint).
+    tp = tmp_path / "kvm_exit"
+    tp.mkdir()
+    (tp / "format").write_text("field:int ret;\nfield:unsigned int esr_ec;\n")
+    probe = kvmexit.choose_probe(requested, str(tp), str(tmp_path),
+                                 detail=True, kvm="arm64")
+    assert probe.kind == kind
+    assert "-DKVM_ARM64" in probe.macros()
