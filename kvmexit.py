@@ -1687,12 +1687,15 @@ LABEL_KEY = {
     "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
     "hypercall": "hypercall %d".__mod__,
     "user": lambda key: "to user space",
-    # arm64: WFI or WFE is the name; a register by its encoding, then its
-    # name.
-    "wfx": lambda key: None, "smccc": "smccc 0x%x".__mod__,
-    "sysreg": lambda key: "sysreg " + sysreg_encoding(key),
+    # arm64: WFI or WFE; a register by its name, else its encoding.
+    "wfx": lambda key: WFX_NAMES.get(key, "is_wfe %d" % key),
+    "smccc": "smccc 0x%x".__mod__,
+    "sysreg": lambda key: "sysreg " + (
+        SYSREG_NAMES.get(sysreg_fields(key)) or sysreg_encoding(key)),
     "ipa": "ipa 0x%x".__mod__,
 }
+# Kinds whose key's label already says the name.
+NAMED_BY_KEY = {"wfx", "sysreg"}
 
 
 class Detail(collections.namedtuple("Detail", "kind key op size name",
@@ -1706,7 +1709,8 @@ class Detail(collections.namedtuple("Detail", "kind key op size name",
 
     def label(self):
         key = LABEL_KEY[self.kind](self.key)
-        words = [key, self.op, self.size and "%dB" % self.size, self.name]
+        name = None if self.kind in NAMED_BY_KEY else self.name
+        words = [key, self.op, self.size and "%dB" % self.size, name]
         return " ".join(w for w in words if w)
 
 

@@ -75,15 +75,15 @@ def test_smccc_function_ids_named(fid, imm, text):
 # keeps Op0, Op2, Op1, CRn, CRm (ESR_SYS64_REG) and the direction bit.
 @pytest.mark.parametrize("esr, text", [
     # mrs x11, ID_AA64PFR0_EL1
-    (0x62300169, "sysreg S3_0_C0_C4_0 read ID_AA64PFR0_EL1"),
+    (0x62300169, "sysreg ID_AA64PFR0_EL1 read"),
     # mrs x11, OSLSR_EL1
-    (0x62280563, "sysreg S2_0_C1_C1_4 read OSLSR_EL1"),
+    (0x62280563, "sysreg OSLSR_EL1 read"),
     # msr CNTV_CTL_EL0, x0
-    (0x6232f806, "sysreg S3_3_C14_C3_1 write CNTV_CTL_EL0"),
+    (0x6232f806, "sysreg CNTV_CTL_EL0 write"),
     # msr ICC_SGI1R_EL1, x3
-    (0x623a3076, "sysreg S3_0_C12_C11_5 write ICC_SGI1R_EL1"),
+    (0x623a3076, "sysreg ICC_SGI1R_EL1 write"),
     # mrs x0, PMEVCNTR9_EL0
-    (0x6232f813, "sysreg S3_3_C14_C9_1 read PMEVCNTR9_EL0"),
+    (0x6232f813, "sysreg PMEVCNTR9_EL0 read"),
     # mrs x0, S3_3_C15_C0_0 (IMPLEMENTATION DEFINED: no name)
     (0x6230fc01, "sysreg S3_3_C15_C0_0 read"),
 ])

@@ -102,6 +102,11 @@ def iss(e):
         e["CRn"] << 10 | e["CRm"] << 1
 
 
+def signed(u64):
+    """A hist trigger's value of a negative int field: as a u64."""
+    return u64 - (1 << 64) if u64 >> 63 else u64
+
+
 def sysreg(op0, op1, crn, crm, op2, name):
     return Detail("sysreg", op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2,
                   "read", name=name)
@@ -218,7 +223,8 @@ def test_user_space_exits_under_the_exit_that_caused_them(lab, report):
         kernel = decoded("user", hist(lab, "kvm_userspace_exit",
                                       "reason,errno", v["tid"]),
                          lambda r: r["reason"],
-                         lambda r: -r["errno"] if r["errno"] < 0 else 0)
+                         lambda r: -signed(r["errno"]) if signed(
+                             r["errno"]) < 0 else 0)
         assert tool(report, v["tid"], "user") == kernel
         mmio = tool(report, v["tid"], "user", DABT_LOW)
         assert sum(mmio.values()) == sum(
@@ -260,5 +266,5 @@ def test_text_shows_each_reasons_sub_keys_under_it(lab):
         assert lines[at:at + len(block)] == block
         shown += len(block) - 1
     assert shown > 20
-    assert any(line.split() == ["sysreg", "S2_0_C1_C1_4", "read",
-                                "OSLSR_EL1", "2"] for line in lines)
+    assert any(line.split() == ["sysreg", "OSLSR_EL1", "read", "2"]
+               for line in lines)
