@@ -13,7 +13,8 @@
 # and, after `dpkg --add-architecture arm64`, downloads Debian's arm64
 # kernel of the same ABI as the amd64 headers (linux-image-6.1.0-NN-arm64)
 # and builds, once, a root holding python3-bpfcc and python3-numpy (what
-# kvmexit imports), the matching linux-headers-6.1.0-NN-arm64 and
+# kvmexit imports), python3-prometheus-client (for --prometheus), the
+# matching linux-headers-6.1.0-NN-arm64 and
 # busybox-static as an uncompressed initramfs (newc cpio) whose /init is
 # INIT below.
 # Results are cached under $KVMEXIT_ARM64_CACHE (default
@@ -28,7 +29,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 CACHE=${KVMEXIT_ARM64_CACHE:-/var/cache/kvmexit-lab/arm64}
 # Bump when the root's recipe (packages, trimming, INIT) changes.
-RECIPE=4
+RECIPE=5
 SUITE=bookworm
 
 LAB_NAME="arm64 lab"
@@ -98,8 +99,8 @@ mirror_of() {
 # the lab takes from Debian (one apt-cache run: each takes seconds).
 read_versions() {
     versions=$(apt-cache policy python3-bpfcc python3-numpy:arm64 \
-        "linux-headers-$release:arm64" busybox-static:arm64 \
-        "linux-image-$release:arm64" |
+        python3-prometheus-client "linux-headers-$release:arm64" \
+        busybox-static:arm64 "linux-image-$release:arm64" |
         awk '/^[^ ]/ { sub(":$", ""); name = $0 }
              /Candidate:/ && $2 != "(none)" { print name, $2 }')
 }
@@ -226,7 +227,7 @@ build_root() {
     rm -rf "$root"
     log "building the arm64 root from $mirror (a few minutes)"
     mmdebstrap --arch=arm64 --variant=apt --quiet \
-        --include=python3-bpfcc,python3-numpy \
+        --include=python3-bpfcc,python3-numpy,python3-prometheus-client \
         --include="linux-headers-$release,busybox-static" \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -248,8 +249,9 @@ build_root() {
         > "$initrd.tmp"
     mv "$initrd.tmp" "$initrd"
     rm -rf "$root"
-    # Older roots (other versions) only take space.
-    find "$CACHE" -maxdepth 1 -name 'root-*.cpio' ! -path "$initrd" -delete
+    # Older roots (other versions) only take space; the one built last
+    # before this stays, for a checkout of another recipe working beside.
+    ls -t "$CACHE"/root-*.cpio | tail -n +3 | xargs -r rm -f
 }
 
 main() {
