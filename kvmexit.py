@@ -124,7 +124,10 @@ LATENCY_PER_THREAD = 8
 # --detail's sub-key kinds: name: number in struct detail_key's kind
 # (-DDETAIL_<NAME>).
 DETAIL_KINDS = {"port": 1, "msr": 2, "page": 3, "mmio": 4, "vector": 5,
-                "cr": 6, "hypercall": 7, "user": 8}
+                "cr": 6, "hypercall": 7, "user": 8,
+                # arm64's: WFI/WFE, HVC's SMCCC function, trapped system
+                # register, guest abort's IPA.
+                "wfx": 9, "smccc": 10, "sysreg": 11, "ipa": 12}
 # MMIO access types beyond kvm_mmio's 0..2 (unsatisfied read, read, write):
 # a write KVM completed on its fast MMIO bus (ioeventfd).
 MMIO_FAST_WRITE = 3
@@ -1130,7 +1133,8 @@ SVM = Isa(ISA_SVM, "svm", "kvm_amd", "vcpu_svm", 1, SVM_REASONS,
           svm_page_access, svm_vector_kind)
 # arm64's KVM is built in and its raw tracepoint passes (ret, esr_ec): no
 # module, no vCPU struct to read.  Its print fmt has tables of its own
-# (parse_arm64_format_names()).  --detail's decoders: not yet.
+# (parse_arm64_format_names()).  --detail's kinds are its own (DECODE's
+# wfx, smccc, sysreg and ipa; mmio and user as on x86).
 ARM64 = Isa(ISA_ARM64, "arm64", None, None, 2, ARM64_REASONS,
             arm64_reason_name, ARM64_LAYOUT, None, None, None, None)
 # x86's, in the order the raw probe looks for their vCPU structs.
@@ -1243,27 +1247,26 @@ def choose_probe(requested, tp_dir, btf_dir=BTF_DIR, detail=False,
     """Raw tracepoint where the kernel's BTF shows how to get the exit
     reason from it (on arm64 always: its arguments are the tracepoint's
     fields), the regular tracepoint otherwise.  --detail takes the
-    tracepoint: its fields hold the exit information the kernel read for
-    it, which a raw probe runs too early to find."""
+    tracepoint on x86: its fields hold the exit information the kernel
+    read for it, which a raw probe runs too early to find."""
     tp_vcpu_id = "vcpu_id;" in read_text(tp_dir + "/format")
     tracepoint = lambda why: Probe("tracepoint", why, tp_vcpu_id=tp_vcpu_id,
                                    requested=requested, kvm=kvm)
-    if detail and kvm == "arm64":
-        raise Error("--detail is not available on arm64 yet: run kvmexit "
-                    "without it")
     if requested == "tracepoint":
         return tracepoint("asked for with --probe tracepoint")
+    fallback = None if requested == "raw" else tracepoint(
+        "fallback, the raw tracepoint did not attach")
+    if kvm == "arm64":
+        # --detail too: arm64's kvm_exit holds no exit information, its
+        # sub-keys all come from other events.
+        return Probe("raw-arm64", "arm64: kvm_exit(ret, esr_ec, vcpu_pc) "
+                     "passes the exit's kind and class", requested=requested,
+                     fallback=fallback, kvm=kvm)
     if detail:
         if requested == "raw":
             raise Error("--detail reads the fields of the kvm_exit "
                         "tracepoint: use it without --probe raw")
         return tracepoint("--detail reads the tracepoint's exit information")
-    fallback = None if requested == "raw" else tracepoint(
-        "fallback, the raw tracepoint did not attach")
-    if kvm == "arm64":
-        return Probe("raw-arm64", "arm64: kvm_exit(ret, esr_ec, vcpu_pc) "
-                     "passes the exit's kind and class", requested=requested,
-                     fallback=fallback, kvm=kvm)
     vmlinux = load_btf("vmlinux", btf_dir=btf_dir)
     params = kvm = None
     if vmlinux is not None:
@@ -1476,26 +1479,239 @@ MMIO_TYPES = {0: "unsat-read", 1: "read", 2: "write",
               MMIO_FAST_WRITE: "fast-write"}
 
 
+# --- arm64: the sub-keys of TRAP exits ---------------------------------------
+# kvm_wfx_arm64's is_wfe.
+WFX_NAMES = {0: "WFI", 1: "WFE"}
+
+# SMCCC function ids (Arm DEN0028; the kernel's uapi linux/psci.h and
+# linux/arm-smccc.h), for the x0 of an HVC KVM answers.  Bit 31: a fast
+# call; bit 30: the SMC64 convention; bits 29:24: the service that owns it.
+PSCI_FUNCTIONS = (
+    "VERSION", "CPU_SUSPEND", "CPU_OFF", "CPU_ON", "AFFINITY_INFO",
+    "MIGRATE", "MIGRATE_INFO_TYPE", "MIGRATE_INFO_UP_CPU", "SYSTEM_OFF",
+    "SYSTEM_RESET", "FEATURES", "CPU_FREEZE", "CPU_DEFAULT_SUSPEND",
+    "NODE_HW_STATE", "SYSTEM_SUSPEND", "SET_SUSPEND_MODE", "STAT_RESIDENCY",
+    "STAT_COUNT", "SYSTEM_RESET2", "MEM_PROTECT", "MEM_PROTECT_CHECK_RANGE")
+# The PSCI functions with an SMC64 form too (their address arguments).
+PSCI_64 = (1, 3, 4, 5, 7, 12, 13, 14, 16, 17, 18, 20)
+SMCCC_FUNCTIONS = {
+    **{0x84000000 + n: "PSCI_" + name
+       for n, name in enumerate(PSCI_FUNCTIONS)},
+    **{0xc4000000 + n: "PSCI_%s64" % PSCI_FUNCTIONS[n] for n in PSCI_64},
+    0x80000000: "SMCCC_VERSION", 0x80000001: "SMCCC_ARCH_FEATURES",
+    0x80000002: "SMCCC_ARCH_SOC_ID", 0x80008000: "SMCCC_ARCH_WORKAROUND_1",
+    0x80007fff: "SMCCC_ARCH_WORKAROUND_2",
+    0x80003fff: "SMCCC_ARCH_WORKAROUND_3",
+    0x84000050: "TRNG_VERSION", 0x84000051: "TRNG_FEATURES",
+    0x84000052: "TRNG_GET_UUID", 0x84000053: "TRNG_RND32",
+    0xc4000053: "TRNG_RND64",
+    0xc5000020: "PV_TIME_FEATURES", 0xc5000021: "PV_TIME_ST",
+    # KVM's own, as the vendor hypervisor service.
+    0x8600ff01: "VENDOR_HYP_CALL_UID", 0x86000000: "KVM_FEATURES",
+    0x86000001: "KVM_PTP",
+}
+# A fast call's owning service, to name ids not in the table.
+SMCCC_OWNERS = {0: "ARCH", 1: "CPU", 2: "SIP", 3: "OEM", 4: "STANDARD",
+                5: "STANDARD_HYP", 6: "VENDOR_HYP", 48: "TRUSTED_APP",
+                49: "TRUSTED_APP", **{n: "TRUSTED_OS" for n in range(50, 64)}}
+
+
+def smccc_name(fid):
+    """The function's name; else its service's for a well-formed fast call
+    (bits 23:16 zero); else None."""
+    if fid in SMCCC_FUNCTIONS:
+        return SMCCC_FUNCTIONS[fid]
+    owner = SMCCC_OWNERS.get(fid >> 24 & 0x3f)
+    if fid >> 31 & 1 and not fid >> 16 & 0xff and owner:
+        return owner + " call"
+    return None
+
+
+# System registers by (Op0, Op1, CRn, CRm, Op2) (Arm ARM, the kernel's
+# asm/sysreg.h): the ones KVM traps -- ID registers, debug, timers, PMU,
+# the GICv3 CPU interface and the EL1 controls KVM tracks.
+SYSREG_NAMES = {
+    # Debug and the OS lock (MDCR_EL2 traps).
+    (2, 0, 0, 0, 2): "OSDTRRX_EL1", (2, 0, 0, 2, 0): "MDCCINT_EL1",
+    (2, 0, 0, 2, 2): "MDSCR_EL1", (2, 0, 0, 3, 2): "OSDTRTX_EL1",
+    (2, 0, 0, 6, 2): "OSECCR_EL1",
+    **{(2, 0, 0, n, 4 + i): "DBG%s%d_EL1" % (reg, n)
+       for i, reg in enumerate(("BVR", "BCR", "WVR", "WCR"))
+       for n in range(16)},
+    (2, 0, 1, 0, 0): "MDRAR_EL1", (2, 0, 1, 0, 4): "OSLAR_EL1",
+    (2, 0, 1, 1, 4): "OSLSR_EL1", (2, 0, 1, 3, 4): "OSDLR_EL1",
+    (2, 0, 1, 4, 4): "DBGPRCR_EL1", (2, 0, 7, 8, 6): "DBGCLAIMSET_EL1",
+    (2, 0, 7, 9, 6): "DBGCLAIMCLR_EL1", (2, 0, 7, 14, 6): "DBGAUTHSTATUS_EL1",
+    (2, 3, 0, 1, 0): "MDCCSR_EL0", (2, 3, 0, 4, 0): "DBGDTR_EL0",
+    (2, 4, 0, 7, 0): "DBGVCR32_EL2",
+    # Identification (HCR_EL2.TID*).
+    (3, 0, 0, 0, 0): "MIDR_EL1", (3, 0, 0, 0, 5): "MPIDR_EL1",
+    (3, 0, 0, 0, 6): "REVIDR_EL1",
+    (3, 0, 0, 1, 0): "ID_PFR0_EL1", (3, 0, 0, 1, 1): "ID_PFR1_EL1",
+    (3, 0, 0, 1, 2): "ID_DFR0_EL1", (3, 0, 0, 1, 3): "ID_AFR0_EL1",
+    **{(3, 0, 0, 1, 4 + n): "ID_MMFR%d_EL1" % n for n in range(4)},
+    **{(3, 0, 0, 2, n): "ID_ISAR%d_EL1" % n for n in range(6)},
+    (3, 0, 0, 2, 6): "ID_MMFR4_EL1", (3, 0, 0, 2, 7): "ID_ISAR6_EL1",
+    **{(3, 0, 0, 3, n): "MVFR%d_EL1" % n for n in range(3)},
+    (3, 0, 0, 3, 4): "ID_PFR2_EL1", (3, 0, 0, 3, 5): "ID_DFR1_EL1",
+    (3, 0, 0, 3, 6): "ID_MMFR5_EL1",
+    (3, 0, 0, 4, 0): "ID_AA64PFR0_EL1", (3, 0, 0, 4, 1): "ID_AA64PFR1_EL1",
+    (3, 0, 0, 4, 4): "ID_AA64ZFR0_EL1", (3, 0, 0, 4, 5): "ID_AA64SMFR0_EL1",
+    (3, 0, 0, 5, 0): "ID_AA64DFR0_EL1", (3, 0, 0, 5, 1): "ID_AA64DFR1_EL1",
+    (3, 0, 0, 5, 4): "ID_AA64AFR0_EL1", (3, 0, 0, 5, 5): "ID_AA64AFR1_EL1",
+    **{(3, 0, 0, 6, n): "ID_AA64ISAR%d_EL1" % n for n in range(3)},
+    **{(3, 0, 0, 7, n): "ID_AA64MMFR%d_EL1" % n for n in range(3)},
+    (3, 1, 0, 0, 0): "CCSIDR_EL1", (3, 1, 0, 0, 1): "CLIDR_EL1",
+    (3, 1, 0, 0, 2): "CCSIDR2_EL1", (3, 1, 0, 0, 7): "AIDR_EL1",
+    (3, 2, 0, 0, 0): "CSSELR_EL1", (3, 3, 0, 0, 1): "CTR_EL0",
+    (3, 3, 0, 0, 7): "DCZID_EL0",
+    # EL1 controls (HCR_EL2.TVM/TRVM, TACR; pointer auth and MTE keys).
+    (3, 0, 1, 0, 0): "SCTLR_EL1", (3, 0, 1, 0, 1): "ACTLR_EL1",
+    (3, 0, 1, 0, 2): "CPACR_EL1", (3, 0, 1, 0, 5): "RGSR_EL1",
+    (3, 0, 1, 0, 6): "GCR_EL1", (3, 0, 1, 2, 0): "ZCR_EL1",
+    (3, 0, 1, 2, 1): "TRFCR_EL1", (3, 0, 1, 2, 4): "SMPRI_EL1",
+    (3, 0, 1, 2, 6): "SMCR_EL1",
+    (3, 0, 2, 0, 0): "TTBR0_EL1", (3, 0, 2, 0, 1): "TTBR1_EL1",
+    (3, 0, 2, 0, 2): "TCR_EL1",
+    **{(3, 0, 2, 1 + i // 2, 2 * (i % 2) + half): "AP%sKEY%s_EL1" % (k, hl)
+       for i, k in enumerate(("IA", "IB", "DA", "DB"))
+       for half, hl in enumerate(("LO", "HI"))},
+    (3, 0, 2, 3, 0): "APGAKEYLO_EL1", (3, 0, 2, 3, 1): "APGAKEYHI_EL1",
+    (3, 0, 4, 0, 0): "SPSR_EL1", (3, 0, 4, 0, 1): "ELR_EL1",
+    (3, 0, 5, 1, 0): "AFSR0_EL1", (3, 0, 5, 1, 1): "AFSR1_EL1",
+    (3, 0, 5, 2, 0): "ESR_EL1",
+    (3, 0, 5, 3, 0): "ERRIDR_EL1", (3, 0, 5, 3, 1): "ERRSELR_EL1",
+    (3, 0, 5, 4, 0): "ERXFR_EL1", (3, 0, 5, 4, 1): "ERXCTLR_EL1",
+    (3, 0, 5, 4, 2): "ERXSTATUS_EL1", (3, 0, 5, 4, 3): "ERXADDR_EL1",
+    (3, 0, 5, 5, 0): "ERXMISC0_EL1", (3, 0, 5, 5, 1): "ERXMISC1_EL1",
+    (3, 0, 5, 6, 0): "TFSR_EL1", (3, 0, 5, 6, 1): "TFSRE0_EL1",
+    (3, 0, 6, 0, 0): "FAR_EL1", (3, 0, 7, 4, 0): "PAR_EL1",
+    (3, 0, 10, 2, 0): "MAIR_EL1", (3, 0, 10, 3, 0): "AMAIR_EL1",
+    (3, 0, 10, 4, 0): "LORSA_EL1", (3, 0, 10, 4, 1): "LOREA_EL1",
+    (3, 0, 10, 4, 2): "LORN_EL1", (3, 0, 10, 4, 3): "LORC_EL1",
+    (3, 0, 10, 4, 7): "LORID_EL1",
+    (3, 0, 12, 0, 0): "VBAR_EL1", (3, 0, 12, 1, 1): "DISR_EL1",
+    (3, 0, 13, 0, 1): "CONTEXTIDR_EL1", (3, 0, 13, 0, 4): "TPIDR_EL1",
+    (3, 0, 13, 0, 7): "SCXTNUM_EL1", (3, 0, 14, 1, 0): "CNTKCTL_EL1",
+    (3, 3, 2, 4, 0): "RNDR_EL0", (3, 3, 2, 4, 1): "RNDRRS_EL0",
+    (3, 3, 13, 0, 2): "TPIDR_EL0", (3, 3, 13, 0, 3): "TPIDRRO_EL0",
+    (3, 3, 13, 0, 5): "TPIDR2_EL0", (3, 3, 13, 0, 7): "SCXTNUM_EL0",
+    # PMU (MDCR_EL2.TPM*) and its statistical profiling extension.
+    (3, 0, 9, 9, 0): "PMSCR_EL1", (3, 0, 9, 9, 1): "PMSNEVFR_EL1",
+    (3, 0, 9, 9, 2): "PMSICR_EL1", (3, 0, 9, 9, 3): "PMSIRR_EL1",
+    (3, 0, 9, 9, 4): "PMSFCR_EL1", (3, 0, 9, 9, 5): "PMSEVFR_EL1",
+    (3, 0, 9, 9, 6): "PMSLATFR_EL1", (3, 0, 9, 9, 7): "PMSIDR_EL1",
+    (3, 0, 9, 10, 0): "PMBLIMITR_EL1", (3, 0, 9, 10, 1): "PMBPTR_EL1",
+    (3, 0, 9, 10, 3): "PMBSR_EL1", (3, 0, 9, 10, 7): "PMBIDR_EL1",
+    (3, 0, 9, 14, 1): "PMINTENSET_EL1", (3, 0, 9, 14, 2): "PMINTENCLR_EL1",
+    (3, 0, 9, 14, 6): "PMMIR_EL1",
+    (3, 3, 9, 12, 0): "PMCR_EL0", (3, 3, 9, 12, 1): "PMCNTENSET_EL0",
+    (3, 3, 9, 12, 2): "PMCNTENCLR_EL0", (3, 3, 9, 12, 3): "PMOVSCLR_EL0",
+    (3, 3, 9, 12, 4): "PMSWINC_EL0", (3, 3, 9, 12, 5): "PMSELR_EL0",
+    (3, 3, 9, 12, 6): "PMCEID0_EL0", (3, 3, 9, 12, 7): "PMCEID1_EL0",
+    (3, 3, 9, 13, 0): "PMCCNTR_EL0", (3, 3, 9, 13, 1): "PMXEVTYPER_EL0",
+    (3, 3, 9, 13, 2): "PMXEVCNTR_EL0", (3, 3, 9, 14, 0): "PMUSERENR_EL0",
+    (3, 3, 9, 14, 3): "PMOVSSET_EL0",
+    **{(3, 3, 14, 8 + n // 8, n % 8): "PMEVCNTR%d_EL0" % n
+       for n in range(31)},
+    **{(3, 3, 14, 12 + n // 8, n % 8): "PMEVTYPER%d_EL0" % n
+       for n in range(31)},
+    (3, 3, 14, 15, 7): "PMCCFILTR_EL0",
+    # GICv3 CPU interface (ICH_HCR_EL2 traps).
+    (3, 0, 4, 6, 0): "ICC_PMR_EL1",
+    (3, 0, 12, 8, 0): "ICC_IAR0_EL1", (3, 0, 12, 8, 1): "ICC_EOIR0_EL1",
+    (3, 0, 12, 8, 2): "ICC_HPPIR0_EL1", (3, 0, 12, 8, 3): "ICC_BPR0_EL1",
+    **{(3, 0, 12, 8, 4 + n): "ICC_AP0R%d_EL1" % n for n in range(4)},
+    **{(3, 0, 12, 9, n): "ICC_AP1R%d_EL1" % n for n in range(4)},
+    (3, 0, 12, 11, 1): "ICC_DIR_EL1", (3, 0, 12, 11, 3): "ICC_RPR_EL1",
+    (3, 0, 12, 11, 5): "ICC_SGI1R_EL1", (3, 0, 12, 11, 6): "ICC_ASGI1R_EL1",
+    (3, 0, 12, 11, 7): "ICC_SGI0R_EL1",
+    (3, 0, 12, 12, 0): "ICC_IAR1_EL1", (3, 0, 12, 12, 1): "ICC_EOIR1_EL1",
+    (3, 0, 12, 12, 2): "ICC_HPPIR1_EL1", (3, 0, 12, 12, 3): "ICC_BPR1_EL1",
+    (3, 0, 12, 12, 4): "ICC_CTLR_EL1", (3, 0, 12, 12, 5): "ICC_SRE_EL1",
+    (3, 0, 12, 12, 6): "ICC_IGRPEN0_EL1", (3, 0, 12, 12, 7): "ICC_IGRPEN1_EL1",
+    # The generic timer (CNTHCTL_EL2).
+    (3, 3, 14, 0, 0): "CNTFRQ_EL0", (3, 3, 14, 0, 1): "CNTPCT_EL0",
+    (3, 3, 14, 0, 2): "CNTVCT_EL0", (3, 3, 14, 0, 5): "CNTPCTSS_EL0",
+    (3, 3, 14, 0, 6): "CNTVCTSS_EL0",
+    (3, 3, 14, 2, 0): "CNTP_TVAL_EL0", (3, 3, 14, 2, 1): "CNTP_CTL_EL0",
+    (3, 3, 14, 2, 2): "CNTP_CVAL_EL0",
+    (3, 3, 14, 3, 0): "CNTV_TVAL_EL0", (3, 3, 14, 3, 1): "CNTV_CTL_EL0",
+    (3, 3, 14, 3, 2): "CNTV_CVAL_EL0",
+}
+
+
+# A SYS64 trap's ESR ISS (the BPF keeps it with Rt and the direction
+# cleared): Op0 21:20, Op2 19:17, Op1 16:14, CRn 13:10, CRm 4:1; bit 0
+# (in attr) set for a read.  As a key: KVM's register-id order, Op0 15:14,
+# Op1 13:11, CRn 10:7, CRm 6:3, Op2 2:0.
+def sysreg_key(iss):
+    return (iss >> 20 & 3) << 14 | (iss >> 14 & 7) << 11 | \
+        (iss >> 10 & 15) << 7 | (iss >> 1 & 15) << 3 | iss >> 17 & 7
+
+
+def sysreg_fields(key):
+    """(Op0, Op1, CRn, CRm, Op2) of a sysreg key."""
+    return key >> 14 & 3, key >> 11 & 7, key >> 7 & 15, key >> 3 & 15, \
+        key & 7
+
+
+def sysreg_encoding(key):
+    """The register's generic name, as assemblers take it."""
+    return "S%d_%d_C%d_C%d_%d" % sysreg_fields(key)
+
+
+# A guest abort's ESR as kvm_guest_fault gives it (the BPF keeps the
+# class, 31:26, WnR, 6, and the fault status code, 5:0).
+ESR_EC_IABT_LOW, ESR_EC_IABT_CUR = 0x20, 0x21
+ABORT_FAULTS = {0: "address-size", 1: "translation", 2: "access-flag",
+                3: "permission"}
+ABORT_OTHER_FAULTS = {0x10: "external", 0x21: "alignment",
+                      0x30: "tlb-conflict"}
+
+
+def abort_access(attr):
+    """(op, name) of a guest abort: fetch, write or read; the fault."""
+    if attr >> 26 in (ESR_EC_IABT_LOW, ESR_EC_IABT_CUR):
+        op = "fetch"
+    else:
+        op = "write" if attr & 0x40 else "read"
+    fsc = attr & 0x3f
+    if fsc < 16:
+        return op, "%s L%d" % (ABORT_FAULTS[fsc >> 2], fsc & 3)
+    return op, ABORT_OTHER_FAULTS.get(fsc, "fault 0x%x" % fsc)
+
+
 LABEL_KEY = {
     "port": "port 0x%x".__mod__, "msr": "msr 0x%x".__mod__,
     "page": "page 0x%x".__mod__, "mmio": "mmio 0x%x".__mod__,
     "vector": "vector %d".__mod__, "cr": "cr%d".__mod__,
     "hypercall": "hypercall %d".__mod__,
     "user": lambda key: "to user space",
+    # arm64: WFI or WFE; a register by its name, else its encoding.
+    "wfx": lambda key: WFX_NAMES.get(key, "is_wfe %d" % key),
+    "smccc": "smccc 0x%x".__mod__,
+    "sysreg": lambda key: "sysreg " + (
+        SYSREG_NAMES.get(sysreg_fields(key)) or sysreg_encoding(key)),
+    "ipa": "ipa 0x%x".__mod__,
 }
+# Kinds whose key's label already says the name.
+NAMED_BY_KEY = {"wfx", "sysreg"}
 
 
 class Detail(collections.namedtuple("Detail", "kind key op size name",
                                     defaults=(None, None, None))):
     """One decoded sub-key: kind, key (port, MSR, address, vector, CR,
-    hypercall or KVM_EXIT_* number), the access (op), its size in bytes
-    and a name, where they apply."""
+    hypercall or KVM_EXIT_* number; on arm64 is_wfe, SMCCC function id,
+    system register (sysreg_key()) or IPA), the access (op), its size in
+    bytes and a name, where they apply."""
 
     __slots__ = ()
 
     def label(self):
         key = LABEL_KEY[self.kind](self.key)
-        words = [key, self.op, self.size and "%dB" % self.size, self.name]
+        name = None if self.kind in NAMED_BY_KEY else self.name
+        words = [key, self.op, self.size and "%dB" % self.size, name]
         return " ".join(w for w in words if w)
 
 
@@ -1517,6 +1733,17 @@ def decode_vector(isa, code, key, attr):
     return Detail("vector", key, kind, name=name)
 
 
+def decode_sysreg(isa, code, key, attr):
+    key = sysreg_key(key)
+    return Detail("sysreg", key, "read" if attr & 1 else "write",
+                  name=SYSREG_NAMES.get(sysreg_fields(key)))
+
+
+def decode_ipa(isa, code, key, attr):
+    op, name = abort_access(attr)
+    return Detail("ipa", key, op, name=name)
+
+
 DECODE = {
     "port": decode_port,
     "msr": lambda isa, code, key, attr: Detail(
@@ -1534,6 +1761,14 @@ DECODE = {
     "user": lambda isa, code, key, attr: Detail(
         "user", key, name=("errno %s" % errno.errorcode.get(attr, attr))
         if attr else "KVM_EXIT_" + KVM_EXITS.get(key, str(key))),
+    # arm64 (the ARM64 section of bpf/kvmexit.bpf.c's --detail).
+    "wfx": lambda isa, code, key, attr: Detail(
+        "wfx", key, name=WFX_NAMES.get(key, "is_wfe %d" % key)),
+    "smccc": lambda isa, code, key, attr: Detail(
+        "smccc", key, "imm %d" % attr if attr else None,
+        name=smccc_name(key)),
+    "sysreg": decode_sysreg,
+    "ipa": decode_ipa,
 }
 
 
@@ -3475,12 +3710,19 @@ class BpfSelf:
 DETAIL_SERIES_PER_REASON = 16
 DETAIL_KEY_FORMAT = {"port": "0x%x", "msr": "0x%x", "page": "0x%x",
                      "mmio": "0x%x", "vector": "%d", "cr": "%d",
-                     "hypercall": "%d", "user": "%d"}
+                     "hypercall": "%d", "user": "%d", "wfx": "%d",
+                     "smccc": "0x%x", "sysreg": sysreg_encoding,
+                     "ipa": "0x%x"}
+
+
+def detail_key_text(detail):
+    fmt = DETAIL_KEY_FORMAT[detail.kind]
+    return fmt(detail.key) if callable(fmt) else fmt % detail.key
 
 
 def detail_labels(detail):
     """(kind, key, op, name) labels of a decoded sub-key."""
-    return (detail.kind, DETAIL_KEY_FORMAT[detail.kind] % detail.key,
+    return (detail.kind, detail_key_text(detail),
             detail.op or "", detail.name or "")
 
 

@@ -19,7 +19,7 @@
 //   DIRECT_SLOTS, HIGH_SLOTS    the counter layout (see slot_of())
 //   LATENCY, MAX_LATENCY    also time each exit until the vCPU re-enters
 //   DETAIL              also count sub-keys per exit reason (see its section;
-//                       tracepoint probe only)
+//                       on x86 the tracepoint probe only)
 //   GROWTH              slots for thread table generations (see its
 //                       section)
 //   VM_NAMES            also take each VM's name as its first thread enters
@@ -628,11 +628,12 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 }
 
 #ifdef DETAIL
-#ifndef PROBE_TRACEPOINT
-#error "--detail reads the fields of the kvm_exit tracepoint"
+#if !defined(PROBE_TRACEPOINT) && !defined(KVM_ARM64)
+#error "--detail reads the fields of the kvm_exit tracepoint (x86)"
 #endif
 // --detail: which port, MSR, page, vector, CR, hypercall or user-space
-// exit is behind each exit reason.  Compiled only with -DDETAIL, so that
+// exit (on arm64: WFI/WFE, SMCCC function, system register, IPA, MMIO,
+// user-space exit) is behind each exit reason.  Compiled only with -DDETAIL, so that
 // the default program is unchanged (bcc rewrites map calls and tracepoint
 // arguments in its main file only, hence not a header).  Needs the regular
 // kvm:kvm_exit tracepoint: its info1, info2 and intr_info fields are the
@@ -640,7 +641,9 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
 //
 // Macros from kvmexit.py (DETAIL_KINDS there is the one table of them):
 //   DETAIL_PORT, DETAIL_MSR, DETAIL_PAGE, DETAIL_MMIO, DETAIL_VECTOR,
-//   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER    kinds of sub-key
+//   DETAIL_CR, DETAIL_HYPERCALL, DETAIL_USER,
+//   DETAIL_WFX, DETAIL_SMCCC, DETAIL_SYSREG, DETAIL_IPA (arm64)
+//                       kinds of sub-key
 //   MAX_DETAIL          room in the detail table
 //   PENDING_ENTRIES     pending-count entries per CPU (see "Pending counts")
 //   DETAIL_CPUS         CPU numbers run below this (exit_slots' size)
@@ -1127,6 +1130,104 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
     return 0;
 }
 
+#ifdef KVM_ARM64
+// arm64's sub-keys: none is in kvm_exit's fields (ret and the exception
+// class only), so each comes from the event the kernel traces while it
+// handles the trap, counted under that exit as above:
+//  - kvm_wfx_arm64 (WFx): is_wfe;
+//  - kvm_hvc_arm64 (HVC64): r0, the SMCCC function id (32 bits, as KVM
+//    reads it), and the HVC's immediate; 6.1 traces nothing for SMC64;
+//  - kvm_handle_sys_reg (SYS64): the trap's ESR, once per trap, for the
+//    registers KVM emulates and the ones it does not (kvm_sys_access
+//    covers the former only): the register's Op0, Op2, Op1, CRn, CRm
+//    (Rt cleared) as the sub-key, the direction bit (1: read) as attr;
+//  - kvm_guest_fault (DABT_LOW, IABT_LOW): the IPA's page, and from the
+//    ESR the class, WnR and fault status code.
+// kvm_mmio and kvm_userspace_exit are KVM's generic events (above).
+#define ESR_SYS64_REG 0x3ffc1eull   // Op0 21:20 .. CRn 13:10, CRm 4:1
+#define ESR_SYS64_READ 1ull
+#define ESR_ABORT_BITS 0xfc00007full    // EC 31:26, WnR 6, FSC 5:0
+
+// At each kvm_exit of a thread asked for (the arm64 kvm_exit probe).
+static __always_inline void detail_exit_arm64(u64 pid_tgid, u32 code)
+{
+    remember_exit(pid_tgid, ISA_ARM64, code);
+}
+
+static __always_inline void detail_sys_reg(u64 esr)
+{
+    detail_event(DETAIL_SYSREG, esr & ESR_SYS64_REG, esr & ESR_SYS64_READ);
+}
+
+static __always_inline void detail_guest_fault(u64 ipa, u64 esr)
+{
+    detail_event(DETAIL_IPA, ipa & PAGE_MASK_4K, esr & ESR_ABORT_BITS);
+}
+
+TRACEPOINT_PROBE(kvm, kvm_wfx_arm64)
+{
+    detail_event(DETAIL_WFX, args->is_wfe, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_hvc_arm64)
+{
+    detail_event(DETAIL_SMCCC, (u32)args->r0, args->imm);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_handle_sys_reg)
+{
+    detail_sys_reg(args->hsr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_guest_fault)
+{
+    detail_guest_fault(args->ipa, args->hsr);
+    return 0;
+}
+
+#ifdef TEST_ENTRIES
+// As test_kvm_exit() below, for arm64: args[0] is the exit code.
+int test_arm64_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    struct exit_event ev = {.code = ctx->args[0], .isa = ISA_ARM64,
+                            .vcpu_id = VCPU_ID_UNKNOWN};
+
+    if (filtered_out(pid_tgid))
+        return 0;
+    detail_exit_arm64(pid_tgid, ev.code);
+    return count_exit(pid_tgid, &ev);
+}
+
+int test_kvm_wfx_arm64(struct bpf_raw_tracepoint_args *ctx)
+{
+    detail_event(DETAIL_WFX, ctx->args[0], 0);
+    return 0;
+}
+
+int test_kvm_hvc_arm64(struct bpf_raw_tracepoint_args *ctx)
+{
+    detail_event(DETAIL_SMCCC, (u32)ctx->args[0], ctx->args[1]);
+    return 0;
+}
+
+int test_kvm_handle_sys_reg(struct bpf_raw_tracepoint_args *ctx)
+{
+    detail_sys_reg(ctx->args[0]);
+    return 0;
+}
+
+int test_kvm_guest_fault(struct bpf_raw_tracepoint_args *ctx)
+{
+    detail_guest_fault(ctx->args[0], ctx->args[1]);
+    return 0;
+}
+#endif
+#endif  // KVM_ARM64
+
 #ifdef TEST_ENTRIES
 // The same paths with the tracepoints' fields as ctx->args, for
 // BPF_PROG_TEST_RUN (regular tracepoint programs cannot be test-run).
@@ -1207,6 +1308,9 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 
     if (filtered_out(pid_tgid))
         return 0;
+#ifdef DETAIL
+    detail_exit_arm64(pid_tgid, ev.code);
+#endif
     return count_exit(pid_tgid, &ev);
 }
 
@@ -1220,6 +1324,9 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 
     if (filtered_out(pid_tgid))
         return 0;
+#ifdef DETAIL
+    detail_exit_arm64(pid_tgid, ev.code);
+#endif
     return count_exit(pid_tgid, &ev);
 }
 

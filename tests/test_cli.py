@@ -351,13 +351,6 @@ def test_accepts_arm64(ready, probe, kind):
         HEADER_ALL + "\n"
 
 
-def test_refuses_detail_on_arm64_for_now(ready):
-    result = run_tool(["--detail", 1], python=None,
-                      prefix=with_kvm_exit_format_over(ARM64_FORMAT))
-    assert_one_error_line(result, "kvmexit: --detail is not available on "
-                                  "arm64 yet: run kvmexit without it")
-
-
 def test_refuses_kvm_exit_without_reason(ready, tmp_path):
     fmt = tmp_path / "format"
     fmt.write_text("name: kvm_exit\nID: 1\nformat:\n"
