@@ -3379,8 +3379,11 @@ DETAIL_KEY_FORMAT = {"port": "0x%x", "msr": "0x%x", "page": "0x%x",
                      "hypercall": "%d", "user": "%d"}
 
 
+DETAIL_SUB_LABELS = ("kind", "key", "op", "name")
+
+
 def detail_labels(detail):
-    """(kind, key, op, name) labels of a decoded sub-key."""
+    """DETAIL_SUB_LABELS' values of a decoded sub-key."""
     return (detail.kind, DETAIL_KEY_FORMAT[detail.kind] % detail.key,
             detail.op or "", detail.name or "")
 
@@ -3458,8 +3461,8 @@ class Exporter:
                 "vCPU enters the guest again", labels=self.latency_labels),
             "details": core.CounterMetricFamily(
                 "kvm_exit_details", "VM exits by VM, exit reason and what "
-                "caused them (--detail)", labels=self.detail_labels + (
-                    "kind", "key", "op", "name")),
+                "caused them (--detail)",
+                labels=self.detail_labels + DETAIL_SUB_LABELS),
             "details_dropped": core.CounterMetricFamily(
                 "kvm_exit_details_dropped", "VM exits with a sub-key beyond "
                 "the %d served per VM and reason" % self.details.bound,
@@ -3520,8 +3523,9 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        # kvm_exits_total's samples stay one dict: a big host has tens of
-        # thousands of series, written by exposition() straight from it.
+        # kvm_exits_total's samples stay one dict (as --detail's do): a big
+        # host has tens of thousands of series, written by exposition()
+        # straight from it.
         exits = f["exits"]
         exits.samples = SeriesSamples(
             exits.name + "_total", self.labels,
@@ -3563,10 +3567,11 @@ class Exporter:
                     decode_detail(isa, code, kind, sub, attr))
             merged[(group, labels)] = merged.get((group, labels), 0) + n
         kept, dropped = self.details.series(merged)
-        for labels, n in kept.items():
-            f["details"].add_metric(labels, n)
-        for labels, n in dropped.items():
-            f["details_dropped"].add_metric(labels, n)
+        for family, series, labels in (
+                (f["details"], kept, keep + DETAIL_SUB_LABELS),
+                (f["details_dropped"], dropped, keep)):
+            family.samples = SeriesSamples(family.name + "_total", labels,
+                                           series)
         f["details_lost"].add_metric((), snap.detail_lost)
         yield from (f["details"], f["details_dropped"], f["details_lost"])
 

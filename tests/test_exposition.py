@@ -1,6 +1,7 @@
-"""kvm_exits_total's exposition, written by kvmexit.exposition(): byte for
-byte what prometheus_client writes for the same collected families, in
-both formats, for VM names that need escaping and counts of every size.
+"""kvm_exits_total's and --detail's series, written by
+kvmexit.exposition(): byte for byte what prometheus_client writes for the
+same collected families, in both formats, for VM names that need
+escaping and counts of every size.
 
 The families are collected once from kvmexit.Exporter on a chosen snapshot
 (data: the VM names and counts a real host could have) and handed to both
@@ -20,6 +21,9 @@ from prometheus_client.utils import floatToGoString
 import kvmexit
 
 SVM, VMX = kvmexit.ISA_SVM, kvmexit.ISA_VMX
+MSR = 0x7c
+# Named MSRs and unnamed ones: 20 keys.
+MSRS = (0x10, 0x1b, 0x48) + tuple(range(0xc0000080, 0xc0000091))
 ALL = kvmexit.Selection("all threads", "all")
 # VM names as QEMU's -name guest= can give them.
 NAMES = {100: 'plain', 200: 'quote"d', 300: 'back\\slash',
@@ -62,7 +66,18 @@ def snapshot():
     counts[(100, 199, SVM, 0x7b)] = 7
     vcpu_ids[(100, 199)] = kvmexit.VCPU_ID_UNKNOWN
     lost = [3] * len(kvmexit.LOST)
-    return kvmexit.Snapshot(counts, vcpu_ids, lost)
+    return kvmexit.Snapshot(counts, vcpu_ids, lost, detail=details(counts),
+                            detail_lost=2 ** 60)
+
+
+def details(counts):
+    """--detail's: each thread's MSR exits over 20 MSRs, read and written,
+    more than the 16 sub-keys served per VM, vCPU and reason."""
+    msr, rng = kvmexit.DETAIL_KINDS["msr"], random.Random(7)
+    return {(tgid, tid, SVM, MSR, msr, key, write): rng.choice(EDGES)
+            for tgid, tid, _, _ in counts
+            for key in MSRS
+            for write in (0, 1) if (key + write + tid) % 3}
 
 
 def collected(labels):
@@ -73,7 +88,8 @@ def collected(labels):
     exporter = kvmexit.Exporter(
         snapshot, kvmexit.ReasonNames(), ALL,
         kvmexit.VmNames(idents=idents), False,
-        {"version": kvmexit.VERSION, "probe": "raw-old"}, labels=labels)
+        {"version": kvmexit.VERSION, "probe": "raw-old"}, labels=labels,
+        detail=True)
     # As listen() registers them: prometheus_client's families before
     # kvm_exits_total and kvmexit's small ones after it.
     registry = CollectorRegistry()
@@ -96,7 +112,11 @@ def test_text_format_is_byte_for_byte_prometheus_clients(labels):
     ours = kvmexit.exposition(families)
     assert ours == generate_latest(families)
     # It did write the series, with every escape and an exponent.
-    assert isinstance(exits_family(families).samples, kvmexit.SeriesSamples)
+    for family in families.families:
+        assert isinstance(family.samples, kvmexit.SeriesSamples) == (
+            family.name in ("kvm_exits", "kvm_exit_details",
+                            "kvm_exit_details_dropped"))
+        assert len(family.samples) > 0, family.name
     assert ours.startswith(b"# HELP process_")
     if "vm" in labels:
         assert b'vm="back\\\\slash"' in ours
