@@ -36,8 +36,10 @@ try:
     import csv
     import ctypes
     import errno
+    import gzip
     import hmac
     import io
+    import itertools
     import json
     import operator
     import os
@@ -49,6 +51,7 @@ try:
     import tempfile
     import threading
     import time
+    import urllib.parse
 
     # bcc and numpy are imported once, here; a missing or broken one is
     # told in one line by main(), not as a traceback at import time.  Any
@@ -3720,8 +3723,11 @@ def detail_key_text(detail):
     return fmt(detail.key) if callable(fmt) else fmt % detail.key
 
 
+DETAIL_SUB_LABELS = ("kind", "key", "op", "name")
+
+
 def detail_labels(detail):
-    """(kind, key, op, name) labels of a decoded sub-key."""
+    """DETAIL_SUB_LABELS' values of a decoded sub-key."""
     return (detail.kind, detail_key_text(detail),
             detail.op or "", detail.name or "")
 
@@ -3799,8 +3805,8 @@ class Exporter:
                 "vCPU enters the guest again", labels=self.latency_labels),
             "details": core.CounterMetricFamily(
                 "kvm_exit_details", "VM exits by VM, exit reason and what "
-                "caused them (--detail)", labels=self.detail_labels + (
-                    "kind", "key", "op", "name")),
+                "caused them (--detail)",
+                labels=self.detail_labels + DETAIL_SUB_LABELS),
             "details_dropped": core.CounterMetricFamily(
                 "kvm_exit_details_dropped", "VM exits with a sub-key beyond "
                 "the %d served per VM and reason" % self.details.bound,
@@ -3861,14 +3867,13 @@ class Exporter:
         yield from self.self_metrics(f)
 
     def counts(self, f, snap):
-        # The samples add_metric() would make, made in one go: a big host
-        # has tens of thousands of series.
+        # kvm_exits_total's samples stay one dict (as --detail's do): a big
+        # host has tens of thousands of series, written by exposition()
+        # straight from it.
         exits = f["exits"]
-        name, keep = exits.name + "_total", self.labels
-        exits.samples.extend(
-            prometheus_client.core.Sample(name, dict(zip(keep, labels)), n)
-            for labels, n in self.series(snap, snap.counts,
-                                         keep).items())
+        exits.samples = SeriesSamples(
+            exits.name + "_total", self.labels,
+            self.series(snap, snap.counts, self.labels))
         yield exits
         for (macro, _), n in zip(LOST, snap.lost):
             f["lost"].add_metric((lost_label(macro),), n)
@@ -3906,10 +3911,11 @@ class Exporter:
                     decode_detail(isa, code, kind, sub, attr))
             merged[(group, labels)] = merged.get((group, labels), 0) + n
         kept, dropped = self.details.series(merged)
-        for labels, n in kept.items():
-            f["details"].add_metric(labels, n)
-        for labels, n in dropped.items():
-            f["details_dropped"].add_metric(labels, n)
+        for family, series, labels in (
+                (f["details"], kept, keep + DETAIL_SUB_LABELS),
+                (f["details_dropped"], dropped, keep)):
+            family.samples = SeriesSamples(family.name + "_total", labels,
+                                           series)
         f["details_lost"].add_metric((), snap.detail_lost)
         yield from (f["details"], f["details_dropped"], f["details_lost"])
 
@@ -3957,6 +3963,147 @@ class Exporter:
             labels = thread + reason
             merged[labels] = merged[labels] + v if labels in merged else v
         return merged
+
+
+#
+# The exposition of kvm_exits_total, written here: prometheus_client makes
+# a Sample and a sorted label dict per series, half of a big host's scrape.
+# Its formats are kept byte for byte (tests/test_exposition.py compares).
+#
+class SeriesSamples:
+    """A counter's samples as {label values: count}.  prometheus_client
+    reads them as its Samples (made when iterated: generate_latest, the
+    name[] filter); exposition() writes their lines from the dict."""
+
+    def __init__(self, name, labels, series):
+        self.name, self.labels, self.series = name, labels, series
+
+    def __iter__(self):
+        sample, name, keep = prometheus_client.core.Sample, self.name, \
+            self.labels
+        return (sample(name, dict(zip(keep, values)), n)
+                for values, n in self.series.items())
+
+    def __len__(self):
+        return len(self.series)
+
+    def text(self):
+        """The sample lines: labels sorted by name, as the formats want
+        (there is always one: the reason)."""
+        order = sorted(range(len(self.labels)), key=self.labels.__getitem__)
+        line = "%s{%s} %%s\n" % (self.name, ",".join(
+            '%s="%%s"' % self.labels[i] for i in order))
+        # One tuple per line, its values in the line's order, picked and
+        # formatted in C: a big host has tens of thousands of lines.  (An
+        # extra item, cut off, so that one label still gives a tuple.)
+        pick = operator.itemgetter(*order, 0)
+        return "".join(line % (pick(values)[:-1] + (count_text(n),))
+                       for values, n in escaped(self.series).items())
+
+
+def escaped(series):
+    """series with its label values escaped: as it is when none needs it
+    (a VM name with a quote, a backslash or a newline is rare)."""
+    values = set(itertools.chain.from_iterable(series))
+    change = {v: label_escape(v) for v in values if label_escape(v) != v}
+    if not change:
+        return series
+    return {tuple(change.get(v, v) for v in labels): n
+            for labels, n in series.items()}
+
+
+def label_escape(value):
+    """A label value in the text formats: backslash, newline and double
+    quote escaped with a backslash."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n") \
+        .replace('"', '\\"')
+
+
+def count_text(n):
+    """A count (an int >= 0) as the formats write a value: as a float, in
+    Go's notation, so that a count of a million or more has an exponent
+    (1e+06) and one beyond 2**53 is rounded like any float."""
+    if n < 1000000:
+        return "%d.0" % n
+    text = repr(float(n))
+    if not text.endswith(".0"):
+        return text                     # 1e+16 and beyond: Python's form
+    digits = text[:-2]                  # 1234567.0: 1.234567e+06
+    mantissa = (digits[0] + "." + digits[1:]).rstrip("0").rstrip(".")
+    return "%se+0%d" % (mantissa, len(digits) - 1)
+
+
+class Families:
+    """Some collected families, as the registry prometheus_client's
+    writers read."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def exposition(registry, openmetrics=False):
+    """/metrics's body, in the text format 0.0.4 or OpenMetrics: the
+    families whose samples are SeriesSamples written here, the others by
+    prometheus_client, in the order the registry gives them."""
+    client = prometheus_client.exposition
+    write = client.openmetrics.generate_latest if openmetrics \
+        else client.generate_latest
+    eof = b"# EOF\n" if openmetrics else b""
+    chunks, theirs = [], []
+
+    def flush():
+        if theirs:
+            text = write(Families(theirs))
+            chunks.append(text[:len(text) - len(eof)])
+            del theirs[:]
+    for family in registry.collect():
+        if isinstance(family.samples, SeriesSamples):
+            flush()
+            chunks.append(family_header(family, openmetrics) +
+                          family.samples.text().encode())
+        else:
+            theirs.append(family)
+    flush()
+    return b"".join(chunks) + eof
+
+
+def family_header(family, openmetrics):
+    """A counter's HELP and TYPE lines: the text format names it with its
+    _total and escapes no quote in the help, OpenMetrics does both the
+    other way."""
+    doc = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+    name = family.name
+    if openmetrics:
+        doc = doc.replace('"', '\\"')
+    else:
+        name += "_total"
+    return ("# HELP %s %s\n# TYPE %s counter\n" % (name, doc, name)).encode()
+
+
+def metrics_app(registry):
+    """prometheus_client's WSGI app, with /metrics written by exposition():
+    the same format chosen by the Accept header, the same gzip; what it
+    serves otherwise (a name[] filter, /favicon.ico) it still serves."""
+    theirs = prometheus_client.make_wsgi_app(registry)
+    client = prometheus_client.exposition
+
+    def app(environ, start_response):
+        params = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        if environ["PATH_INFO"] == "/favicon.ico" or "name[]" in params:
+            return theirs(environ, start_response)
+        write, content_type = client.choose_encoder(
+            environ.get("HTTP_ACCEPT"))
+        body = exposition(registry, write is not client.generate_latest)
+        headers = [("Content-Type", content_type)]
+        if client.gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+    return app
 
 
 #
@@ -4279,7 +4426,7 @@ class MetricsServer:
             Server.address_family = family
             self.httpd = make_server(
                 sockaddr[0], port, guarded(
-                    prometheus_client.make_wsgi_app(registry), web,
+                    metrics_app(registry), web,
                     max_requests), Server, handler_class=Handler)
         except OSError as e:    # socket.gaierror is one
             raise Error("cannot listen on %s: %s"
