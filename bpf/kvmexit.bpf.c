@@ -1199,7 +1199,7 @@ int test_arm64_exit(struct bpf_raw_tracepoint_args *ctx)
     if (filtered_out(pid_tgid))
         return 0;
     detail_exit_arm64(pid_tgid, ev.code);
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 int test_kvm_wfx_arm64(struct bpf_raw_tracepoint_args *ctx)
@@ -1311,7 +1311,7 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
 #ifdef DETAIL
     detail_exit_arm64(pid_tgid, ev.code);
 #endif
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #else
@@ -1327,7 +1327,7 @@ int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 #ifdef DETAIL
     detail_exit_arm64(pid_tgid, ev.code);
 #endif
-    return count_exit(pid_tgid, &ev);
+    return count_exit(pid_tgid, ev.code, &ev);
 }
 
 #endif
