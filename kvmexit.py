@@ -846,12 +846,31 @@ class Btf:
         return len(self.members(proto)) - 1
 
 
-def load_btf(name, base=None, btf_dir=BTF_DIR):
+# Each BTF file is decoded once per process: the probe's choice and the
+# task offsets both need vmlinux's (about 125,000 types, a few seconds of
+# Python under an emulator).  Keyed by the file's identity and the base
+# object, so that a file written again is read again.
+BTF_CACHE = {}
+
+
+def read_btf(path, base):
     try:
-        with open("%s/%s" % (btf_dir, name), "rb") as f:
+        with open(path, "rb") as f:
             return Btf(f.read(), base)
     except (OSError, ValueError, IndexError, struct.error):
         return None             # unreadable, truncated or not BTF: no raw
+
+
+def load_btf(name, base=None, btf_dir=BTF_DIR):
+    path = "%s/%s" % (btf_dir, name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, base)
+    if key not in BTF_CACHE:
+        BTF_CACHE[key] = read_btf(path, base)
+    return BTF_CACHE[key]
 
 
 #
