@@ -18,9 +18,10 @@ Every lab the session needs starts in the background as soon as the
 tests are collected (conftest.py), so that their boots and scenarios
 overlap the host tests; the tests that read a lab's results run last
 (conftest.py orders them).  The longest lab (LABS[0] of those needed)
-starts first and keeps its CPU: the others yield to it (nice), so that
-the machine's two CPUs run the critical path and everything else beside
-it.  A lab that freezes is booted again once,
+starts first and keeps its CPU: a lab that can wait (the Intel lab)
+yields to it (nice), so that the machine's two CPUs run the critical
+path and everything else beside it.  A lab that freezes is booted again
+once,
 in new directories, for the scenarios that had not finished; a second
 freeze fails their tests.  A scenario's environment variable (`env`), set
 to an earlier run's directory, checks that run's results again without
@@ -39,8 +40,8 @@ from core import GUEST_PYTHON, LAB_DIR, LabError, LabFrozen, lab_of
 # The labs, longest run first (its scenarios' time at ff43f99: AMD about
 # 17 minutes, arm64 and Intel a few).
 LABS = ("amd", "arm64", "intel")
-# The nice value of the labs other than the longest: they run on the CPU
-# it leaves, or when the host tests wait.
+# The nice value, added to the session's, of a lab that can wait: it runs
+# on the CPU the longest leaves, or when the host tests wait.
 YIELD = 10
 
 
@@ -79,10 +80,13 @@ class LabRuns:
             LABS.index(kind) if kind in LABS else len(LABS), kind))
 
     def start_all(self):
-        """Start every lab needed in the background, the longest first;
-        the others yield the CPU to it."""
+        """Start every lab needed in the background, the longest first.
+        Those after it that can wait yield the CPU to it (nice).  A lab
+        whose markers are seen live cannot: its boot limit runs on this
+        machine's clock, and a starved boot would look frozen."""
         for i, kind in enumerate(self.kinds()):
-            self.start_in_background(kind, nice=YIELD if i else 0)
+            can_wait = i > 0 and not self.lab_of(kind).live_markers
+            self.start_in_background(kind, nice=YIELD if can_wait else 0)
 
     def start_in_background(self, kind, nice=0):
         if kind in self.groups and kind not in self.threads:
@@ -95,7 +99,9 @@ class LabRuns:
         # On Linux a nice value is a thread's own, and what the thread
         # starts (the lab's emulator) inherits it.
         if nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me,
+                           os.getpriority(os.PRIO_PROCESS, me) + nice)
         self.run_group(kind)
 
     def cancel(self):

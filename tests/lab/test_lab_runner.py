@@ -2,7 +2,7 @@
 frozen while booting is booted again once; the session's scenarios run in
 one boot per lab, a frozen boot once more in new directories for the
 scenarios left, a second freeze fails them; a scenario's failure is its
-own; all labs start in the background, yielding to the longest; the
+own; all labs start in the background, one that can wait niced; the
 session's summary counts boots, retries and freezes; sequence.py's
 timeouts and statuses.  test_lab_frozen.py makes real labs look
 frozen."""
@@ -208,8 +208,9 @@ def test_a_session_without_labs_has_no_summary():
 
 
 class Niceness(Plans):
-    """Plans that also note each lab's kind and the nice value of the
-    thread that boots it, relative to this test's."""
+    """Plans that also note the nice value of the thread that boots each
+    lab, relative to this test's; as the real ones, the Intel lab's
+    markers come back only at the end."""
 
     def __init__(self):
         super().__init__()
@@ -220,6 +221,10 @@ class Niceness(Plans):
         self.kind = kind
         return self
 
+    @property
+    def live_markers(self):
+        return self.kind != "intel"
+
     def run(self, cmd, timeout, outdir, quiet):
         with open(cmd[-1]) as f:
             name = json.load(f)[0]["name"]
@@ -228,7 +233,7 @@ class Niceness(Plans):
         return super().run(cmd, timeout, outdir, quiet)
 
 
-def test_all_labs_start_in_the_background_the_others_yield_the_cpu(
+def test_all_labs_start_in_the_background_one_that_can_wait_niced(
         tmp_path):
     scenarios = [fixtures.Scenario(name, script="x.py", lab=kind)
                  for name, kind in (("i", "intel"), ("a", "amd"),
@@ -240,7 +245,8 @@ def test_all_labs_start_in_the_background_the_others_yield_the_cpu(
     assert set(runs.threads) == {"amd", "arm64", "intel"}
     assert [runs.results(s, "r.json")[0] for s in scenarios] == \
         ["i", "a", "r"]
-    assert labs.nice == {"a": 0, "r": fixtures.YIELD, "i": fixtures.YIELD}
+    # A starved arm64 lab would look frozen; the Intel lab can wait.
+    assert labs.nice == {"a": 0, "r": 0, "i": fixtures.YIELD}
     assert os.getpriority(os.PRIO_PROCESS, 0) == labs.base
 
 
