@@ -49,7 +49,10 @@ def pytest_sessionfinish(session):
 
 def pytest_terminal_summary(terminalreporter):
     for runs in RUNS:
-        for line in runs.summary():
+        lines = runs.summary()
+        if lines:
+            terminalreporter.section("labs")
+        for line in lines:
             terminalreporter.write_line(line)
 
 
