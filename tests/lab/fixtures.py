@@ -21,9 +21,8 @@ overlap the host tests; the tests that read a lab's results run last
 starts first and keeps its CPU: a lab that can wait (the Intel lab)
 yields to it (nice), so that the machine's two CPUs run the critical
 path and everything else beside it.  A lab that freezes is booted again
-once,
-in new directories, for the scenarios that had not finished; a second
-freeze fails their tests.  A scenario's environment variable (`env`), set
+once, in new directories, for the scenarios that had not finished; a
+second freeze fails their tests.  A scenario's environment variable (`env`), set
 to an earlier run's directory, checks that run's results again without
 booting (while working on the tests).
 """
