@@ -22,9 +22,9 @@ starts first and keeps its CPU: a lab that can wait (the Intel lab)
 yields to it (nice), so that the machine's two CPUs run the critical
 path and everything else beside it.  A lab that freezes is booted again
 once, in new directories, for the scenarios that had not finished; a
-second freeze fails their tests.  A scenario's environment variable (`env`), set
-to an earlier run's directory, checks that run's results again without
-booting (while working on the tests).
+second freeze fails their tests.  A scenario's environment variable
+(`env`), set to an earlier run's directory, checks that run's results
+again without booting (while working on the tests).
 """
 
 import collections
