@@ -846,10 +846,11 @@ class Btf:
         return len(self.members(proto)) - 1
 
 
-# Each BTF file is decoded once per process: the probe's choice and the
-# task offsets both need vmlinux's (about 125,000 types, a few seconds of
-# Python under an emulator).  Keyed by the file's identity and the base
-# object, so that a file written again is read again.
+# Each BTF file is decoded once while the program is built (main() then
+# empties the cache): the probe's choice and the task offsets both need
+# vmlinux's (about 125,000 types, a few seconds of Python under an
+# emulator).  Keyed by the file's identity and the base object, so that a
+# file written again is read again.
 BTF_CACHE = {}
 
 
@@ -4034,6 +4035,7 @@ def main(argv=None, stdout_closed=False):
         server = listen(args.prometheus, web, args.web_max_requests)
 
     b, program = start_tracing(program, args.debug)
+    BTF_CACHE.clear()       # 37 MB of decoded types, needed only until now
     probe = program.probe
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),
