@@ -887,12 +887,32 @@ class Btf:
         return len(self.members(proto)) - 1
 
 
-def load_btf(name, base=None, btf_dir=BTF_DIR):
+# Each BTF file is decoded once while the program is built (main() then
+# empties the cache): the probe's choice and the task offsets both need
+# vmlinux's (about 125,000 types, a few seconds of Python under an
+# emulator).  Keyed by the file's identity and the base object, so that a
+# file written again is read again.
+BTF_CACHE = {}
+
+
+def read_btf(path, base):
     try:
-        with open("%s/%s" % (btf_dir, name), "rb") as f:
+        with open(path, "rb") as f:
             return Btf(f.read(), base)
     except (OSError, ValueError, IndexError, struct.error):
         return None             # unreadable, truncated or not BTF: no raw
+
+
+def load_btf(name, base=None, btf_dir=BTF_DIR):
+    path = "%s/%s" % (btf_dir, name)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, base)
+    if key not in BTF_CACHE:
+        BTF_CACHE[key] = read_btf(path, base)
+    return BTF_CACHE[key]
 
 
 #
@@ -4656,6 +4676,7 @@ def main(argv=None, stdout_closed=False):
         server = listen(args.prometheus, web, args.web_max_requests)
 
     b, program = start_tracing(program, args.debug)
+    BTF_CACHE.clear()       # 37 MB of decoded types, needed only until now
     probe = program.probe
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),

@@ -30,6 +30,7 @@ never skips, and its message ends with the kernel's log.
 """
 
 import codecs
+import collections
 import contextlib
 import importlib
 import json
@@ -178,6 +179,9 @@ class Lab:
         # Set from another thread (the end of a test session): the lab is
         # stopped and its run fails.
         self.cancelled = threading.Event()
+        # Boots, retried boots, freezes and timeouts, for the session's
+        # summary line (fixtures.LabRuns.summary).
+        self.tally = collections.Counter()
 
     # --- what a machine adds ------------------------------------------------
 
@@ -259,6 +263,7 @@ class Lab:
                     raise
                 print(f"{self.tag}: {e}\n{self.tag}: booting it again, once",
                       flush=True)
+                self.tally["retried"] += 1
             return self.boot_and_run(cmd, target, release, timeout, outdir,
                                      echo)
 
@@ -270,6 +275,7 @@ class Lab:
             run.target = target
             init = self.init_command(run, release, shell_command(cmd))
             started = time.monotonic()
+            self.tally["boots"] += 1
             machine = self.launch(target, init, run)
             try:
                 how = self.watch(machine, run, started + timeout, echo)
@@ -374,6 +380,7 @@ class Lab:
         output), or LabError."""
         text = run.text()
         if how == "frozen":
+            self.tally["frozen"] += 1
             booted = os.path.exists(os.path.join(run.markers, "ready"))
             raise LabFrozen(f"the {self.name} froze: {run.why_frozen}\n"
                             f"{self.kernel_log(run)}", text, booted)
@@ -384,6 +391,7 @@ class Lab:
             raise LabError(f"the {self.name} was stopped: the run was "
                            "cancelled", text)
         if how == "timeout":
+            self.tally["timed out"] += 1
             where = "running the command" if self.booted(run) else "booting"
             raise LabError(f"the {self.name} timed out after {timeout} s "
                            f"while {where}\n{self.kernel_log(run)}", text)

@@ -188,7 +188,7 @@ def test_duration_reports_after_sleeping_without_a_signal(lab):
     t = tracer(lab, "duration")
     pid = lab["guests"]["small"]["pid"]
     lines = t["stdout"].splitlines()
-    assert lines[0] == FIRST + "PID %d after sleeping 45 secs." % pid
+    assert lines[0] == FIRST + "PID %d after sleeping 15 secs." % pid
     assert lines[1] == "KVM_EXIT_REASON" + " " * 21 + "COUNT"
     assert rows(t["stdout"], 0) == collapsed(kernel(lab, "small"))
 

@@ -2,12 +2,16 @@
 frozen while booting is booted again once; the session's scenarios run in
 one boot per lab, a frozen boot once more in new directories for the
 scenarios left, a second freeze fails them; a scenario's failure is its
-own; sequence.py's timeouts and statuses.  test_lab_frozen.py makes real
-labs look frozen."""
+own; all labs start in the background, one that can wait niced; the
+session's summary counts boots, retries and freezes; sequence.py's
+timeouts and statuses.  test_lab_frozen.py makes real labs look
+frozen."""
 
+import collections
 import json
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -95,6 +99,21 @@ def test_a_lab_frozen_while_running_the_command_is_not_booted_again(
     assert isinstance(error, core.LabFrozen) and error.booted and calls == 1
 
 
+def test_a_lab_counts_its_boots_retries_freezes_and_timeouts(tmp_path):
+    lab = Boots()
+    assert lab.run("true", 60, str(tmp_path)) == (0, "done")
+    assert lab.tally == {}              # Boots stands in for the boot
+    lab = Boots(False, False)
+    with pytest.raises(core.LabFrozen):
+        lab.run("true", 60, str(tmp_path))
+    assert lab.tally == {"retried": 1}
+    run = core.Run(str(tmp_path), str(tmp_path), time.time())
+    for how in ("frozen", "timeout"):
+        with pytest.raises(core.LabError):
+            lab.conclude(how, run, 60, 1.0, None)
+    assert lab.tally == {"retried": 1, "frozen": 1, "timed out": 1}
+
+
 class Plans:
     """Stands for the labs of LabRuns: each boot runs the plan it is given
     (each scenario writes r.json holding its name and the boot's number;
@@ -104,6 +123,7 @@ class Plans:
     def __init__(self, freeze=(), finish=1):
         self.freeze, self.finish = freeze, finish
         self.boots = []
+        self.tally = collections.Counter()
 
     def __call__(self, kind):
         return self
@@ -112,13 +132,15 @@ class Plans:
         with open(cmd[-1]) as f:
             plan = json.load(f)
         self.boots.append([s["name"] for s in plan])
+        self.tally["boots"] += 1
         for i, s in enumerate(plan):
             if len(self.boots) in self.freeze and i == self.finish:
+                self.tally["frozen"] += 1
                 raise core.LabFrozen("the lab froze", "console text")
             with open(os.path.join(s["outdir"], "r.json"), "w") as f:
                 json.dump([s["name"], len(self.boots)], f)
             core.write_marker(s["outdir"], "status", {
-                "status": 3 if s["name"] == "bad" else 0})
+                "status": 3 if s["name"] == "bad" else 0, "seconds": 0.2})
         return 0, ""
 
 
@@ -140,8 +162,8 @@ def test_the_scenarios_of_a_lab_share_one_boot(tmp_path):
 
 def test_a_failed_scenario_fails_only_its_own_tests(tmp_path):
     runs = runs_of(tmp_path, Plans())
-    with pytest.raises(AssertionError, match=r"bad failed \({'status': 3}\)"
-                       " in the amd lab:"):
+    with pytest.raises(AssertionError, match=r"bad failed \({'status': 3, "
+                       r"'seconds': 0.2}\) in the amd lab:"):
         runs.outdir(SCENARIOS[3])
     assert runs.results(SCENARIOS[0], "r.json") == ["a", 1]
 
@@ -165,6 +187,67 @@ def test_a_lab_that_freezes_twice_fails_the_scenarios_left(tmp_path):
                        "c, bad: the lab froze"):
         runs.outdir(SCENARIOS[0])
     assert len(labs.boots) == 2
+    assert runs.summary()[-1] == \
+        "lab boots 2, retried 1, frozen 2, timed out 0"
+
+
+def test_the_summary_has_each_labs_time_and_its_scenarios(tmp_path):
+    labs = Plans(freeze=(1,), finish=2)
+    runs = runs_of(tmp_path, labs)
+    runs.outdir(SCENARIOS[0])
+    start, seconds = runs.times["amd"]
+    assert 0 <= start and 0 <= seconds < 10
+    assert runs.summary() == [
+        f"lab amd: {seconds:.0f} s, from {start:.0f} s into the session: "
+        "a 0 s, b 0 s, c 0 s, bad 0 s",
+        "lab boots 2, retried 1, frozen 1, timed out 0"]
+
+
+def test_a_session_without_labs_has_no_summary():
+    assert fixtures.LabRuns([]).summary() == []
+
+
+class Niceness(Plans):
+    """Plans that also note the nice value of the thread that boots each
+    lab, relative to this test's; as the real ones, the Intel lab's
+    markers come back only at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.nice = {}
+        self.base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def __call__(self, kind):
+        self.kind = kind
+        return self
+
+    @property
+    def live_markers(self):
+        return self.kind != "intel"
+
+    def run(self, cmd, timeout, outdir, quiet):
+        with open(cmd[-1]) as f:
+            name = json.load(f)[0]["name"]
+        self.nice[name] = os.getpriority(
+            os.PRIO_PROCESS, threading.get_native_id()) - self.base
+        return super().run(cmd, timeout, outdir, quiet)
+
+
+def test_all_labs_start_in_the_background_one_that_can_wait_niced(
+        tmp_path):
+    scenarios = [fixtures.Scenario(name, script="x.py", lab=kind)
+                 for name, kind in (("i", "intel"), ("a", "amd"),
+                                    ("r", "arm64"))]
+    labs = Niceness()
+    runs = fixtures.LabRuns(scenarios, base=str(tmp_path), lab_of=labs)
+    assert runs.kinds() == ["amd", "arm64", "intel"]
+    runs.start_all()
+    assert set(runs.threads) == {"amd", "arm64", "intel"}
+    assert [runs.results(s, "r.json")[0] for s in scenarios] == \
+        ["i", "a", "r"]
+    # A starved arm64 lab would look frozen; the Intel lab can wait.
+    assert labs.nice == {"a": 0, "r": 0, "i": fixtures.YIELD}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == labs.base
 
 
 def test_an_earlier_runs_directory_is_checked_without_booting(
