@@ -18,6 +18,9 @@ from helpers import KVM_CREATE_VCPU, KVM_CREATE_VM, FakeProc  # noqa: E402
 from helpers import kvmexit  # noqa: E402
 from helpers.bpfrun import PinnedThread  # noqa: E402
 
+# The session's time per test file, at the end of its log.
+pytest_plugins = ("helpers.file_times",)
+
 
 @pytest.fixture
 def fake_proc(tmp_path):

@@ -2,7 +2,7 @@
 file (the seconds of its tests' setup, call and teardown, and their share
 of the session's wall time), the longest first.
 
-    (.ci/run puts .ci on sys.path and runs pytest -p file_times tests)
+    (tests/conftest.py loads it, so every run of the suite ends with it)
 
 A module-scoped fixture's wait (a lab's results) counts in the file whose
 first test waits for it."""
