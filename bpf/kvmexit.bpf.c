@@ -1298,12 +1298,11 @@ static __always_inline u32 arm64_code(u32 ret, u32 esr_ec)
     return ret == ARM64_EXCEPTION_TRAP ? esr_ec : ARM64_NON_TRAP_BASE + ret;
 }
 
-#if defined(PROBE_TRACEPOINT)
-
-TRACEPOINT_PROBE(kvm, kvm_exit)
+// Both probes: the exit of (ret, esr_ec) as kvm_exit passes them.
+static __always_inline int count_arm64_exit(u32 ret, u32 esr_ec)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_event ev = {.code = arm64_code(args->ret, args->esr_ec),
+    struct exit_event ev = {.code = arm64_code(ret, esr_ec),
                             .isa = ISA_ARM64, .vcpu_id = VCPU_ID_UNKNOWN};
 
     if (filtered_out(pid_tgid))
@@ -1314,20 +1313,18 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
     return count_exit(pid_tgid, ev.code, &ev);
 }
 
+#if defined(PROBE_TRACEPOINT)
+
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    return count_arm64_exit(args->ret, args->esr_ec);
+}
+
 #else
 
 int raw_kvm_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    struct exit_event ev = {.code = arm64_code(ctx->args[0], ctx->args[1]),
-                            .isa = ISA_ARM64, .vcpu_id = VCPU_ID_UNKNOWN};
-
-    if (filtered_out(pid_tgid))
-        return 0;
-#ifdef DETAIL
-    detail_exit_arm64(pid_tgid, ev.code);
-#endif
-    return count_exit(pid_tgid, ev.code, &ev);
+    return count_arm64_exit(ctx->args[0], ctx->args[1]);
 }
 
 #endif

@@ -28,12 +28,11 @@ import sys
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, LAB_DIR)
 from arm64_scenario import GUEST  # noqa: E402
-from detail_scenario import arm, read_hists  # noqa: E402
-from scenario import (attached, finish, read_json,  # noqa: E402
-                      start_tracer, wait_for)
+from detail_scenario import (release_under_hists,  # noqa: E402
+                             start_one_at_a_time)
+from scenario import finish, read_json, wait_for  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
-ATTACH_TIMEOUT = 600
 
 # (event, keys after common_pid): at most 3 keys a trigger, so kvm_mmio
 # takes two.
@@ -66,22 +65,8 @@ def main(out):
         raise SystemExit("arm64_detail: the guest failed")
     pid = read_json(report)["pid"]
 
-    # One compile at a time: each takes a few hundred MB under the emulator.
-    tracers = {}
-    for name, args in TRACERS.items():
-        proc, stdout, stderr = start_tracer("detail-" + name,
-                                            args + ["-p", str(pid)], out)
-        tracers[name] = (proc, stdout, stderr)
-        wait_for(lambda: attached((stdout, stderr), proc), ATTACH_TIMEOUT,
-                 "kvmexit " + " ".join(args))
-
-    for event, keys in HISTS:
-        arm(event, keys)
-    open(hold, "w").close()
-    status = guest.wait(timeout=600)
-    hists = {event: read_hists(event) for event, _ in HISTS}
-    for event, keys in HISTS:
-        arm(event, keys, on=False)
+    tracers = start_one_at_a_time(TRACERS, pid, out)
+    status, hists = release_under_hists(guest, hold, HISTS, timeout=600)
 
     results = {name: finish(tracer, signal.SIGINT, TRACERS[name])
                for name, tracer in tracers.items()}

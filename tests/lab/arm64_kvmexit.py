@@ -34,8 +34,8 @@ import urllib.request
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, LAB_DIR)
 from arm64_scenario import hist_rows  # noqa: E402
-from scenario import (PYTHON, attached, read_json,  # noqa: E402
-                      start_tracer, wait_for)
+from scenario import (PYTHON, attached, collect,  # noqa: E402
+                      read_json, start_tracer, wait_for)
 
 EVENT = "/sys/kernel/tracing/events/kvm/kvm_exit"
 HIST_KEYS = "hist:keys=common_pid,ret,esr_ec"
@@ -132,17 +132,7 @@ def end(running, plan):
     for name, (proc, _, _) in running.items():
         if plan[name][1] != "self" and proc.poll() is None:
             proc.send_signal(plan[name][1])
-    results = {}
-    for name, (proc, stdout, stderr) in running.items():
-        try:
-            rc = proc.wait(timeout=DURATION + 120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
-        with open(stdout) as f, open(stderr) as g:
-            results[name] = {"argv": plan[name][0], "status": rc,
-                             "stdout": f.read(), "stderr": g.read()}
-    return results
+    return collect(running, plan, DURATION + 120)
 
 
 def main(out):

@@ -100,6 +100,32 @@ def read_hists(event):
     return hists
 
 
+def start_one_at_a_time(specs, pid, out):
+    """Start a kvmexit per {name: args} on PID, each once the one before
+    has attached: a compile takes a few hundred MB under the emulator."""
+    tracers = {}
+    for name, args in specs.items():
+        proc, stdout, stderr = start_tracer("detail-" + name,
+                                            args + ["-p", str(pid)], out)
+        tracers[name] = (proc, stdout, stderr)
+        wait_for(lambda: attached((stdout, stderr), proc), ATTACH_TIMEOUT,
+                 "kvmexit " + " ".join(args))
+    return tracers
+
+
+def release_under_hists(guest, hold, hists, timeout=None):
+    """Arm each (event, keys) hist trigger, let the held guest go and, once
+    it ended, read and disarm them: (its exit status, {event: rows})."""
+    for event, keys in hists:
+        arm(event, keys)
+    open(hold, "w").close()
+    status = guest.wait(timeout=timeout)
+    rows = {event: read_hists(event) for event, _ in hists}
+    for event, keys in hists:
+        arm(event, keys, on=False)
+    return status, rows
+
+
 def main(out):
     report = os.path.join(out, "detail-guest.json")
     hold = os.path.join(out, "detail-go")
@@ -111,22 +137,8 @@ def main(out):
         raise SystemExit("detail_scenario: the guest failed")
     pid = read_json(report)["pid"]
 
-    # One compile at a time: each takes a few hundred MB under the emulator.
-    tracers = {}
-    for name, args in TRACERS.items():
-        proc, stdout, stderr = start_tracer("detail-" + name,
-                                            args + ["-p", str(pid)], out)
-        tracers[name] = (proc, stdout, stderr)
-        wait_for(lambda: attached((stdout, stderr), proc), ATTACH_TIMEOUT,
-                 "kvmexit " + " ".join(args))
-
-    for event, keys in HISTS:
-        arm(event, keys)
-    open(hold, "w").close()
-    status = guest.wait()
-    hists = {event: read_hists(event) for event, _ in HISTS}
-    for event, keys in HISTS:
-        arm(event, keys, on=False)
+    tracers = start_one_at_a_time(TRACERS, pid, out)
+    status, hists = release_under_hists(guest, hold, HISTS)
 
     results = {name: finish(tracer, signal.SIGINT, TRACERS[name])
                for name, tracer in tracers.items()}

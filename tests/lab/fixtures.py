@@ -217,6 +217,39 @@ def read_json(path):
         return None
 
 
+# What the test files read of a scenario's results.
+def tracer(lab, name):
+    """One kvmexit's argv, status, stdout and stderr; it ended with 0."""
+    t = lab["tracers"][name]
+    assert t["status"] == 0, t
+    return t
+
+
+def report_rows(text, ids):
+    """A text report's rows after its header line: ids ints (PID, TID),
+    the reason's name, its count."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines)
+                 if "KVM_EXIT_REASON" in line) + 1
+    parsed = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        parsed.append(tuple(int(c) for c in cells[:ids]) +
+                      (cells[ids], int(cells[ids + 1])))
+    return parsed
+
+
+def guest_vcpus(lab):
+    """The scenario's one guest's vCPUs; it and each of them ran without
+    an error."""
+    assert lab["guest_status"] == 0
+    for v in lab["guest"]["vcpus"]:
+        assert v["errors"] == [], v
+    return lab["guest"]["vcpus"]
+
+
 def scenario_seconds(outdir):
     """How long the scenario ran, as its status says ("-": it did not
     end)."""

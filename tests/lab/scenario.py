@@ -166,6 +166,22 @@ def read_hist():
     return counts
 
 
+def collect(running, plan, timeout):
+    """Each ended (or, after `timeout` s, killed) tracer's argv, exit
+    status, stdout and stderr."""
+    results = {}
+    for name, (proc, stdout, stderr) in running.items():
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "killed"
+        with open(stdout) as f, open(stderr) as g:
+            results[name] = {"argv": plan[name][0], "status": rc,
+                             "stdout": f.read(), "stderr": g.read()}
+    return results
+
+
 def main(out):
     guests = {name: start_guest(name, args, out)
               for name, args in GUESTS.items()}
@@ -203,16 +219,7 @@ def main(out):
         if how in ("sigint", "sigterm"):
             proc.send_signal(signal.SIGINT if how == "sigint" else
                              signal.SIGTERM)
-    results = {}
-    for name, (proc, stdout, stderr) in running.items():
-        try:
-            rc = proc.wait(timeout=DURATION + 120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
-        with open(stdout) as f, open(stderr) as g:
-            results[name] = {"argv": plan[name][0], "status": rc,
-                             "stdout": f.read(), "stderr": g.read()}
+    results = collect(running, plan, DURATION + 120)
     with open(os.path.join(out, "scenario.json"), "w") as f:
         json.dump({"guests": {n: read_json(r) for n, (_, r) in
                               guests.items()},

@@ -23,6 +23,7 @@ from kvmexit import Detail
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixtures import Scenario  # noqa: E402
+from fixtures import guest_vcpus as vcpus  # noqa: E402
 
 # arm64 exit codes: a trap's ESR exception class.
 WFX, HVC64, SMC64, SYS64, IABT_LOW, DABT_LOW = \
@@ -54,13 +55,6 @@ def report(request, lab):
     assert len(reports) == 1
     assert reports[0]["probe"] == PROBES[request.param]
     return reports[0]
-
-
-def vcpus(lab):
-    assert lab["guest_status"] == 0
-    for v in lab["guest"]["vcpus"]:
-        assert v["errors"] == [], v
-    return lab["guest"]["vcpus"]
 
 
 def tool(report, tid, kind, code=None):

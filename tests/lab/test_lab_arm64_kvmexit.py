@@ -23,7 +23,8 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixtures import Scenario  # noqa: E402
+from fixtures import Scenario, tracer  # noqa: E402
+from fixtures import report_rows as rows  # noqa: E402
 
 ARM64 = kvmexit.ISA_ARM64
 NAMES = kvmexit.ReasonNames()
@@ -82,27 +83,6 @@ def per_thread(counts, with_pid):
     rows = sorted(counts.items(), key=order)
     return [((pid, tid) if with_pid else (tid,)) +
             (NAMES.name(ARM64, code), n) for (pid, tid, code), n in rows]
-
-
-def tracer(lab, name):
-    t = lab["tracers"][name]
-    assert t["status"] == 0, t
-    return t
-
-
-def rows(text, ids):
-    """The report's rows after its header line: ids ints, name, count."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines)
-                 if "KVM_EXIT_REASON" in line) + 1
-    parsed = []
-    for line in lines[start:]:
-        if not line.strip():
-            break
-        cells = line.split()
-        parsed.append(tuple(int(c) for c in cells[:ids]) +
-                      (cells[ids], int(cells[ids + 1])))
-    return parsed
 
 
 def test_vms_made_exactly_the_promised_exits_and_only_irqs_besides(lab):

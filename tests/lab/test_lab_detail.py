@@ -21,6 +21,7 @@ from kvmexit import Detail
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixtures import Scenario  # noqa: E402
+from fixtures import guest_vcpus as vcpus  # noqa: E402
 
 SVM = kvmexit.ISA_SVM
 IOIO, MSR, VMMCALL, NPF, HLT = 0x7b, 0x7c, 0x81, 0x400, 0x78
@@ -44,13 +45,6 @@ def report(lab):
     reports = [json.loads(line) for line in t["stdout"].splitlines()]
     assert len(reports) == 1
     return reports[0]
-
-
-def vcpus(lab):
-    assert lab["guest_status"] == 0
-    for v in lab["guest"]["vcpus"]:
-        assert v["errors"] == [], v
-    return lab["guest"]["vcpus"]
 
 
 def tool(report, tid, code, kind):

@@ -19,7 +19,8 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixtures import Scenario  # noqa: E402
+from fixtures import Scenario, tracer  # noqa: E402
+from fixtures import report_rows as rows  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
@@ -72,27 +73,6 @@ def per_thread(counts, with_pid):
                                                    kv[0][2]))
     return [((pid, tid) if with_pid else (tid,)) + (NAMES.name(2, code), n)
             for (pid, tid, code), n in rows]
-
-
-def tracer(lab, name):
-    t = lab["tracers"][name]
-    assert t["status"] == 0, t
-    return t
-
-
-def rows(text, ids):
-    """The report's rows after its header line: ids ints, name, count."""
-    lines = text.splitlines()
-    start = next(i for i, l in enumerate(lines)
-                 if "KVM_EXIT_REASON" in l) + 1
-    parsed = []
-    for line in lines[start:]:
-        if not line.strip():
-            break
-        cells = line.split()
-        parsed.append(tuple(int(c) for c in cells[:ids]) +
-                      (cells[ids], int(cells[ids + 1])))
-    return parsed
 
 
 def test_guest_exits_are_exact_in_the_kernel_count(lab):
