@@ -617,11 +617,16 @@ static __always_inline int count_exit(u64 pid_tgid, u64 code,
         return 0;
     // The hit, on nearly every exit: the thread that exited here last
     // exits again, with a code of a direct slot.  One comparison of each,
-    // one increment; nothing else is read.
-    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1) &&
-        __builtin_expect(code < DIRECT_SLOTS, 1)) {
-        cache->counts.slot[code]++;
-        return 0;
+    // one increment; nothing else is read.  The code is tested where it
+    // is used, in one register: else clang may test one copy and index
+    // with another, and 6.1's verifier then refuses the program as an
+    // unbounded access (seen on arm64 with --detail).
+    if (__builtin_expect(cache->pid_tgid == pid_tgid, 1)) {
+        asm volatile("" : "+r"(code));
+        if (__builtin_expect(code < DIRECT_SLOTS, 1)) {
+            cache->counts.slot[code]++;
+            return 0;
+        }
     }
     count_cold(cache, pid_tgid, ev);
     return 0;
