@@ -111,10 +111,10 @@ def start_tracer(name, args, out):
     return proc, stdout.name, stderr.name
 
 
-def finish(tracer, how, argv, timeout=120):
-    """End a tracer with a signal; its argv, status and output."""
+def ended(tracer, argv, timeout):
+    """A tracer's argv, exit status and output once it ended (killed after
+    `timeout` s: status "killed")."""
     proc, stdout, stderr = tracer
-    proc.send_signal(how)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -123,6 +123,12 @@ def finish(tracer, how, argv, timeout=120):
     with open(stdout) as f, open(stderr) as g:
         return {"argv": argv, "status": rc, "stdout": f.read(),
                 "stderr": g.read()}
+
+
+def finish(tracer, how, argv, timeout=120):
+    """End a tracer with a signal; its argv, status and output."""
+    tracer[0].send_signal(how)
+    return ended(tracer, argv, timeout)
 
 
 def attached(paths, proc):
@@ -167,19 +173,9 @@ def read_hist():
 
 
 def collect(running, plan, timeout):
-    """Each ended (or, after `timeout` s, killed) tracer's argv, exit
-    status, stdout and stderr."""
-    results = {}
-    for name, (proc, stdout, stderr) in running.items():
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = "killed"
-        with open(stdout) as f, open(stderr) as g:
-            results[name] = {"argv": plan[name][0], "status": rc,
-                             "stdout": f.read(), "stderr": g.read()}
-    return results
+    """ended() of each running tracer, by name."""
+    return {name: ended(tracer, plan[name][0], timeout)
+            for name, tracer in running.items()}
 
 
 def main(out):
