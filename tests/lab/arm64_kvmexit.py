@@ -34,8 +34,8 @@ import urllib.request
 LAB_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, LAB_DIR)
 from arm64_scenario import hist_rows  # noqa: E402
-from scenario import (PYTHON, attached, collect,  # noqa: E402
-                      read_json, start_tracer, wait_for)
+from scenario import (PYTHON, collect, read_json,  # noqa: E402
+                      start_attached, wait_for)
 
 EVENT = "/sys/kernel/tracing/events/kvm/kvm_exit"
 HIST_KEYS = "hist:keys=common_pid,ret,esr_ec"
@@ -100,22 +100,6 @@ def start_guest(name, args, out):
                             + args + ["--report", report,
                                       "--hold", os.path.join(out, "go")])
     return proc, report
-
-
-def start_attached(running, name, args, out, compiles, deadline):
-    """Start a tracer once fewer than `compiles` are still compiling (each
-    of bcc's compiles takes a few hundred MB); with compiles=1, return once
-    it is attached."""
-    running[name] = start_tracer(name, args, out)
-    while True:
-        compiling = [n for n, (proc, *logs) in running.items()
-                     if not attached(logs, proc)]
-        if len(compiling) < compiles:
-            return
-        if time.monotonic() > deadline:
-            raise SystemExit("arm64_kvmexit: timed out waiting for " +
-                             ", ".join(compiling))
-        time.sleep(0.5)
 
 
 def scrape():

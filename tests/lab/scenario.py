@@ -144,19 +144,23 @@ def attached(paths, proc):
     return False
 
 
-def start_attached(running, name, args, out, compiles):
+def start_attached(running, name, args, out, compiles, deadline=None):
     """Start a tracer once fewer than `compiles` are still compiling (each
     of bcc's compiles takes a few hundred MB); with compiles=1, return once
-    it is attached."""
+    it is attached.  deadline: time.monotonic()'s, by default
+    ATTACH_TIMEOUT after this script started."""
+    if deadline is None:
+        deadline = START + ATTACH_TIMEOUT
     running[name] = start_tracer(name, args, out)
     while True:
         compiling = [n for n, (proc, *logs) in running.items()
                      if not attached(logs, proc)]
         if len(compiling) < compiles:
             return
-        if time.monotonic() - START > ATTACH_TIMEOUT:
-            raise SystemExit("scenario: timed out waiting for " +
-                             ", ".join(compiling))
+        if time.monotonic() > deadline:
+            script = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+            raise SystemExit("%s: timed out waiting for %s"
+                             % (script, ", ".join(compiling)))
         time.sleep(0.5)
 
 
