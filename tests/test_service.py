@@ -123,6 +123,9 @@ class Machine:
         return dict(line.split("=", 1) for line in out.splitlines())
 
     def journal(self, unit):
+        # journald reads its sockets and streams when it gets to them:
+        # --sync returns once all that was logged before it is stored.
+        self.check(["journalctl", "--sync"])
         return self.check(["journalctl", "-u", unit, "--no-pager",
                            "-o", "cat"])
 
@@ -286,8 +289,25 @@ def drop_in(machine, text):
     machine.check(["systemctl", "daemon-reload"])
 
 
-def new_journal_lines(machine, before):
-    return machine.journal("kvmexit").splitlines()[len(before):]
+def journal_through(machine, line, before=()):
+    """kvmexit's journal once `line` is in it after the lines `before`:
+    a line systemd logs just as a job ends can still be on its way to
+    journald when systemctl returns, and must not turn up in the lines of
+    the next step instead."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = machine.journal("kvmexit").splitlines()
+        if line in lines[len(before):]:
+            return lines
+        assert time.monotonic() < deadline, (line, lines[len(before):])
+        time.sleep(0.2)
+
+
+def stop(machine, before=()):
+    """Stop kvmexit: its journal, through the line that says it stopped."""
+    machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+    return journal_through(machine, "Stopped kvmexit.service - %s."
+                           % DESCRIPTION, before)
 
 
 # A VMM as small as it gets: a VM with vCPU 0, held open (KVM_CREATE_VM,
@@ -376,7 +396,7 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
         == {"CapInh": mask, "CapPrm": mask, "CapEff": mask, "CapBnd": mask,
             "CapAmb": mask, "NoNewPrivs": "1"}
 
-    machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+    journal = stop(machine)
     # Exited 0 on SIGTERM (CLD_EXITED is 1): killed by it would also be
     # Result=success, with ExecMainCode=2 and ExecMainStatus=15.
     # ExecMainPID: the status is that process's, not an unloaded unit's.
@@ -384,7 +404,6 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
                         "ExecMainCode", "ExecMainStatus") == {
         "ActiveState": "inactive", "Result": "success",
         "ExecMainPID": main_pid, "ExecMainCode": "1", "ExecMainStatus": "0"}
-    journal = machine.journal("kvmexit").splitlines()
     assert "Traceback" not in "\n".join(journal)
     # "Started" once kvmexit is ready, after the line it prints then.
     assert journal == [
@@ -407,13 +426,12 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
     options = " -p %s -v 0" % vmm
     proc = start(machine, port, options)
     assert proc.returncode == 0, machine.journal("kvmexit")
-    machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
-    assert new_journal_lines(machine, journal)[:3] == [
+    before, journal = journal, stop(machine, journal)
+    assert journal[len(before):][:3] == [
         "Starting kvmexit.service - %s..." % DESCRIPTION,
         "Display kvm exit reasons and statistics for PID %s VCPU 0... Hit "
         "Ctrl-C to end." % vmm,
         "Started kvmexit.service - %s." % DESCRIPTION]
-    journal = machine.journal("kvmexit").splitlines()
 
     # Each capability matters.  Without CAP_SYS_PTRACE the VMM is hidden,
     # and where /proc hides nothing its vCPU fds do not resolve; without
@@ -441,13 +459,14 @@ def test_the_unit_runs_serves_metrics_and_stops_cleanly(machine):
             "Result": "exit-code", "ExecMainCode": "1",
             "ExecMainStatus": "1"}, settings
         # Then Restart=on-failure, 5 s later: stopped below.
-        assert new_journal_lines(machine, journal)[:5] == [
+        failed = "Failed to start kvmexit.service - %s." % DESCRIPTION
+        before, journal = journal, journal_through(machine, failed, journal)
+        assert journal[len(before):][:5] == [
             "Starting kvmexit.service - %s..." % DESCRIPTION,
             why,
             "kvmexit.service: Main process exited, code=exited, "
             "status=1/FAILURE",
             "kvmexit.service: Failed with result 'exit-code'.",
-            "Failed to start kvmexit.service - %s." % DESCRIPTION], settings
-        machine.check(["systemctl", "stop", "kvmexit"], timeout=60)
+            failed], settings
+        journal = stop(machine, journal)
         machine.check(["systemctl", "reset-failed", "kvmexit"])
-        journal = machine.journal("kvmexit").splitlines()
