@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 
+import kvmexit
 from core import GUEST_PYTHON, LAB_DIR, LabError, LabFrozen, lab_of
 
 # The labs, longest run first (its scenarios' time at ff43f99: AMD about
@@ -239,6 +240,86 @@ def report_rows(text, ids):
         parsed.append(tuple(int(c) for c in cells[:ids]) +
                       (cells[ids], int(cells[ids + 1])))
     return parsed
+
+
+# The views' expected output, from the exits the kernel counted:
+# {(pid, tid, code): count} of one isa, whose names the rows show.
+FIRST = "Display kvm exit reasons and statistics for "
+NAMES = kvmexit.ReasonNames()
+
+
+def kernel_counts(lab, hist, guest=None, tids=None):
+    """{(pid, tid, code): count} of a hist trigger's (tid, code, count)
+    rows, for the scenario's guests' vCPU threads (of one guest, or of
+    some threads)."""
+    counts = collections.Counter()
+    for name, g in lab["guests"].items():
+        for v in g["vcpus"]:
+            if (guest and name != guest) or (tids and v["tid"] not in tids):
+                continue
+            for tid, code, n in hist:
+                if tid == v["tid"]:
+                    counts[(g["pid"], tid, code)] += n
+    return dict(counts)
+
+
+def tid_of(lab, guest, index):
+    """The TID of a scenario's guest's vCPU `index`."""
+    return lab["guests"][guest]["vcpus"][index]["tid"]
+
+
+def collapsed(counts, isa):
+    """[(name, count)] as the one-list views sort them."""
+    merged = collections.Counter()
+    for (_, _, code), n in counts.items():
+        merged[code] += n
+    return [(NAMES.name(isa, c), n) for c, n in
+            sorted(merged.items(), key=lambda cn: (-cn[1], cn[0]))]
+
+
+def per_thread(counts, with_pid, isa):
+    """[(ids..., name, count)] as the views with threads sort them."""
+    def order(item):
+        (pid, tid, code), n = item
+        return ((pid, tid) if with_pid else tid), -n, code
+    return [((pid, tid) if with_pid else (tid,)) +
+            (NAMES.name(isa, code), n)
+            for (pid, tid, code), n in sorted(counts.items(), key=order)]
+
+
+def check_all_threads(t, counts, isa):
+    """No filter: every vCPU thread, with bcc's header and widths."""
+    lines = t["stdout"].splitlines()
+    assert lines[:3] == [FIRST + "all threads... Hit Ctrl-C to end.", "",
+                         "PID      TID      KVM_EXIT_REASON" + " " * 21 +
+                         "COUNT"]
+    expected = per_thread(counts, True, isa)
+    assert report_rows(t["stdout"], 2) == expected
+    # bcc's widths: "%-8u %-8u %-35s %-8u".
+    assert lines[3] == "%-8u %-8u %-35s %-8u" % expected[0]
+
+
+def check_one_list(t, context, counts, isa):
+    """-p, -p -v, -t: one list of reasons, after `context`'s first line."""
+    assert t["stdout"].splitlines()[0] == \
+        FIRST + "%s... Hit Ctrl-C to end." % context
+    assert report_rows(t["stdout"], 0) == collapsed(counts, isa)
+
+
+def check_pid_alltids(t, pid, counts, isa):
+    lines = t["stdout"].splitlines()
+    assert lines[0] == FIRST + "PID %d and its all threads... Hit Ctrl-C " \
+        "to end." % pid
+    assert lines[2].startswith("TID      KVM_EXIT_REASON")
+    assert report_rows(t["stdout"], 1) == per_thread(counts, False, isa)
+
+
+def check_tids(t, tids, counts, isa):
+    lines = t["stdout"].splitlines()
+    assert lines[0] == FIRST + "TIDS %s... Hit Ctrl-C to end." \
+        % [str(tid) for tid in tids]
+    assert lines[2].startswith("TIDS     KVM_EXIT_REASON")
+    assert report_rows(t["stdout"], 1) == per_thread(counts, False, isa)
 
 
 def guest_vcpus(lab):

@@ -12,6 +12,7 @@ if the lab cannot run, it fails saying why.
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -23,12 +24,11 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixtures import Scenario, tracer  # noqa: E402
+import fixtures  # noqa: E402
+from fixtures import FIRST, NAMES, Scenario, tid_of, tracer  # noqa: E402
 from fixtures import report_rows as rows  # noqa: E402
 
 ARM64 = kvmexit.ISA_ARM64
-NAMES = kvmexit.ReasonNames()
-FIRST = "Display kvm exit reasons and statistics for "
 IRQ = kvmexit.ARM64_NON_TRAP_BASE + 0
 
 SCENARIO = Scenario("arm64-kvmexit", script="tests/lab/arm64_kvmexit.py",
@@ -46,43 +46,15 @@ def code_of(entry):
 
 
 def kernel(lab, guest=None, tids=None):
-    """{(pid, tid, code): count} from the hist trigger, for the VMs' vCPU
-    threads (of one VM, or of some threads)."""
-    counts = {}
-    for name, g in lab["guests"].items():
-        if guest and name != guest:
-            continue
-        for v in g["vcpus"]:
-            if tids and v["tid"] not in tids:
-                continue
-            for row in lab["hist"]:
-                if row["common_pid"] == v["tid"]:
-                    key = (g["pid"], v["tid"], code_of(row))
-                    counts[key] = counts.get(key, 0) + row["count"]
-    return counts
+    """{(pid, tid, code): count} from the hist trigger (thread, ret,
+    esr_ec)."""
+    hist = [(row["common_pid"], code_of(row), row["count"])
+            for row in lab["hist"]]
+    return fixtures.kernel_counts(lab, hist, guest, tids)
 
 
-def tid_of(lab, guest, index):
-    return lab["guests"][guest]["vcpus"][index]["tid"]
-
-
-def collapsed(counts):
-    """[(name, count)] as the one-list views sort them."""
-    merged = {}
-    for (_, _, code), n in counts.items():
-        merged[code] = merged.get(code, 0) + n
-    return [(NAMES.name(ARM64, c), n) for c, n in
-            sorted(merged.items(), key=lambda cn: (-cn[1], cn[0]))]
-
-
-def per_thread(counts, with_pid):
-    """[(ids..., name, count)] as the views with threads sort them."""
-    def order(item):
-        (pid, tid, code), n = item
-        return ((pid, tid) if with_pid else tid), -n, code
-    rows = sorted(counts.items(), key=order)
-    return [((pid, tid) if with_pid else (tid,)) +
-            (NAMES.name(ARM64, code), n) for (pid, tid, code), n in rows]
+collapsed = functools.partial(fixtures.collapsed, isa=ARM64)
+per_thread = functools.partial(fixtures.per_thread, isa=ARM64)
 
 
 def test_vms_made_exactly_the_promised_exits_and_only_irqs_besides(lab):
@@ -107,14 +79,7 @@ def test_the_traps_have_their_esr_class_names(lab):
 
 
 def test_no_filter_prints_every_vcpu_thread_as_the_kernel_counted(lab):
-    t = tracer(lab, "all")
-    lines = t["stdout"].splitlines()
-    assert lines[:3] == [FIRST + "all threads... Hit Ctrl-C to end.", "",
-                         "PID      TID      KVM_EXIT_REASON" + " " * 21 +
-                         "COUNT"]
-    assert rows(t["stdout"], 2) == per_thread(kernel(lab), True)
-    pid, tid, name, count = per_thread(kernel(lab), True)[0]
-    assert lines[3] == "%-8u %-8u %-35s %-8u" % (pid, tid, name, count)
+    fixtures.check_all_threads(tracer(lab, "all"), kernel(lab), ARM64)
 
 
 def test_raw_tracepoint_is_default_and_agrees_with_tracepoint(lab):
@@ -129,31 +94,23 @@ def test_raw_tracepoint_is_default_and_agrees_with_tracepoint(lab):
 
 
 def test_pid_collapses_its_threads_sorted_by_count(lab):
-    t = tracer(lab, "pid")
-    pid = lab["guests"]["qemu"]["pid"]
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "PID %d... Hit Ctrl-C to end." % pid
-    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu"))
+    fixtures.check_one_list(tracer(lab, "pid"),
+                            "PID %d" % lab["guests"]["qemu"]["pid"],
+                            kernel(lab, "qemu"), ARM64)
 
 
 def test_pid_alltids_lists_each_thread(lab):
-    t = tracer(lab, "pid_alltids")
-    pid = lab["guests"]["qemu"]["pid"]
-    lines = t["stdout"].splitlines()
-    assert lines[0] == FIRST + "PID %d and its all threads... Hit Ctrl-C " \
-        "to end." % pid
-    assert lines[2].startswith("TID      KVM_EXIT_REASON")
-    assert rows(t["stdout"], 1) == per_thread(kernel(lab, "qemu"), False)
+    fixtures.check_pid_alltids(tracer(lab, "pid_alltids"),
+                               lab["guests"]["qemu"]["pid"],
+                               kernel(lab, "qemu"), ARM64)
 
 
 def test_vcpu_picks_the_qemu_named_thread(lab):
     t = tracer(lab, "vcpu1")
-    pid = lab["guests"]["qemu"]["pid"]
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "PID %d VCPU 1... Hit Ctrl-C to end." % pid
     tid = tid_of(lab, "qemu", 1)
+    fixtures.check_one_list(t, "PID %d VCPU 1" % lab["guests"]["qemu"]["pid"],
+                            kernel(lab, "qemu", {tid}), ARM64)
     got = rows(t["stdout"], 0)
-    assert got == collapsed(kernel(lab, "qemu", {tid}))
     assert {("SYS64", 5), ("HVC64", 3), ("SMC64", 2), ("WFx", 2)} <= set(got)
 
 
@@ -168,22 +125,16 @@ def test_vcpu_of_a_vmm_without_qemu_names_is_refused(lab):
 def test_tid_shows_one_thread_on_the_tracepoint(lab):
     t = tracer(lab, "tid")
     tid = tid_of(lab, "qemu", 2)
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "TID %d... Hit Ctrl-C to end." % tid
+    fixtures.check_one_list(t, "TID %d" % tid, kernel(lab, "qemu", {tid}),
+                            ARM64)
     got = rows(t["stdout"], 0)
-    assert got == collapsed(kernel(lab, "qemu", {tid}))
     assert ("HVC64", 6) in got and ("DABT_LOW", 6) in got
 
 
 def test_tids_lists_the_threads_of_two_vms(lab):
-    t = tracer(lab, "tids")
-    a, b = tid_of(lab, "qemu", 0), tid_of(lab, "small", 1)
-    lines = t["stdout"].splitlines()
-    assert lines[0] == FIRST + "TIDS ['%d', '%d']... Hit Ctrl-C to end." \
-        % (a, b)
-    assert lines[2].startswith("TIDS     KVM_EXIT_REASON")
-    assert rows(t["stdout"], 1) == per_thread(kernel(lab, tids={a, b}),
-                                              False)
+    tids = tid_of(lab, "qemu", 0), tid_of(lab, "small", 1)
+    fixtures.check_tids(tracer(lab, "tids"), tids,
+                        kernel(lab, tids=set(tids)), ARM64)
 
 
 def test_duration_csv_and_names_on_the_tracepoint(lab):

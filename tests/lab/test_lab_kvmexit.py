@@ -8,6 +8,7 @@ with the reason.
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -19,12 +20,12 @@ import pytest
 import kvmexit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixtures import Scenario, tracer  # noqa: E402
+import fixtures  # noqa: E402
+from fixtures import FIRST, NAMES, Scenario, tid_of, tracer  # noqa: E402
 from fixtures import report_rows as rows  # noqa: E402
 
 IOIO, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x78, 0x04, 0x14
-NAMES = kvmexit.ReasonNames()
-FIRST = "Display kvm exit reasons and statistics for "
+SVM = kvmexit.ISA_SVM
 
 
 SCENARIO = Scenario("kvmexit", script="tests/lab/scenario.py",
@@ -37,42 +38,14 @@ def lab(lab_runs):
 
 
 def kernel(lab, guest=None, tids=None):
-    """{(pid, tid, code): count} from the hist trigger, for the guests'
-    vCPU threads (of one guest, or of some threads)."""
-    counts = {}
-    for name, g in lab["guests"].items():
-        if guest and name != guest:
-            continue
-        for v in g["vcpus"]:
-            if tids and v["tid"] not in tids:
-                continue
-            for key, n in lab["hist"].items():
-                tid, code = map(int, key.split(","))
-                if tid == v["tid"]:
-                    counts[(g["pid"], tid, code)] = n
-    return counts
+    """{(pid, tid, code): count} from the hist trigger ("tid,code": n)."""
+    hist = [tuple(map(int, key.split(","))) + (n,)
+            for key, n in lab["hist"].items()]
+    return fixtures.kernel_counts(lab, hist, guest, tids)
 
 
-def tid_of(lab, guest, index):
-    return lab["guests"][guest]["vcpus"][index]["tid"]
-
-
-def collapsed(counts):
-    """[(name, count)] as the one-list views sort them."""
-    merged = {}
-    for (_, _, code), n in counts.items():
-        merged[code] = merged.get(code, 0) + n
-    return [(NAMES.name(2, c), n) for c, n in
-            sorted(merged.items(), key=lambda cn: (-cn[1], cn[0]))]
-
-
-def per_thread(counts, with_pid):
-    """[(ids..., name, count)] as the views with threads sort them."""
-    group = (lambda k: k[:2]) if with_pid else (lambda k: k[1])
-    rows = sorted(counts.items(), key=lambda kv: (group(kv[0]), -kv[1],
-                                                   kv[0][2]))
-    return [((pid, tid) if with_pid else (tid,)) + (NAMES.name(2, code), n)
-            for (pid, tid, code), n in rows]
+collapsed = functools.partial(fixtures.collapsed, isa=SVM)
+per_thread = functools.partial(fixtures.per_thread, isa=SVM)
 
 
 def test_guest_exits_are_exact_in_the_kernel_count(lab):
@@ -87,15 +60,7 @@ def test_guest_exits_are_exact_in_the_kernel_count(lab):
 
 
 def test_no_filter_prints_every_vcpu_thread_as_the_kernel_counted(lab):
-    t = tracer(lab, "all")
-    lines = t["stdout"].splitlines()
-    assert lines[:3] == [FIRST + "all threads... Hit Ctrl-C to end.", "",
-                         "PID      TID      KVM_EXIT_REASON" + " " * 21 +
-                         "COUNT"]
-    assert rows(t["stdout"], 2) == per_thread(kernel(lab), True)
-    # bcc's widths: "%-8u %-8u %-35s %-8u".
-    pid, tid, name, count = per_thread(kernel(lab), True)[0]
-    assert lines[3] == "%-8u %-8u %-35s %-8u" % (pid, tid, name, count)
+    fixtures.check_all_threads(tracer(lab, "all"), kernel(lab), SVM)
 
 
 def test_raw_tracepoint_is_default_on_amd_and_agrees_with_tracepoint(lab):
@@ -110,31 +75,24 @@ def test_raw_tracepoint_is_default_on_amd_and_agrees_with_tracepoint(lab):
 
 
 def test_pid_collapses_its_threads_sorted_by_count(lab):
-    t = tracer(lab, "pid")
-    pid = lab["guests"]["qemu"]["pid"]
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "PID %d... Hit Ctrl-C to end." % pid
-    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu"))
+    fixtures.check_one_list(tracer(lab, "pid"),
+                            "PID %d" % lab["guests"]["qemu"]["pid"],
+                            kernel(lab, "qemu"), SVM)
 
 
 def test_pid_alltids_lists_each_thread(lab):
-    t = tracer(lab, "pid_alltids")
-    pid = lab["guests"]["qemu"]["pid"]
-    lines = t["stdout"].splitlines()
-    assert lines[0] == FIRST + "PID %d and its all threads... Hit Ctrl-C " \
-        "to end." % pid
-    assert lines[2].startswith("TID      KVM_EXIT_REASON")
-    assert rows(t["stdout"], 1) == per_thread(kernel(lab, "qemu"), False)
+    fixtures.check_pid_alltids(tracer(lab, "pid_alltids"),
+                               lab["guests"]["qemu"]["pid"],
+                               kernel(lab, "qemu"), SVM)
 
 
 @pytest.mark.parametrize("vcpu", [1, 10])
 def test_vcpu_picks_the_qemu_thread_with_that_exact_number(lab, vcpu):
     t = tracer(lab, "vcpu%d" % vcpu)
-    pid = lab["guests"]["qemu"]["pid"]
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "PID %d VCPU %d... Hit Ctrl-C to end." % (pid, vcpu)
     tid = tid_of(lab, "qemu", vcpu)
-    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu", {tid}))
+    fixtures.check_one_list(
+        t, "PID %d VCPU %d" % (lab["guests"]["qemu"]["pid"], vcpu),
+        kernel(lab, "qemu", {tid}), SVM)
     assert ("IOIO", 100 + 10 * vcpu) in rows(t["stdout"], 0)
 
 
@@ -146,22 +104,15 @@ def test_vcpu_of_another_vmm_is_found_by_the_kernels_vcpu_id(lab):
 
 
 def test_tid_shows_one_thread_sorted_by_count(lab):
-    t = tracer(lab, "tid")
     tid = tid_of(lab, "qemu", 3)
-    assert t["stdout"].splitlines()[0] == \
-        FIRST + "TID %d... Hit Ctrl-C to end." % tid
-    assert rows(t["stdout"], 0) == collapsed(kernel(lab, "qemu", {tid}))
+    fixtures.check_one_list(tracer(lab, "tid"), "TID %d" % tid,
+                            kernel(lab, "qemu", {tid}), SVM)
 
 
 def test_tids_lists_the_threads_of_two_guests(lab):
-    t = tracer(lab, "tids")
-    a, b = tid_of(lab, "qemu", 5), tid_of(lab, "small", 1)
-    lines = t["stdout"].splitlines()
-    assert lines[0] == FIRST + "TIDS ['%d', '%d']... Hit Ctrl-C to end." \
-        % (a, b)
-    assert lines[2].startswith("TIDS     KVM_EXIT_REASON")
-    assert rows(t["stdout"], 1) == per_thread(kernel(lab, tids={a, b}),
-                                              False)
+    tids = tid_of(lab, "qemu", 5), tid_of(lab, "small", 1)
+    fixtures.check_tids(tracer(lab, "tids"), tids,
+                        kernel(lab, tids=set(tids)), SVM)
 
 
 def test_duration_reports_after_sleeping_without_a_signal(lab):
