@@ -12,6 +12,8 @@ AMD lab (QEMU's emulator, SVM).  Inside the lab a guest
 (tests/lab/guest.py, throughput mode) loops "10 CR4 round trips, one port
 write" on one vCPU for a few seconds: 21 exits a loop, 20 handled in KVM
 and one in user space.  Its exit rate is measured with no tracer, with
+an empty program on the raw tracepoint (the floor: what any BPF tracer
+of kvm_exit costs before it does any work), with
 kvmexit on the raw tracepoint (the default on AMD), on the regular
 tracepoint, and with --detail (the regular tracepoint, the last exit kept
 per thread, a port sub-key and a kvm_userspace_exit event per port
@@ -25,8 +27,8 @@ makes no exit, so the guest there loops CPUID, an exit KVM handles
 itself: one vCPU, --do cpuid:0:COUNT then HLT, COUNT calibrated at the
 start to last about --seconds; its rate is its kvm_exit count (from
 guest.py's report) over the vCPU's run time.  Each bcc compile takes
-minutes under Bochs, so kvmexit's raw and tracepoint programs are
-compiled once, by kvmexit.py's own functions in this process, and
+minutes under Bochs, so kvmexit's raw and tracepoint programs (and
+the empty one) are compiled once, by kvmexit.py's own functions in this process, and
 attached and detached around each guest run (what the guest pays for is
 the attached program; kvmexit's process only sleeps meanwhile).  Rates
 are measured by the guest's clock, which Bochs advances by the
@@ -49,10 +51,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 LAB = os.path.join(REPO, "tests", "lab")
 PYTHON = "/usr/bin/python3"
+# The floor: an empty program on the raw tracepoint, what any BPF tracer
+# of kvm_exit costs the guest before it does any work.  It says "ready"
+# once attached, as kvmexit says "Display ...".
+EMPTY_C = "int empty(void *ctx) { return 0; }"
+EMPTY = """
+import time
+from bcc import BPF
+b = BPF(text=%r)
+b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"empty")
+print("ready", flush=True)
+try:
+    time.sleep(3600)
+except KeyboardInterrupt:
+    pass
+""" % EMPTY_C
+KVMEXIT = [PYTHON, "kvmexit.py"]
 SETUPS = {"no tracer": None,
-          "kvmexit, raw tracepoint": ["--probe", "raw"],
-          "kvmexit, tracepoint": ["--probe", "tracepoint"],
-          "kvmexit --detail": ["--detail"]}
+          "empty program, raw": [PYTHON, "-c", EMPTY],
+          "kvmexit, raw tracepoint": KVMEXIT + ["--probe", "raw"],
+          "kvmexit, tracepoint": KVMEXIT + ["--probe", "tracepoint"],
+          "kvmexit --detail": KVMEXIT + ["--detail"]}
 
 
 def one_vcpu_guest(args, out):
@@ -71,19 +90,18 @@ def guest_rate(seconds, out):
     return sum(vcpu["expected"].values()) / vcpu["seconds"]
 
 
-def start_tracer(args, out):
-    """kvmexit, once its first line says the probe is attached."""
+def start_tracer(argv, out):
+    """A tracer, once its first line says its program is attached."""
     log = os.path.join(out, "tracer.out")
-    proc = subprocess.Popen([PYTHON, "kvmexit.py"] + args, cwd=REPO,
-                            stdout=open(log, "w"),
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=open(log, "w"),
                             stderr=subprocess.DEVNULL)
     while proc.poll() is None:
         with open(log) as f:
-            if f.readline().startswith("Display"):
+            if f.readline().endswith("\n"):
                 return proc
         time.sleep(0.2)
-    raise SystemExit("overhead: kvmexit %s exited with %d" %
-                     (" ".join(args), proc.returncode))
+    raise SystemExit("overhead: %s exited with %d" %
+                     (" ".join(argv[1:2]), proc.returncode))
 
 
 def counted_rate(count, out):
@@ -91,6 +109,11 @@ def counted_rate(count, out):
     vcpu = one_vcpu_guest(["--io", "0", "--do", "cpuid:0:%d" % count], out)
     exits = sum(e["count"] for e in vcpu["expected_events"]["kvm_exit"])
     return exits / vcpu["seconds"]
+
+
+def bcc_empty():
+    from bcc import BPF
+    return BPF(text=EMPTY_C)
 
 
 class InProcessTracers:
@@ -112,12 +135,15 @@ class InProcessTracers:
                 chosen, selection, kvmexit.MIN_MAX_THREADS, layout))
             self.programs[probe] = (chosen.kind, b)
             self.detach(probe)      # bcc attaches tracepoint programs
+        self.programs["empty"] = ("raw", bcc_empty())
 
     def attach(self, probe):
         kind, b = self.programs[probe]
         if kind == "tracepoint":
             b.attach_tracepoint(tp=b"kvm:kvm_exit",
                                 fn_name=b"tracepoint__kvm__kvm_exit")
+        elif probe == "empty":
+            b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"empty")
         else:
             self.kvmexit.attach_raw(b)
 
@@ -131,7 +157,8 @@ class InProcessTracers:
 
 def inside_intel(seconds, rounds, out):
     tracers = InProcessTracers()
-    probes = {"no tracer": None, "kvmexit, raw tracepoint": "raw",
+    probes = {"no tracer": None, "empty program, raw": "empty",
+              "kvmexit, raw tracepoint": "raw",
               "kvmexit, tracepoint": "tracepoint"}
     # Calibrate: a COUNT that lasts about `seconds` with no tracer.
     count = max(1000, int(counted_rate(2000, out) * seconds))
