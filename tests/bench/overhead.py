@@ -60,8 +60,8 @@ import time
 from bcc import BPF
 b = BPF(text=%r)
 b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"empty")
-print("ready", flush=True)
 try:
+    print("ready", flush=True)
     time.sleep(3600)
 except KeyboardInterrupt:
     pass
