@@ -278,8 +278,15 @@ def listen_address(text):
     """[ADDR:]PORT -> (host, port); ADDR is 127.0.0.1 unless given, an
     IPv6 one in brackets ([::1]:9417)."""
     host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    # An IPv6 ADDR is bracketed; unbracketed, its colons would make the
+    # split above ambiguous ("::1:9417").
+    if "[" in host or "]" in host or (":" in host and not bracketed):
+        raise argparse.ArgumentTypeError(
+            "must be [ADDR:]PORT, an IPv6 ADDR in brackets ([::1]:9417): "
+            "%r" % text)
     if not port.isdecimal() or not 0 < int(port) < 65536 or \
             (sep and not host):
         raise argparse.ArgumentTypeError(

@@ -11,6 +11,7 @@ the lab (tests/lab/test_lab_fleet.py).
 
 Runs as root on the real kernel, never skipped (see conftest.py)."""
 
+import argparse
 import os
 import signal
 import socket
@@ -621,4 +622,13 @@ def test_listen_address_defaults_to_loopback():
     assert kvmexit.listen_address("9417") == ("127.0.0.1", 9417)
     assert kvmexit.listen_address("0.0.0.0:9417") == ("0.0.0.0", 9417)
     assert kvmexit.listen_address("[::1]:9417") == ("::1", 9417)
+
+
+@pytest.mark.parametrize("text", ["[::1:9417", "::1]:9417", "::1:9417",
+                                  "[[::1]]:9417", "a]:9417"])
+def test_an_ipv6_listen_address_needs_its_brackets(text):
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        kvmexit.listen_address(text)
+    assert str(e.value) == "must be [ADDR:]PORT, an IPv6 ADDR in brackets " \
+        "([::1]:9417): %r" % text
 
