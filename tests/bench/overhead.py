@@ -28,8 +28,8 @@ itself: one vCPU, --do cpuid:0:COUNT then HLT, COUNT calibrated at the
 start to last about --seconds; its rate is its kvm_exit count (from
 guest.py's report) over the vCPU's run time.  Each bcc compile takes
 minutes under Bochs, so kvmexit's raw and tracepoint programs (and
-the empty one) are compiled once, by kvmexit.py's own functions in this process, and
-attached and detached around each guest run (what the guest pays for is
+the empty one) are compiled once, by kvmexit.py's own functions in this
+process, and attached and detached around each guest run (what the guest pays for is
 the attached program; kvmexit's process only sleeps meanwhile).  Rates
 are measured by the guest's clock, which Bochs advances by the
 instructions it emulates (ips in tests/lab/intel.py), so rounds repeat
@@ -90,7 +90,7 @@ def guest_rate(seconds, out):
     return sum(vcpu["expected"].values()) / vcpu["seconds"]
 
 
-def start_tracer(argv, out):
+def start_tracer(name, argv, out):
     """A tracer, once its first line says its program is attached."""
     log = os.path.join(out, "tracer.out")
     proc = subprocess.Popen(argv, cwd=REPO, stdout=open(log, "w"),
@@ -100,8 +100,8 @@ def start_tracer(argv, out):
             if f.readline().endswith("\n"):
                 return proc
         time.sleep(0.2)
-    raise SystemExit("overhead: %s exited with %d" %
-                     (" ".join(argv[1:2]), proc.returncode))
+    raise SystemExit("overhead: the tracer of %r exited with %d" %
+                     (name, proc.returncode))
 
 
 def counted_rate(count, out):
@@ -178,7 +178,7 @@ def inside(seconds, rounds, out):
     rates = {name: [] for name in SETUPS}
     for _ in range(rounds):
         for name, args in SETUPS.items():
-            tracer = start_tracer(args, out) if args else None
+            tracer = start_tracer(name, args, out) if args else None
             rates[name].append(guest_rate(seconds, out))
             if tracer:
                 tracer.send_signal(signal.SIGINT)
