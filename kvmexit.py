@@ -2198,18 +2198,26 @@ def fds_hidden(pid, proc="/proc"):
     return False
 
 
-def select_readable(args, proc="/proc"):
+def select_readable(args, proc="/proc", status="/proc/self/status"):
     """select_threads(), saying so when -v's vCPU was not found because the
     VMM's /proc entries could not be read."""
     try:
         return select_threads(args, proc)
     except Error as e:
-        if args.vcpu is not None and args.pid is not None and \
-                fds_hidden(args.pid, proc):
-            raise Error("%s: cannot read its /proc/%d/fd (another user's "
-                        "process: needs CAP_SYS_PTRACE and "
-                        "CAP_DAC_READ_SEARCH)" % (e, args.pid))
-        raise
+        if args.vcpu is None or args.pid is None or \
+                not fds_hidden(args.pid, proc):
+            raise
+        caps = capabilities(status)
+        if caps >> CAP_SYS_PTRACE & 1 and caps >> CAP_DAC_READ_SEARCH & 1:
+            # Not for want of capabilities: something else keeps that
+            # process's files from this one (a security module, say).
+            why = "permission denied even with CAP_SYS_PTRACE and " \
+                  "CAP_DAC_READ_SEARCH"
+        else:
+            why = "another user's process: needs CAP_SYS_PTRACE and " \
+                  "CAP_DAC_READ_SEARCH"
+        raise Error("%s: cannot read its /proc/%d/fd (%s)"
+                    % (e, args.pid, why))
 
 
 # bcc's messages that name the cause better than the compiler's errors

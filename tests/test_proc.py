@@ -157,6 +157,32 @@ def test_non_qemu_vcpu_it_does_not_have_is_an_error(proc):
     assert str(exc.value) == "PID 40 has no vCPU 2"
 
 
+CAP_EFF = {"both": (1 << kvmexit.CAP_SYS_PTRACE) |
+           (1 << kvmexit.CAP_DAC_READ_SEARCH),
+           "no ptrace": 1 << kvmexit.CAP_DAC_READ_SEARCH,
+           "no dac_read_search": 1 << kvmexit.CAP_SYS_PTRACE}
+
+
+@pytest.mark.parametrize("caps, why", [
+    ("no ptrace", "another user's process: needs CAP_SYS_PTRACE and "
+     "CAP_DAC_READ_SEARCH"),
+    ("no dac_read_search", "another user's process: needs CAP_SYS_PTRACE "
+     "and CAP_DAC_READ_SEARCH"),
+    ("both", "permission denied even with CAP_SYS_PTRACE and "
+     "CAP_DAC_READ_SEARCH")])
+def test_a_vcpu_behind_unreadable_fds_says_why(proc, tmp_path, monkeypatch,
+                                               caps, why):
+    # Root reads any fake tree: the refusal is the kernel's, stood in for.
+    monkeypatch.setattr(kvmexit, "fds_hidden", lambda pid, proc: pid == 40)
+    status = tmp_path / "status"
+    status.write_text("Name:\tkvmexit\nCapEff:\t%016x\n" % CAP_EFF[caps])
+    args = kvmexit.parse_args(["-p", "40", "-v", "2"])
+    with pytest.raises(kvmexit.Error) as exc:
+        kvmexit.select_readable(args, proc.path, str(status))
+    assert str(exc.value) == "PID 40 has no vCPU 2: cannot read its " \
+        "/proc/40/fd (%s)" % why
+
+
 def test_qemu_thread_name_wins_over_the_vcpu_fds(proc):
     # PID 5 has both; the thread name gives an exact TID filter.
     sel = select(proc, "-p", 5, "-v", 3)
