@@ -655,20 +655,36 @@ def vmm_processes(proc="/proc"):
 #
 # What the running kernel offers
 #
+# Linux numbers CPUs below NR_CPUS, at most 8192: a list that goes past
+# this is not the kernel's (and would cost the report its memory).
+CPU_LIMIT = 1 << 16
+CPU_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z", re.ASCII)
+
+
 def parse_cpu_list(text):
     """'0-3,8-11' (the kernel's CPU list format) -> [0, 1, 2, 3, 8, ...]."""
     cpus = []
     for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
+        match = CPU_RANGE.match(part)
+        first = match and int(match.group(1))
+        last = match and int(match.group(2) or first)
+        if not match or not first <= last < CPU_LIMIT:
+            raise Error("not a list of CPUs: %r" % text.strip()[:80])
+        cpus.extend(range(first, last + 1))
     return cpus
+
+
+def cpu_list(path):
+    """The CPUs a /sys list names (possible, online)."""
+    try:
+        return parse_cpu_list(read_text(path))
+    except Error as e:
+        raise Error("%s: %s" % (path, e))
 
 
 def possible_cpus():
     """Per-CPU map values come for every possible CPU, online or not."""
-    return len(parse_cpu_list(read_text(POSSIBLE_CPUS)))
+    return len(cpu_list(POSSIBLE_CPUS))
 
 
 def tracepoint_dir():
@@ -2002,7 +2018,7 @@ def detail_macros(tp_dir=None):
     tracepoint has not)."""
     tp_dir = tp_dir or tracepoint_dir()
     intr_info = tp_dir and "intr_info;" in read_text(tp_dir + "/format")
-    cpus = max(parse_cpu_list(read_text(POSSIBLE_CPUS))) + 1
+    cpus = max(cpu_list(POSSIBLE_CPUS)) + 1
     return ["-DDETAIL", "-DMAX_DETAIL=%d" % MAX_DETAIL,
             "-DDETAIL_CPUS=%d" % cpus,
             "-DPENDING_ENTRIES=%d" % PENDING_ENTRIES] + \
@@ -2748,7 +2764,7 @@ def flush_details(b):
         fd = b.load_func(b"flush_detail", bcc.BPF.RAW_TRACEPOINT).fd
     except Exception as e:
         raise Error("cannot load --detail's flush program: %s" % e)
-    for cpu in parse_cpu_list(read_text(ONLINE_CPUS)):
+    for cpu in cpu_list(ONLINE_CPUS):
         for _ in range(FLUSH_TRIES):
             opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts),
                                flags=BPF_F_TEST_RUN_ON_CPU, cpu=cpu)

@@ -580,6 +580,21 @@ def test_f4_a_broken_vmlinux_btf_falls_back_to_the_tracepoint(
         HEADER_ALL + "\n"
 
 
+@pytest.mark.parametrize("content", ["abc\n", "", "0-99999999\n"])
+def test_f4_a_cpu_list_that_is_not_one_is_one_line(ready, tmp_path,
+                                                    content):
+    # /sys/devices/system/cpu/possible as a broken kernel (or a container
+    # runtime's mock) might show it: one line, and no list of 10**8 CPUs.
+    fake = tmp_path / "possible"
+    fake.write_text(content)
+    script = "mount --bind %s %s && exec %s %s 1" % (
+        fake, kvmexit.POSSIBLE_CPUS, SYSTEM_PYTHON, SCRIPT)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script],
+                            capture_output=True, text=True, timeout=60)
+    assert_one_error_line(result, "kvmexit: %s: not a list of CPUs: %r" % (
+        kvmexit.POSSIBLE_CPUS, content.strip()))
+
+
 def copy_with_source(tmp_path, source):
     import shutil
     (tmp_path / "bpf").mkdir()

@@ -280,6 +280,19 @@ def test_parse_cpu_list_counts_eight_cpus():
     assert len(kvmexit.parse_cpu_list("0-3,8-11\n")) == 8
 
 
+@pytest.mark.parametrize("text", [
+    "", "\n", "abc", "-1", "0-", "-", "a-b", "3-1", "0,,1", "0-1\n2-3",
+    "1-0x3", "0-3-5", "\x00", "\u0663", "0-65536", "70000"])
+def test_what_is_not_a_cpu_list_is_an_error(text):
+    with pytest.raises(kvmexit.Error) as e:
+        kvmexit.parse_cpu_list(text)
+    assert str(e.value) == "not a list of CPUs: %r" % text.strip()
+
+
+def test_the_highest_cpu_a_list_may_name():
+    assert kvmexit.parse_cpu_list("65535") == [65535]
+
+
 def test_possible_cpus_matches_sys_devices_system_cpu_possible():
     with open("/sys/devices/system/cpu/possible") as f:
         text = f.read().strip()
