@@ -209,7 +209,6 @@ def test_read_percpu_sizes_its_buffer_for_the_possible_cpus(bcc, cpus_0_1,
     table = {int.from_bytes(k, "little"): v for k, v in zip(keys, values)}
     row = table[os.getpid() << 32 | a.tid]
     assert row.shape == (ncpus, LAYOUT.words)
-    position = kvmexit.parse_cpu_list(
-        kvmexit.read_text(kvmexit.POSSIBLE_CPUS)).index(1)
+    position = kvmexit.cpu_list(kvmexit.POSSIBLE_CPUS).index(1)
     assert int(row[position, col(0x7b)]) == 3
     assert int(row[:, col(0x7b)].sum()) == 3

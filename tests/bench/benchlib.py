@@ -65,8 +65,7 @@ def ncpus():
 
 
 def online_cpus():
-    return kvmexit.parse_cpu_list(
-        kvmexit.read_text("/sys/devices/system/cpu/online"))
+    return kvmexit.cpu_list(kvmexit.ONLINE_CPUS)
 
 
 # What kvmexit.py's main() always adds to the kvm_exit program.
