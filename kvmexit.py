@@ -718,6 +718,16 @@ def check_exit_fields(tp_dir):
                                    if not f.startswith("common_"))))
 
 
+# A number in a print fmt as the kernel writes it: decimal, or hex after
+# 0x (int(text, 0) would also take octal and refuse a leading zero).
+FMT_NUMBER = r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)"
+
+
+def fmt_number(text):
+    hexa = text.lstrip("-")[:2] in ("0x", "0X")
+    return int(text, 16 if hexa else 10)
+
+
 def parse_format_names(fmt):
     """Exit reason names the kernel's kvm_exit print fmt knows.
 
@@ -729,9 +739,9 @@ def parse_format_names(fmt):
                 for part in fmt.split("__print_symbolic(")[1:3]]
     for table, text in zip(tables, symbolic):
         for code, plus, name in re.findall(
-                r'\{\s*(-?(?:0x)?[0-9a-fA-F]+)(?:\s*\+\s*(\d+))?\s*,'
+                r'\{\s*(' + FMT_NUMBER + r')(?:\s*\+\s*(\d+))?\s*,'
                 r'\s*"([^"]*)"\s*\}', text):
-            value = (int(code, 0) + int(plus or 0)) & 0xffffffff
+            value = (fmt_number(code) + int(plus or 0)) & 0xffffffff
             table[value] = re.sub(r"[^A-Z0-9]+", "_", name.upper()).strip("_")
     return tables
 
@@ -748,9 +758,9 @@ def parse_arm64_format_names(fmt):
         if base is None:
             continue
         for code, name in re.findall(
-                r'\{\s*\(?\s*((?:0x)?[0-9a-fA-F]+)\s*\)?\s*,'
+                r'\{\s*\(?\s*(' + FMT_NUMBER + r')\s*\)?\s*,'
                 r'\s*"([^"]*)"\s*\}', part):
-            code = int(code, 0)
+            code = fmt_number(code)
             # A trap counts as its class, so ret's TRAP names no code.
             if base and code == ARM64_EXCEPTION_TRAP:
                 continue

@@ -150,6 +150,20 @@ def test_format_of_this_kernel_svm_names_are_normalised(kernel_fmt):
     assert svm[0xffffffff] == "INVALID_GUEST_STATE"     # { -1, ... }
 
 
+def test_a_print_fmt_number_is_decimal_or_0x_hex_as_the_kernel_writes():
+    # In a damaged format file, hex without 0x names nothing and a leading
+    # zero is still decimal; nothing raises (int(text, 0) did).
+    fmt = 'print fmt: "%s", __print_symbolic(REC->exit_reason, ' \
+        '{ 10, "CPUID" }, { a1, "BAD" }, { 077, "ZERO" }, { 0x1e, "IO" }), ' \
+        '__print_symbolic(REC->exit_reason, { -1, "ERR" }, { 0x40 + 2, ' \
+        '"X" })'
+    assert kvmexit.parse_format_names(fmt) == (
+        {10: "CPUID", 77: "ZERO", 0x1e: "IO"}, {0xffffffff: "ERR", 0x42: "X"})
+    arm = 'print fmt: "%s", __print_symbolic(REC->esr_ec, { 0x16, "HVC64" }' \
+        ', { 1f, "BAD" }, { 01, "WFx" })'
+    assert kvmexit.parse_arm64_format_names(arm) == {0x16: "HVC64", 1: "WFx"}
+
+
 def test_format_svm_table_does_not_take_the_vmx_failed_entry_flag(
         kernel_fmt):
     """The fmt's __print_flags(... { 0x80000000, "FAILED_VMENTRY" }) after
