@@ -461,9 +461,10 @@ def test_signal_during_bpf_compile_exits_cleanly_without_report(ready,
     run = Running(["-d", 1])
     # -d prints the cflags just before compiling (~1 s here).
     run.wait_for("err", "kvmexit: cflags: ")
-    started = time.time()
+    # No bound on how long the compile takes to give way (a loaded CI
+    # machine took over 5 s): an ignored signal would show as the 1 s
+    # run's report on stdout.
     out, err, rc = run.finish(signum, delay=0.05)
-    assert time.time() - started < 5
     assert clean_exit(rc, signum), rc
     assert out == ""
     assert "Traceback" not in err
