@@ -135,14 +135,14 @@ class InProcessTracers:
                 chosen, selection, kvmexit.MIN_MAX_THREADS, layout))
             self.programs[probe] = (chosen.kind, b)
             self.detach(probe)      # bcc attaches tracepoint programs
-        self.programs["empty"] = ("raw", bcc_empty())
+        self.programs["empty"] = ("empty", bcc_empty())
 
     def attach(self, probe):
         kind, b = self.programs[probe]
         if kind == "tracepoint":
             b.attach_tracepoint(tp=b"kvm:kvm_exit",
                                 fn_name=b"tracepoint__kvm__kvm_exit")
-        elif probe == "empty":
+        elif kind == "empty":
             b.attach_raw_tracepoint(tp=b"kvm_exit", fn_name=b"empty")
         else:
             self.kvmexit.attach_raw(b)
