@@ -30,7 +30,9 @@
 # Ctrl-C while the modules load ends the script quietly, as later on.
 try:
     import argparse
+    import array
     import base64
+    import bisect
     import collections
     import concurrent.futures
     import csv
@@ -795,12 +797,17 @@ BTF_KIND_VOLATILE, BTF_KIND_CONST, BTF_KIND_RESTRICT = 9, 10, 11
 BTF_KIND_FUNC, BTF_KIND_FUNC_PROTO, BTF_KIND_VAR = 12, 13, 14
 BTF_KIND_DATASEC, BTF_KIND_FLOAT, BTF_KIND_DECL_TAG = 15, 16, 17
 BTF_KIND_TYPE_TAG, BTF_KIND_ENUM64 = 18, 19
-# Bytes that follow a type's 12-byte header: fixed, or per vlen item.
+# Bytes that follow a type's 12-byte header: fixed, or per vlen item;
+# indexed by kind, so that the walk over every type is a list lookup.
 BTF_EXTRA = {BTF_KIND_INT: (4, 0), BTF_KIND_ARRAY: (12, 0),
              BTF_KIND_STRUCT: (0, 12), BTF_KIND_UNION: (0, 12),
              BTF_KIND_ENUM: (0, 8), BTF_KIND_FUNC_PROTO: (0, 8),
              BTF_KIND_VAR: (4, 0), BTF_KIND_DATASEC: (0, 12),
              BTF_KIND_DECL_TAG: (4, 0), BTF_KIND_ENUM64: (0, 12)}
+BTF_FIXED = [BTF_EXTRA.get(kind, (0, 0))[0] for kind in range(32)]
+BTF_PER_ITEM = [BTF_EXTRA.get(kind, (0, 0))[1] for kind in range(32)]
+# Type id 0, which no record describes.
+BTF_VOID = (0, 0, 0, b"", 0, 0, 0)
 BTF_MODIFIERS = (BTF_KIND_TYPEDEF, BTF_KIND_VOLATILE, BTF_KIND_CONST,
                  BTF_KIND_RESTRICT, BTF_KIND_TYPE_TAG)
 
@@ -809,36 +816,70 @@ class Btf:
     """Just enough of a BTF reader to find struct member offsets.
 
     A module's BTF is split: its type ids and string offsets continue
-    those of vmlinux, its base."""
+    those of vmlinux, its base.  Reading a file only notes where each type
+    starts (vmlinux has about 125,000, and under the labs' emulator every
+    Python step counts); a type is decoded when asked for."""
 
     def __init__(self, data, base=None):
         magic, _, _, hdr_len, type_off, type_len, str_off, str_len = \
             struct.unpack_from("<HBBIIIII", data)
         if magic != 0xeb9f:
             raise ValueError("not little-endian BTF")
-        self.types = list(base.types) if base else [None]
+        self.data = data
+        self.base = base
+        self.first_id = base.count if base else 1     # id 0 is void
         self.strings = (base.strings if base else b"") + \
             data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.by_name = dict(base.by_name) if base else {}
-        # Only the type headers are decoded here; members when asked for.
+        self.starts = array.array("q")
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        self.types_at = pos, end
+        info_of, add = struct.Struct("<I").unpack_from, self.starts.append
+        fixed, per_item = BTF_FIXED, BTF_PER_ITEM
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data,
-                                                              pos)
-            kind, vlen = (info >> 24) & 0x1f, info & 0xffff
-            self.types.append((kind, name_off, size_or_type,
-                               (data, pos + 12, vlen, info >> 31)))
-            if kind in (BTF_KIND_STRUCT, BTF_KIND_TYPEDEF):
-                self.by_name.setdefault((kind, name_off),
-                                        len(self.types) - 1)
-            fixed, per_item = BTF_EXTRA.get(kind, (0, 0))
-            pos += 12 + fixed + per_item * vlen
+            add(pos)
+            info, = info_of(data, pos + 4)
+            kind = (info >> 24) & 0x1f
+            pos += 12 + fixed[kind] + per_item[kind] * (info & 0xffff)
+        if pos != end:
+            raise ValueError("BTF types overrun their section")
+        self.count = self.first_id + len(self.starts)
+
+    def header(self, type_id):
+        """(kind, name offset, size or type, data, body offset, vlen,
+        kind_flag) of a type; the base's own for its ids."""
+        if type_id < self.first_id:
+            return self.base.header(type_id) if self.base else BTF_VOID
+        pos = self.starts[type_id - self.first_id]
+        name_off, info, size_or_type = struct.unpack_from("<III", self.data,
+                                                          pos)
+        return ((info >> 24) & 0x1f, name_off, size_or_type, self.data,
+                pos + 12, info & 0xffff, info >> 31)
 
     def named(self, kind, name):
-        """The id of the struct or typedef of that name, or None.  Strings
-        are deduplicated in BTF, so a name has one offset."""
+        """The id of the first struct or typedef of that name, or None.
+        Strings are deduplicated in BTF, so a name has one offset, and the
+        type is found by searching for it where types start."""
         offset = self.strings.find(b"\0" + name.encode() + b"\0")
-        return None if offset < 0 else self.by_name.get((kind, offset + 1))
+        return None if offset < 0 else self.with_name(kind, offset + 1)
+
+    def with_name(self, kind, name_off):
+        # A base type's name is among the base's strings.
+        if self.base and name_off < len(self.base.strings):
+            found = self.base.with_name(kind, name_off)
+            if found:
+                return found
+        # Every type starts on a 4-byte boundary of the type section.
+        needle = struct.pack("<I", name_off)
+        first, end = self.types_at
+        pos = self.data.find(needle, first, end)
+        while pos >= 0:
+            if (pos - first) % 4 == 0:
+                i = bisect.bisect_left(self.starts, pos)
+                if i < len(self.starts) and self.starts[i] == pos and \
+                        self.header(self.first_id + i)[0] == kind:
+                    return self.first_id + i
+            pos = self.data.find(needle, pos + 1, end)
+        return None
 
     def string(self, offset):
         end = self.strings.index(b"\0", offset)
@@ -847,7 +888,7 @@ class Btf:
     def members(self, type_id):
         """[(name, type id, bit offset, bit-field size)] of a struct or
         union; the parameter type ids of a function prototype."""
-        kind, _, _, (data, body, vlen, kflag) = self.types[type_id]
+        kind, _, _, data, body, vlen, kflag = self.header(type_id)
         if kind == BTF_KIND_FUNC_PROTO:
             return [struct.unpack_from("<II", data, body + 8 * i)[1]
                     for i in range(vlen)]
@@ -862,15 +903,15 @@ class Btf:
 
     def resolve(self, type_id):
         """Skip typedefs and qualifiers."""
-        while self.types[type_id][0] in BTF_MODIFIERS:
-            type_id = self.types[type_id][2]
+        while self.header(type_id)[0] in BTF_MODIFIERS:
+            type_id = self.header(type_id)[2]
         return type_id
 
     def member(self, type_id, name):
         """(byte offset, type id) of a member, looking into anonymous
         structs and unions; None if absent or a bit-field."""
         type_id = self.resolve(type_id)
-        if self.types[type_id][0] not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+        if self.header(type_id)[0] not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
             return None
         for m_name, m_type, bits, bitfield in self.members(type_id):
             if m_name == name:
@@ -902,10 +943,10 @@ class Btf:
         found = type_id and self.member(type_id, member)
         if not found:
             return None
-        ptr = self.types[self.resolve(found[1])]
+        ptr = self.header(self.resolve(found[1]))
         if ptr[0] != BTF_KIND_PTR:
             return None
-        return self.string(self.types[self.resolve(ptr[2])][1])
+        return self.string(self.header(self.resolve(ptr[2]))[1])
 
     def tracepoint_params(self, name):
         """Parameter count of a tracepoint's btf_trace_<name> prototype,
@@ -913,16 +954,16 @@ class Btf:
         type_id = self.named(BTF_KIND_TYPEDEF, "btf_trace_" + name)
         if type_id is None:
             return None
-        ptr = self.types[self.resolve(type_id)]
+        ptr = self.header(self.resolve(type_id))
         proto = self.resolve(ptr[2])
-        if self.types[proto][0] != BTF_KIND_FUNC_PROTO:
+        if self.header(proto)[0] != BTF_KIND_FUNC_PROTO:
             return None
         return len(self.members(proto)) - 1
 
 
-# Each BTF file is decoded once while the program is built (main() then
+# Each BTF file is read once while the program is built (main() then
 # empties the cache): the probe's choice and the task offsets both need
-# vmlinux's (about 125,000 types, a few seconds of Python under an
+# vmlinux's (about 125,000 types: 25 ms here, about 3 s under the labs'
 # emulator).  Keyed by the file's identity and the base object, so that a
 # file written again is read again.
 BTF_CACHE = {}
@@ -4717,7 +4758,7 @@ def main(argv=None, stdout_closed=False):
         server = listen(args.prometheus, web, args.web_max_requests)
 
     b, program = start_tracing(program, args.debug)
-    BTF_CACHE.clear()       # 37 MB of decoded types, needed only until now
+    BTF_CACHE.clear()       # 9 MB of BTF, needed only until now
     probe = program.probe
     if args.debug:
         print("kvmexit: probe: %s (%s)" % (probe.kind, probe.why),

@@ -168,3 +168,76 @@ def test_raw_new_program_with_debian61_offsets_loads_and_attaches(debian61):
         assert list(b.raw_tracepoint_fds) == [b"kvm_exit"]
     finally:
         b.cleanup()
+
+
+def btf_blob(types, strings):
+    """BTF with these type records (bytes each) and string section."""
+    body = b"".join(types)
+    return struct.pack("<HBBIIIII", 0xeb9f, 1, 0, 24, 0, len(body),
+                       len(body), len(strings)) + body + strings
+
+
+def int_type(name_off):
+    return struct.pack("<IIII", name_off, kvmexit.BTF_KIND_INT << 24, 4, 32)
+
+
+def struct_type(name_off, size, members, kind=kvmexit.BTF_KIND_STRUCT):
+    """members: (name offset, type id, byte offset)."""
+    return struct.pack("<III", name_off, kind << 24 | len(members), size) + \
+        b"".join(struct.pack("<III", m_name, m_type, 8 * m_off)
+                 for m_name, m_type, m_off in members)
+
+
+def typedef(name_off, type_id):
+    return struct.pack("<III", name_off, kvmexit.BTF_KIND_TYPEDEF << 24,
+                       type_id)
+
+
+def test_a_type_is_found_where_it_starts_not_where_its_name_is_data():
+    strings = b"\0int\0a\0target\0b\0"
+    target, a, b = strings.index(b"target"), strings.index(b"a\0"), \
+        strings.index(b"b\0")
+    btf = kvmexit.Btf(btf_blob([
+        int_type(1),                                        # [1]
+        # [2]: the target's name offset is also a member's type id here,
+        # inside a record, right before another struct.
+        struct_type(a, 16, [(a, target, 0), (b, 1, 1)]),
+        struct_type(b, 4, [(a, 1, 0)]),                     # [3]
+        typedef(target, 5),                                 # [4]
+        struct_type(target, 8, [(b, 1, 4)]),                # [5]
+    ], strings))
+    assert btf.data.find(struct.pack("<I", target), 24) < 24 + 16 + 36
+    assert btf.named(kvmexit.BTF_KIND_STRUCT, "target") == 5
+    assert btf.named(kvmexit.BTF_KIND_TYPEDEF, "target") == 4
+    assert btf.offset("target", "b") == 4
+    assert btf.named(kvmexit.BTF_KIND_STRUCT, "missing") is None
+    assert btf.named(kvmexit.BTF_KIND_STRUCT, "int") is None
+
+
+def test_split_btf_continues_its_bases_ids_and_the_base_names_first():
+    base_strings = b"\0int\0dup\0"
+    base = kvmexit.Btf(btf_blob([int_type(1),
+                                 struct_type(5, 4, [(1, 1, 0)])],
+                                base_strings))
+    # The module's own strings continue the base's offsets.
+    own = b"mod\0"
+    mod_name = len(base_strings)
+    module = kvmexit.Btf(btf_blob([
+        struct_type(5, 8, [(1, 1, 4)]),                     # [3] dup again
+        struct_type(mod_name, 8, [(5, 2, 4)]),              # [4] mod
+    ], own), base)
+    assert (base.count, module.first_id, module.count) == (3, 3, 5)
+    assert module.named(kvmexit.BTF_KIND_STRUCT, "dup") == 2
+    assert module.named(kvmexit.BTF_KIND_STRUCT, "mod") == 4
+    assert module.offset("mod", "dup.int") == 4
+    assert module.pointee("mod", "dup") is None
+
+
+def test_btf_whose_last_type_overruns_its_section_is_not_read(tmp_path):
+    strings = b"\0int\0s\0"
+    record = struct_type(5, 8, [(1, 1, 0), (1, 1, 4)])
+    path = tmp_path / "vmlinux"
+    path.write_bytes(btf_blob([int_type(1), record[:-4]], strings))
+    assert kvmexit.read_btf(str(path), None) is None
+    path.write_bytes(btf_blob([int_type(1), record], strings))
+    assert kvmexit.read_btf(str(path), None).offset("s", "int") == 0
