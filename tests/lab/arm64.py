@@ -27,6 +27,13 @@ class Arm64Lab(Lab):
     name = "arm64 lab"
     tag = "arm64 lab"
     boot_limit = 420            # s; /init started at 59-149 s here
+    # Every feature, EL2 included.  Pointer authentication with QEMU's
+    # own algorithm, not the architected QARMA5, which its emulator
+    # computes step by step: Debian's arm64 kernel and binaries sign and
+    # check return addresses in nearly every function.  The kernel sees
+    # the same features (an IMPLEMENTATION DEFINED algorithm); the lab
+    # booted about 3 times as fast (README: the arm64 lab).
+    cpu = "max,pauth-impdef=on"
     setup_script = os.path.join(LAB_DIR, "arm64_setup.sh")
 
     def __init__(self, cpus=2):
@@ -68,7 +75,7 @@ class Arm64Lab(Lab):
                   f"lab.run={script}"]
         return ["qemu-system-aarch64",
                 "-M", "virt,virtualization=on,gic-version=3",
-                "-cpu", "max", "-smp", str(self.cpus), "-m", MEMORY,
+                "-cpu", self.cpu, "-smp", str(self.cpus), "-m", MEMORY,
                 "-nographic", "-no-reboot",
                 "-kernel", kernel, "-initrd", self.initrd,
                 "-append", " ".join(append),
