@@ -109,8 +109,9 @@ def tracer_args():
     }
 
 
-def promql(server):
-    """The PromQL answers the test compares, as [[labels, value]]."""
+def promql(server, at):
+    """The PromQL answers the test compares, as [[labels, value]], as they
+    were at `at` (see scraped())."""
     queries = {
         # Each series' last stored value: also the series of VMs whose
         # threads were retired and dropped, and of the first exporter.
@@ -122,21 +123,31 @@ def promql(server):
         "build": "kvmexit_build_info",
         "up": "up",
     }
-    return query_all(server, queries)
+    return query_all(server, queries, at)
 
 
-def query_all(server, queries):
+def scraped(server):
+    """Wait for a successful scrape of every target that began after now;
+    return when the last of them began.  Queries are evaluated there: a
+    scrape after it that ran out of time (the emulated lab starved of CPU
+    by the machine's other work) would mark every series stale, and an
+    instant query made later would find none."""
+    states = server.wait_for_scrape(after=time.time())
+    return max(last for _, last, _ in states.values())
+
+
+def query_all(server, queries, at):
     """{name: PromQL} -> {name: [[labels, value], ...]}, as JSON keeps it."""
-    return {name: [[labels, value] for labels, value in server.query(q)]
+    return {name: [[labels, value] for labels, value in server.query(q, at)]
             for name, q in queries.items()}
 
 
-def answer(server, query):
+def answer(server, query, at):
     """[query, [[labels, value]], error or None]: a query of the kit that
     Prometheus refuses is recorded, not raised, so that every one is."""
     try:
         return [query, [[labels, value] for labels, value in
-                        server.query(query)], None]
+                        server.query(query, at)], None]
     except PrometheusError as e:
         return [query, [], str(e)]
 
@@ -148,16 +159,18 @@ def recorded_names(path):
             if "record" in rule]
 
 
-def kit(server):
-    """What the operator's kit gives on these exits: each dashboard query,
-    each rule expression, each series a recording rule stored, and the
-    alerts Prometheus has active (pending or firing)."""
+def kit(server, at):
+    """What the operator's kit gives on these exits at `at`: each
+    dashboard query, each rule expression, each series a recording rule
+    stored; and the alerts Prometheus has active (pending or firing)
+    now."""
     return {
-        "dashboard": [answer(server, q)
+        "dashboard": [answer(server, q, at)
                       for q in dashboard.dashboard_queries(DASHBOARD)],
-        "rules": [answer(server, q)
+        "rules": [answer(server, q, at)
                   for q in dashboard.rule_expressions(RULES)],
-        "recorded": [answer(server, name) for name in recorded_names(RULES)],
+        "recorded": [answer(server, name, at)
+                     for name in recorded_names(RULES)],
         "alerts": server.api("alerts")["alerts"],
     }
 
@@ -205,9 +218,9 @@ def run(out, plan, server):
         time.sleep(GAP)
     # The last retirement tick and interval report, then a scrape after.
     time.sleep(GAP)
-    server.wait_for_scrape(after=time.time())
-    answers = promql(server)
-    kit_answers = kit(server)
+    at = scraped(server)
+    answers = promql(server, at)
+    kit_answers = kit(server, at)
     hist = read_hist()
     with open(TRIGGER, "w") as f:
         f.write("!" + HIST_KEYS)

@@ -74,7 +74,7 @@ def promql_capacity():
     return 'kvmexit_table_capacity{table="pcpu_kvm_stat"}'
 
 
-def promql(server):
+def promql(server, at):
     window = "1h"
     queries = {
         "exits": "last_over_time(kvm_exits_total[%s])" % window,
@@ -87,7 +87,7 @@ def promql(server):
         "details_lost": "max_over_time(kvmexit_detail_lost_total"
                         "[%s])" % window,
     }
-    return fleet.query_all(server, queries)
+    return fleet.query_all(server, queries, at)
 
 
 def main(out):
@@ -108,15 +108,13 @@ def run(out, plan, server):
     qemu_status = subprocess.run([PYTHON, qemu_vm.__file__, QEMU_VM,
                                   qemu_report]).returncode
     time.sleep(GAP)
-    server.wait_for_scrape(after=time.time())
-    qemu_capacity = server.query(promql_capacity())
+    qemu_capacity = server.query(promql_capacity(), fleet.scraped(server))
     report = os.path.join(out, "guest-%s.json" % VM)
     status = subprocess.run([PYTHON, fleet.__file__, "vm", "-name",
                              "guest=" + VM] + guest_args() +
                             ["--report", report]).returncode
     time.sleep(GAP)
-    server.wait_for_scrape(after=time.time())
-    answers = promql(server)
+    answers = promql(server, fleet.scraped(server))
     hist = read_hist()
     detail_hists = {event: read_hists(event) for event, _ in DETAIL_HISTS}
     for event, keys in DETAIL_HISTS:
