@@ -53,9 +53,11 @@ GUEST_PYTHON = "/usr/bin/python3"
 HEARTBEAT = 5
 # Time a stopped machine gets between SIGTERM and SIGKILL.
 KILL_GRACE = 10
-# The labs: kind -> (module, class), imported only when used.
-LABS = {"amd": ("amd", "AmdLab"), "intel": ("intel", "IntelLab"),
-        "arm64": ("arm64", "Arm64Lab")}
+# The labs: kind -> (module, class), imported only when used.  "amd2" is a
+# second AMD lab, booted beside the first: each emulator runs on one host
+# CPU (amd.py), so the AMD scenarios are shared between two of them.
+LABS = {"amd": ("amd", "AmdLab"), "amd2": ("amd", "AmdLab"),
+        "intel": ("intel", "IntelLab"), "arm64": ("arm64", "Arm64Lab")}
 
 
 class LabError(Exception):

@@ -37,9 +37,8 @@ import time
 import kvmexit
 from core import GUEST_PYTHON, LAB_DIR, LabError, LabFrozen, lab_of
 
-# The labs, longest run first (its scenarios' time at ff43f99: AMD about
-# 17 minutes, arm64 and Intel a few).
-LABS = ("amd", "arm64", "intel")
+# The labs, longest run first.
+LABS = ("amd", "amd2", "arm64", "intel")
 # The nice value, added to the session's, of a lab that can wait: it runs
 # on the CPU the longest leaves, or when the host tests wait.
 YIELD = 10

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import caps  # noqa: E402
 from fixtures import Scenario  # noqa: E402
 
-SCENARIO = Scenario("caps", script="tests/lab/caps.py",
+SCENARIO = Scenario("caps", script="tests/lab/caps.py", lab="amd2",
                     env="KVMEXIT_LAB_CAPS")
 NAMES = kvmexit.ReasonNames()
 

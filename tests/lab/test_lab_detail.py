@@ -30,7 +30,7 @@ K = kvmexit.DETAIL_KINDS
 
 
 SCENARIO = Scenario("detail", script="tests/lab/detail_scenario.py",
-                    env="KVMEXIT_LAB_DETAIL")
+                    lab="amd2", env="KVMEXIT_LAB_DETAIL")
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ IOIO, MSR, HLT, READ_CR4, WRITE_CR4 = 0x7b, 0x7c, 0x78, 0x04, 0x14
 NAMES = kvmexit.ReasonNames()
 
 
-SCENARIO = Scenario("growth", script="tests/lab/growth.py",
+SCENARIO = Scenario("growth", script="tests/lab/growth.py", lab="amd2",
                     env="KVMEXIT_LAB_GROWTH")
 
 

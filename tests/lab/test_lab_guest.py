@@ -193,7 +193,7 @@ def command(outdir):
     return ["/bin/sh", script]
 
 
-SCENARIO = Scenario("guests", command=command, timeout=600,
+SCENARIO = Scenario("guests", command=command, timeout=600, lab="amd2",
                     env="KVMEXIT_LAB_GUESTS")
 
 

@@ -237,16 +237,16 @@ def test_all_labs_start_in_the_background_one_that_can_wait_niced(
         tmp_path):
     scenarios = [fixtures.Scenario(name, script="x.py", lab=kind)
                  for name, kind in (("i", "intel"), ("a", "amd"),
-                                    ("r", "arm64"))]
+                                    ("r", "arm64"), ("b", "amd2"))]
     labs = Niceness()
     runs = fixtures.LabRuns(scenarios, base=str(tmp_path), lab_of=labs)
-    assert runs.kinds() == ["amd", "arm64", "intel"]
+    assert runs.kinds() == ["amd", "amd2", "arm64", "intel"]
     runs.start_all()
-    assert set(runs.threads) == {"amd", "arm64", "intel"}
+    assert set(runs.threads) == {"amd", "amd2", "arm64", "intel"}
     assert [runs.results(s, "r.json")[0] for s in scenarios] == \
-        ["i", "a", "r"]
-    # A starved arm64 lab would look frozen; the Intel lab can wait.
-    assert labs.nice == {"a": 0, "r": 0, "i": fixtures.YIELD}
+        ["i", "a", "r", "b"]
+    # A starved AMD or arm64 lab would look frozen; the Intel lab can wait.
+    assert labs.nice == {"a": 0, "b": 0, "r": 0, "i": fixtures.YIELD}
     assert os.getpriority(os.PRIO_PROCESS, 0) == labs.base
 
 
