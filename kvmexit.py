@@ -903,8 +903,10 @@ class Btf:
 
     def resolve(self, type_id):
         """Skip typedefs and qualifiers."""
-        while self.header(type_id)[0] in BTF_MODIFIERS:
-            type_id = self.header(type_id)[2]
+        kind, _, target = self.header(type_id)[:3]
+        while kind in BTF_MODIFIERS:
+            type_id = target
+            kind, _, target = self.header(type_id)[:3]
         return type_id
 
     def member(self, type_id, name):
